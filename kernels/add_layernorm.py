@@ -1,0 +1,228 @@
+"""Fused ``LayerNorm(x + sum_weight)``: the Triton kernel and its launcher, side by side.
+
+Each program normalises a tile of ``BLOCK_ROWS`` rows. When ``BLOCK_W >= width`` the rows stay
+in registers and x is read once; otherwise the row is walked in ``BLOCK_W`` chunks twice (once
+for the statistics, merged chunk by chunk with Chan's formula, once to normalise), reading x
+again rather than storing anything intermediate. The only store is the final output.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from numbers import Real
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import LaunchConfig
+from .device import device_name, interpreter_enabled
+from .table import lookup_config
+
+KERNEL_NAME = "add_layernorm"
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _add_layernorm_kernel(
+    x_ptr,
+    out_ptr,
+    weight_ptr,
+    bias_ptr,
+    sum_weight_ptr,
+    sum_weight_value,
+    rows,
+    width,
+    eps,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SUM_FROM_PTR: tl.constexpr,
+    EVICTION_POLICY: tl.constexpr,
+):
+    # 64-bit row offsets: rows * width may pass 2**31 elements.
+    row_ids = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = row_ids < rows
+    row_starts = row_ids * width
+    cols = tl.arange(0, BLOCK_W)
+    if SUM_FROM_PTR:
+        shift = tl.load(sum_weight_ptr).to(tl.float32)
+    else:
+        shift = sum_weight_value
+
+    if SINGLE_PASS:
+        col_mask = cols < width
+        mask = row_mask[:, None] & col_mask[None, :]
+        offsets = row_starts[:, None] + cols[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0, eviction_policy=EVICTION_POLICY)
+        x = tl.where(mask, x.to(tl.float32) + shift, 0.0)
+        mean = tl.sum(x, axis=1) / width
+        centered = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / width + eps)
+        y = centered * rstd[:, None]
+        if HAS_WEIGHT:
+            y = y * tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask,
+                 eviction_policy=EVICTION_POLICY)
+    else:
+        # Pass 1: per-chunk mean and squared deviations, merged exactly (Chan et al.), which
+        # stays accurate where a running sum of squares would cancel.
+        mean = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+        for start in range(0, width, BLOCK_W):
+            col_ids = start + cols
+            mask = row_mask[:, None] & (col_ids < width)[None, :]
+            x = tl.load(x_ptr + row_starts[:, None] + col_ids[None, :], mask=mask, other=0.0,
+                        eviction_policy=EVICTION_POLICY)
+            x = tl.where(mask, x.to(tl.float32) + shift, 0.0)
+            seen = start * 1.0  # as float32; .to() is not available on the interpreter's ints
+            chunk_count = tl.minimum(width - start, BLOCK_W) * 1.0
+            chunk_mean = tl.sum(x, axis=1) / chunk_count
+            centered = tl.where(mask, x - chunk_mean[:, None], 0.0)
+            chunk_m2 = tl.sum(centered * centered, axis=1)
+            total = seen + chunk_count
+            delta = chunk_mean - mean
+            mean = mean + delta * (chunk_count / total)
+            m2 = m2 + chunk_m2 + delta * delta * (seen * chunk_count / total)
+        rstd = tl.rsqrt(m2 / width + eps)
+        # Pass 2: read x again and write the normalised output.
+        for start in range(0, width, BLOCK_W):
+            col_ids = start + cols
+            col_mask = col_ids < width
+            mask = row_mask[:, None] & col_mask[None, :]
+            offsets = row_starts[:, None] + col_ids[None, :]
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0, eviction_policy=EVICTION_POLICY)
+            y = (x.to(tl.float32) + shift - mean[:, None]) * rstd[:, None]
+            if HAS_WEIGHT:
+                y = y * tl.load(weight_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_BIAS:
+                y = y + tl.load(bias_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask,
+                     eviction_policy=EVICTION_POLICY)
+
+
+@functools.lru_cache(maxsize=4096)
+def heuristic_config(rows: int, width: int, dtype: torch.dtype) -> LaunchConfig:
+    """A good launch config without measuring: about 8 KiB of input per program, whole rows
+    in registers up to 16384 columns, and enough warps for 16-byte accesses."""
+    element_size = dtype.itemsize
+    block_w = min(triton.next_power_of_2(width), 16384)
+    target_elements = 8192 // element_size
+    block_rows = max(1, min(target_elements // block_w, triton.next_power_of_2(rows), 128))
+    tile = block_rows * block_w
+    # Roughly 8 (16-bit) or 4 (float32) elements per thread: one 16-byte access each.
+    num_warps = max(4, min(16, tile // (32 * 16 // element_size)))
+    return LaunchConfig(block_rows=block_rows, block_w=block_w, num_warps=num_warps)
+
+
+def select_config(
+    rows: int, width: int, dtype: torch.dtype, device: str | None = None
+) -> tuple[LaunchConfig, str]:
+    """The launch config for a problem and where it came from.
+
+    Looks in the tables (exact entry, then the nearest row count for the same device, dtype
+    and width), else falls back to :func:`heuristic_config`. ``source`` contains ``table``
+    for a table entry and is ``heuristic`` otherwise. Results are cached.
+    """
+    device = device if device is not None else device_name()
+    return lookup_config(KERNEL_NAME, device, _dtype_name(dtype), width, rows,
+                         heuristic=lambda: heuristic_config(rows, width, dtype))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported dtype {dtype}; accepted: float32, float16, bfloat16")
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_param(name: str, tensor: torch.Tensor | None, x: torch.Tensor,
+                 normalized_shape: tuple[int, ...]) -> None:
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(tensor).__name__}")
+    if tuple(tensor.shape) != normalized_shape:
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected normalized_shape "
+                         f"{normalized_shape}")
+    if tensor.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {tensor.dtype} but x has {x.dtype}; they must match")
+    if tensor.device != x.device:
+        raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
+
+
+def fused_add_layernorm(
+    x: torch.Tensor,
+    sum_weight: float | torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """``F.layer_norm(x + sum_weight, normalized_shape, weight, bias, eps)`` in one pass.
+
+    ``sum_weight`` is a Python number or a one-element tensor on x's device (read on the
+    device, never synchronised). Statistics are computed in float32; the output has x's dtype.
+    ``config`` overrides the tuned/heuristic launch config.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    _dtype_name(x.dtype)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(normalized_shape)
+    if not normalized_shape or x.dim() < len(normalized_shape) or \
+            tuple(x.shape[x.dim() - len(normalized_shape):]) != normalized_shape:
+        raise ValueError(f"normalized_shape {normalized_shape} does not match the trailing "
+                         f"dims of x with shape {tuple(x.shape)}")
+    _check_param("weight", weight, x, normalized_shape)
+    _check_param("bias", bias, x, normalized_shape)
+    if isinstance(sum_weight, torch.Tensor):
+        if sum_weight.numel() != 1:
+            raise ValueError(f"sum_weight must have one element, got shape {tuple(sum_weight.shape)}")
+        if sum_weight.device != x.device:
+            raise ValueError(f"sum_weight is on {sum_weight.device} but x is on {x.device}")
+        sum_from_ptr, sum_value = True, 0.0
+    elif isinstance(sum_weight, Real) and not isinstance(sum_weight, bool):
+        sum_from_ptr, sum_value = False, float(sum_weight)
+    else:
+        raise TypeError(f"sum_weight must be a number or a tensor, got {type(sum_weight).__name__}")
+    if x.device.type == "cpu" and not interpreter_enabled():
+        raise ValueError("x is on the CPU: run on a CUDA device, or set TRITON_INTERPRET=1 "
+                         "to use the Triton interpreter")
+
+    width = math.prod(normalized_shape)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.numel() == 0:
+        return out
+    rows = x.numel() // width
+    if config is None:
+        config, _ = select_config(rows, width, x.dtype, device_name(x.device))
+    elif not isinstance(config, LaunchConfig):
+        raise TypeError(f"config must be a LaunchConfig or None, got {type(config).__name__}")
+    x = x.contiguous()
+    grid = (triton.cdiv(rows, config.block_rows),)
+    _add_layernorm_kernel[grid](
+        x, out,
+        weight if weight is not None else x,
+        bias if bias is not None else x,
+        sum_weight if sum_from_ptr else x,
+        sum_value, rows, width, eps,
+        BLOCK_ROWS=config.block_rows,
+        BLOCK_W=config.block_w,
+        SINGLE_PASS=config.block_w >= width,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        SUM_FROM_PTR=sum_from_ptr,
+        EVICTION_POLICY=config.eviction_policy,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out

@@ -63,7 +63,7 @@ def main() -> None:
         heuristic = heuristic_config(rows, width, dtype)
         candidates["heuristic"] = lambda: fused_add_layernorm(x, sum_weight, width, weight, bias,
                                                               config=heuristic)
-        row = {"rows": rows, "width": width, "dtype": str(dtype)[6:], "heuristic": heuristic.key()}
+        row = {"rows": rows, "width": width, "dtype": str(dtype)[6:], "heuristic config": heuristic.key()}
         for name, fn in candidates.items():
             err = ((fn().double() - ref).norm() / ref.norm()).item()
             assert err < 2e-2, (name, err)
@@ -84,7 +84,7 @@ def main() -> None:
         row["gbps"] = {name: n_bytes / row[name] / 1e6 for name in list(candidates) + ["best grid"]}
         results.append(row)
         print(f"{rows}x{width} {row['dtype']}: best {row['best config']} {row['gbps']['best grid']:.0f} GB/s,"
-              f" heuristic {row['heuristic']} {row['gbps']['heuristic']:.0f} GB/s, "
+              f" heuristic {row['heuristic config']} {row['gbps']['heuristic']:.0f} GB/s, "
               f"{len(grid)} configs", flush=True)
     write_json("bench_kernel.json", {"versions": info, "copy_gbps": copy, "results": results})
     names = ["torch eager", "torch.compile", "seed kernel", "heuristic", "best grid"]

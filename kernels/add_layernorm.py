@@ -109,16 +109,22 @@ def _add_layernorm_kernel(
 
 @functools.lru_cache(maxsize=4096)
 def heuristic_config(rows: int, width: int, dtype: torch.dtype) -> LaunchConfig:
-    """A good launch config without measuring: about 8 KiB of input per program, whole rows
-    in registers up to 16384 columns, and enough warps for 16-byte accesses."""
+    """A good launch config without measuring (fitted to an H100 grid, BENCHMARKS.md).
+
+    Rows of 2 KiB or more get a program each, with a warp per KiB (4 to 16); narrower rows are
+    packed into tiles of about 8 KiB with 16 bytes per thread. Rows stay in registers up to
+    16384 columns and are walked in 8192-column chunks beyond.
+    """
     element_size = dtype.itemsize
-    block_w = min(triton.next_power_of_2(width), 16384)
-    target_elements = 8192 // element_size
-    block_rows = max(1, min(target_elements // block_w, triton.next_power_of_2(rows), 128))
-    tile = block_rows * block_w
-    # Roughly 8 (16-bit) or 4 (float32) elements per thread: one 16-byte access each.
-    num_warps = max(4, min(16, tile // (32 * 16 // element_size)))
-    return LaunchConfig(block_rows=block_rows, block_w=block_w, num_warps=num_warps)
+    block_w = triton.next_power_of_2(width) if width <= 16384 else 8192
+    row_bytes = block_w * element_size
+    if row_bytes >= 2048:
+        return LaunchConfig(block_rows=1, block_w=block_w,
+                            num_warps=max(4, min(16, row_bytes // 1024)))
+    block_rows = max(1, min(8192 // row_bytes, triton.next_power_of_2(rows)))
+    tile_bytes = block_rows * row_bytes
+    return LaunchConfig(block_rows=block_rows, block_w=block_w,
+                        num_warps=max(1, min(16, tile_bytes // 512)))
 
 
 def select_config(

@@ -4,6 +4,7 @@ Needs only torch and triton.
 """
 
 from .add_layernorm import fused_add_layernorm, heuristic_config, select_config
+from .add_layernorm_pool_gelu import fused_add_layernorm_pool_gelu
 from .config import EVICTION_POLICIES, LaunchConfig
 from .device import device_name, interpreter_enabled
 from .model import Model, ModelNew
@@ -29,6 +30,7 @@ __all__ = [
     "TableError",
     "device_name",
     "fused_add_layernorm",
+    "fused_add_layernorm_pool_gelu",
     "heuristic_config",
     "interpreter_enabled",
     "load_table",

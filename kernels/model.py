@@ -1,5 +1,5 @@
 """The reference model (ConvTranspose3d -> +sum_weight -> LayerNorm -> AvgPool3d -> GELU) and
-``ModelNew``, the same model with the add + LayerNorm replaced by the fused Triton kernel."""
+``ModelNew``, the same model with the tail after the convolution done by fused Triton kernels."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .add_layernorm import fused_add_layernorm
+from .add_layernorm_pool_gelu import APPROXIMATIONS, fused_add_layernorm_pool_gelu
 
 # Constructor arguments of the reference problem (shared/reference/README.md).
 REFERENCE_ARGS = dict(in_channels=32, out_channels=64, kernel_size=(3, 3, 3), stride=(2, 2, 2),
@@ -37,10 +38,40 @@ class Model(nn.Module):
         return self.tail(self.conv_transpose(x))
 
 
+def _triple(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
+
+
 class ModelNew(Model):
-    """``Model`` with x + sum_weight and LayerNorm fused into one Triton kernel; same state_dict."""
+    """``Model`` with the tail fused into Triton kernels; same state_dict.
+
+    When the configuration allows it (LayerNorm over the last dim only, AvgPool3d with stride
+    equal to its kernel, no padding, floor mode and no divisor override, GELU ``"none"`` or
+    ``"tanh"``), add, LayerNorm, pooling and GELU run as one kernel that reads the convolution's
+    output once (:attr:`uses_fused_tail`). Otherwise x + sum_weight and the LayerNorm are fused
+    and PyTorch pools and applies GELU.
+    """
+
+    @property
+    def uses_fused_tail(self) -> bool:
+        """True when :meth:`tail` runs the single add+LayerNorm+AvgPool3d+GELU kernel."""
+        pool = self.avg_pool
+        kernel = _triple(pool.kernel_size)
+        stride = _triple(pool.stride if pool.stride is not None else pool.kernel_size)
+        return (len(self.norm.normalized_shape) == 1
+                and isinstance(pool, nn.AvgPool3d)
+                and kernel == stride
+                and all(p == 0 for p in _triple(pool.padding))
+                and not pool.ceil_mode
+                and pool.divisor_override is None
+                and isinstance(self.gelu, nn.GELU)
+                and self.gelu.approximate in APPROXIMATIONS)
 
     def tail(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_fused_tail and x.dim() == 5:
+            return fused_add_layernorm_pool_gelu(
+                x, self.sum_weight.to(x.dtype), self.norm.weight, self.norm.bias, self.norm.eps,
+                _triple(self.avg_pool.kernel_size), self.gelu.approximate)
         x = fused_add_layernorm(x, self.sum_weight.to(x.dtype), self.norm.normalized_shape,
                                 self.norm.weight, self.norm.bias, self.norm.eps)
         return self.gelu(self.avg_pool(x))

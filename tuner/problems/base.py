@@ -1,0 +1,123 @@
+"""What the tuner needs to know about a kernel: how to build, check, run and count a problem."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kernels import LaunchConfig
+
+SEARCH_SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+}
+_SHAPE = re.compile(r"^\d+(x\d+)+$")
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    """``"bfloat16"`` -> torch.bfloat16; anything else is a ValueError listing the choices."""
+    name = text.strip().removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {text!r}; accepted: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def parse_dims(text: str) -> tuple[int, ...]:
+    """``"32x64x32"`` -> (32, 64, 32); at least two positive dims separated by ``x``."""
+    cleaned = str(text).strip().lower().replace(" ", "")
+    if not _SHAPE.match(cleaned):
+        raise ValueError(f"bad shape {text!r}: expected positive integers joined by 'x', "
+                         "such as 128x64 (ROWSxWIDTH) or 32x64x32x64x64 (a full tensor shape)")
+    dims = tuple(int(part) for part in cleaned.split("x"))
+    if any(dim < 1 for dim in dims):
+        raise ValueError(f"bad shape {text!r}: every dim must be >= 1")
+    return dims
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing to tune: a kernel at one input shape and dtype."""
+
+    kernel: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def shape_text(self) -> str:
+        return "x".join(map(str, self.shape))
+
+    def __str__(self) -> str:
+        return f"{self.kernel} {self.shape_text} {self.dtype}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TableKey:
+    """The lookup-table coordinates of a problem (kernels.table)."""
+
+    width: int
+    rows: int
+    variant: str = ""
+
+
+class KernelSpec(abc.ABC):
+    """The registration of one kernel with the tuner.
+
+    Subclasses say how to read a shape string, build random inputs, run a config, compute the
+    float64 reference and count the bytes the kernel must move.
+    """
+
+    name: str
+    #: relative tolerance on ||out - ref|| / ||ref|| per dtype
+    tolerance: dict[str, float] = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
+
+    @property
+    def space_file(self) -> Path:
+        return SEARCH_SPACES_DIR / f"{self.name}.yaml"
+
+    def problem(self, shape: str | tuple[int, ...], dtype: str) -> Problem:
+        """A validated, canonical problem from a shape string (or dims) and a dtype name."""
+        dims = parse_dims(shape) if isinstance(shape, str) else tuple(shape)
+        return Problem(self.name, self.canonical_shape(dims), str(parse_dtype(dtype))[6:])
+
+    @abc.abstractmethod
+    def canonical_shape(self, dims: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape that identifies the problem (problems that tune alike share one)."""
+
+    @abc.abstractmethod
+    def table_key(self, problem: Problem) -> TableKey:
+        """Where the problem's winner goes in the lookup table."""
+
+    @abc.abstractmethod
+    def make_inputs(self, problem: Problem, device: torch.device,
+                    generator: torch.Generator) -> dict[str, Any]:
+        """Fresh random inputs (never zeros) on ``device``."""
+
+    @abc.abstractmethod
+    def run(self, inputs: dict[str, Any], config: LaunchConfig | None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """The kernel with ``config`` (None: the runtime's own choice)."""
+
+    @abc.abstractmethod
+    def reference(self, inputs: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+        """The exact result computed by PyTorch in ``dtype`` (float64 or float32)."""
+
+    @abc.abstractmethod
+    def eager(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """PyTorch eager, the baseline a user would otherwise run."""
+
+    @abc.abstractmethod
+    def output_like(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """An uninitialised output buffer of the right shape, dtype and device."""
+
+    @abc.abstractmethod
+    def bytes_moved(self, problem: Problem) -> int:
+        """The fewest bytes the kernel must read and write (each input once, output once)."""
+
+    @abc.abstractmethod
+    def heuristic(self, problem: Problem) -> LaunchConfig:
+        """The runtime's default config for the problem when no table entry exists."""

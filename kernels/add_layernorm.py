@@ -171,12 +171,14 @@ def fused_add_layernorm(
     eps: float = 1e-5,
     *,
     config: LaunchConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.layer_norm(x + sum_weight, normalized_shape, weight, bias, eps)`` in one pass.
 
     ``sum_weight`` is a Python number or a one-element tensor on x's device (read on the
     device, never synchronised). Statistics are computed in float32; the output has x's dtype.
-    ``config`` overrides the tuned/heuristic launch config.
+    ``config`` overrides the tuned/heuristic launch config; ``out`` is an optional contiguous
+    output tensor of x's shape, dtype and device.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -205,7 +207,11 @@ def fused_add_layernorm(
                          "to use the Triton interpreter")
 
     width = math.prod(normalized_shape)
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    elif not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype \
+            or out.device != x.device or not out.is_contiguous():
+        raise ValueError("out must be a contiguous tensor with x's shape, dtype and device")
     if x.numel() == 0:
         return out
     rows = x.numel() // width
@@ -214,6 +220,9 @@ def fused_add_layernorm(
     elif not isinstance(config, LaunchConfig):
         raise TypeError(f"config must be a LaunchConfig or None, got {type(config).__name__}")
     x = x.contiguous()
+    # The kernel indexes weight and bias as flat contiguous arrays of ``width`` elements.
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     grid = (triton.cdiv(rows, config.block_rows),)
     _add_layernorm_kernel[grid](
         x, out,

@@ -181,15 +181,19 @@ class _Index:
             group = self._groups.setdefault(entry.key[:-1], {})
             group.setdefault(entry.rows, entry.config)  # earlier tables take precedence
 
+    def nearest(self, group_key: tuple, rows: int) -> list[tuple[int, LaunchConfig]]:
+        """The group's entries, nearest row count (in log2) first."""
+        group = self._groups.get(group_key, {})
+        order = sorted(group, key=lambda candidate: (abs(math.log2(candidate) - math.log2(rows)),
+                                                     -candidate))
+        return [(candidate, group[candidate]) for candidate in order]
+
     def lookup(self, group_key: tuple, rows: int) -> tuple[LaunchConfig, str] | None:
-        group = self._groups.get(group_key)
-        if not group:
+        found = self.nearest(group_key, rows)
+        if not found:
             return None
-        if rows in group:
-            return group[rows], "table"
-        nearest = min(group, key=lambda candidate: (abs(math.log2(candidate) - math.log2(rows)),
-                                                    -candidate))
-        return group[nearest], f"table (nearest: rows={nearest})"
+        nearest_rows, config = found[0]
+        return config, "table" if nearest_rows == rows else f"table (nearest: rows={nearest_rows})"
 
 
 @functools.lru_cache(maxsize=1)
@@ -217,6 +221,17 @@ def lookup_config(kernel: str, device: str, dtype: str, width: int, rows: int, *
     if found is not None:
         return found
     return heuristic(), "heuristic"
+
+
+def nearest_configs(kernel: str, device: str, dtype: str, width: int, rows: int, *,
+                    variant: str = "", count: int = 3) -> list[LaunchConfig]:
+    """Up to ``count`` distinct table configs for the same device, dtype and width, nearest
+    row count first (the tuner seeds its search with them)."""
+    configs: list[LaunchConfig] = []
+    for _, config in _index().nearest((kernel, device, dtype, width, variant), max(rows, 1)):
+        if config not in configs:
+            configs.append(config)
+    return configs[:count]
 
 
 def reload_tables() -> None:

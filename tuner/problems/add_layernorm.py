@@ -33,7 +33,7 @@ class AddLayerNorm(KernelSpec):
         dtype = DTYPES[problem.dtype]
 
         def randn(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
-            values = torch.randn(*shape, generator=generator, device=generator.device)
+            values = torch.randn(shape, generator=generator, device=generator.device)
             return (values * scale + shift).to(device=device, dtype=dtype)
 
         return {"x": randn(rows, width, scale=2.0, shift=0.5),

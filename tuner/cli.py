@@ -1,0 +1,199 @@
+"""``python -m tuner``: search one shape, sweep many, export and show tables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .sweep import SpecError, build_problems, load_spec
+
+DEFAULT_STORAGE = "sqlite:///tuner.db"
+_URL = re.compile(r"^[a-z][a-z0-9+]*://")
+
+
+class UsageError(ValueError):
+    """Bad command-line input; printed without a traceback."""
+
+
+def make_storage(url: str):
+    """An Optuna storage from a URL, with a clear error for a malformed or unreachable one."""
+    import optuna
+
+    if not _URL.match(url):
+        raise UsageError(f"bad --storage {url!r}: expected an Optuna storage URL such as "
+                         "sqlite:///tuner.db, postgresql://user:pass@host/db or mysql://...")
+    try:
+        return optuna.storages.get_storage(url)
+    except Exception as error:
+        raise UsageError(f"cannot open --storage {url!r}: {type(error).__name__}: {error}") from None
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trials", type=_positive(int), default=None,
+                        help="measured configs per study (default 48; resumed runs count earlier ones)")
+    parser.add_argument("--timeout", type=_positive(float), default=None,
+                        help="stop proposing new trials after this many seconds")
+    parser.add_argument("--patience", type=_positive(int), default=None,
+                        help="stop a study after this many trials in a row without improvement")
+    parser.add_argument("--workers", type=_positive(int), default=None,
+                        help="number of GPU workers (default: one per GPU in the cluster)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join: auto or HOST:PORT (default: start a local one)")
+    parser.add_argument("--accelerator-type", default=None,
+                        help="only use GPUs of this Ray accelerator type (e.g. H100)")
+    parser.add_argument("--resource", default=None,
+                        help="only use GPUs on nodes with this Ray custom resource (e.g. rtx4090)")
+    parser.add_argument("--storage", default=DEFAULT_STORAGE,
+                        help=f"Optuna storage URL (default {DEFAULT_STORAGE} in the working directory)")
+    parser.add_argument("--interpret", action="store_true",
+                        help="run on CPU through the Triton interpreter (entries stored under "
+                             "device 'interpreter', never used on a GPU)")
+    parser.add_argument("--trial-timeout", type=_positive(float), default=300.0,
+                        help="seconds before a hung trial's worker is replaced (default 300)")
+    parser.add_argument("--seed", type=int, default=0, help="sampler and input seed (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kernels import user_table_path
+
+    parser = argparse.ArgumentParser(prog="python -m tuner", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    search = commands.add_parser("search", help="tune one shape", description=(
+        "Tune the launch config of a kernel for one shape and dtype on every GPU model of the "
+        "cluster, then merge the winner into the lookup table."))
+    search.add_argument("--shape", required=True,
+                        help="ROWSxWIDTH (128x64) or a full tensor shape (32x64x32x64x64), "
+                             "normalised over the last dim")
+    search.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
+    search.add_argument("--kernel", default="add_layernorm", help="registered kernel (default add_layernorm)")
+    search.add_argument("--space", default=None, help="search-space YAML (default: the kernel's own)")
+    search.add_argument("--table", default=str(user_table_path()),
+                        help=f"table to merge the winner into (default {user_table_path()})")
+    _add_run_options(search)
+
+    sweep = commands.add_parser("sweep", help="tune many shapes across a cluster", description=(
+        "Tune every (kernel, shape, dtype) of a spec on every GPU model of the cluster, trials of "
+        "all studies sharing one worker pool; writes one table per GPU model into --out."))
+    sweep.add_argument("--spec", default=None, help="sweep spec YAML (see search_spaces/sweeps/)")
+    sweep.add_argument("--shapes", default=None, help="comma-separated shapes, instead of --spec")
+    sweep.add_argument("--dtypes", default="float32", help="comma-separated dtypes with --shapes")
+    sweep.add_argument("--kernel", default="add_layernorm", help="kernel for --shapes")
+    sweep.add_argument("--out", default="tables", help="folder for one table per GPU model (default tables/)")
+    _add_run_options(sweep)
+
+    export = commands.add_parser("export", help="rebuild a table from a storage", description=(
+        "Merge the confirmed winner of every finished study in a storage into a table."))
+    export.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL")
+    export.add_argument("--out", required=True, help="table file to write (merged atomically)")
+    export.add_argument("--device", default=None, help="only studies of this GPU model")
+
+    show = commands.add_parser("show", help="print a table", description="Print a table's entries.")
+    show.add_argument("--table", default=str(user_table_path()), help="table file")
+    return parser
+
+
+def device_file_name(device: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3.json``."""
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") + ".json"
+
+
+def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    from .driver import Driver, Progress
+    from .report import print_summary
+    from .space import load_space
+    from .study import Settings
+    from .workers import NoGPUError, PoolOptions, WorkerPool
+    import ray
+
+    storage = make_storage(args.storage)
+    space = load_space(args.space) if getattr(args, "space", None) else None
+    settings = Settings(trials=args.trials or defaults.get("trials") or 48,
+                        timeout=args.timeout or defaults.get("timeout"),
+                        patience=args.patience or defaults.get("patience"),
+                        trial_timeout=args.trial_timeout, seed=args.seed)
+    if not ray.is_initialized():
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=True,
+                 logging_level="WARNING")
+    pool = WorkerPool(PoolOptions(workers=args.workers, interpret=args.interpret,
+                                  accelerator_type=args.accelerator_type,
+                                  resource=args.resource, seed=args.seed))
+    try:
+        workers = pool.start()
+    except NoGPUError as error:
+        print(f"tuner: {error}", file=sys.stderr)
+        return 2
+    devices = sorted({worker.device for worker in workers})
+    print(f"{len(workers)} workers on {', '.join(devices)}; {len(problems)} problems; "
+          f"storage {args.storage}", file=sys.stderr)
+    driver = Driver(pool, storage, settings, table_for_device, space=space, progress=Progress())
+    try:
+        results = driver.run(list(problems))
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished trials are stored; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    finally:
+        pool.shutdown()
+    print_summary(results, sys.stdout)
+    for device in devices:
+        print(f"table for {device}: {table_for_device(device)}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "search":
+            from .problems import get_kernel
+
+            problem = get_kernel(args.kernel).problem(args.shape, args.dtype)
+            table = Path(args.table)
+            return _run(args, [problem], lambda device: table, {})
+        if args.command == "sweep":
+            if bool(args.spec) == bool(args.shapes):
+                raise UsageError("give either --spec FILE or --shapes A,B (with --dtypes)")
+            if args.spec:
+                spec = load_spec(args.spec)
+                problems = spec.problems
+                defaults = {"trials": spec.trials, "patience": spec.patience, "timeout": spec.timeout}
+            else:
+                problems = build_problems([args.kernel], args.shapes.split(","),
+                                          args.dtypes.split(","))
+                defaults = {}
+            out = Path(args.out)
+            return _run(args, problems, lambda device: out / device_file_name(device), defaults)
+        if args.command == "export":
+            from .export import export_storage
+
+            count = export_storage(make_storage(args.storage), args.out, args.device)
+            print(f"exported {count} entries to {args.out}")
+            return 0
+        if args.command == "show":
+            from .export import show_table
+
+            show_table(args.table, sys.stdout)
+            return 0
+    except (UsageError, SpecError, ValueError) as error:
+        parser.exit(2, f"tuner: error: {error}\n")
+    return 2

@@ -1,0 +1,246 @@
+"""The driver: many Optuna studies over one pool of GPU workers.
+
+Asynchronous dispatch: whenever a worker is free it gets the next trial of a study for its GPU
+model (the study with the fewest trials in flight first), and a result is told as soon as it
+arrives, so no GPU waits for the slowest of a batch. ``search`` is this loop with one problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import optuna
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
+
+from kernels import LaunchConfig, TableEntry, merge_entries
+
+from .measure import Measurement
+from .problems import Problem, get_kernel
+from .space import SearchSpace, load_space
+from .study import Settings, StudyResult, StudyRun
+from .workers import Worker, WorkerPool
+
+# A trial whose worker died is re-run elsewhere this many times before it fails.
+MAX_ATTEMPTS = 2
+
+
+@dataclasses.dataclass
+class Job:
+    """Work in flight on one worker: a trial's measurement or a study's confirm stage."""
+
+    run: StudyRun
+    worker: Worker
+    started: float
+    trial: Any = None
+    config: LaunchConfig | None = None
+    attempts: int = 1
+
+    @property
+    def is_confirm(self) -> bool:
+        return self.trial is None
+
+
+class Progress:
+    """Prints a status line every ``interval`` seconds: studies, trials, GPUs busy, rate."""
+
+    def __init__(self, stream: TextIO = sys.stderr, interval: float = 2.0) -> None:
+        self.stream, self.interval = stream, interval
+        self.start = self.last = time.monotonic()
+        self.measured = 0
+
+    def update(self, runs: list[StudyRun], busy: int, workers: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.start
+        done = sum(run.stage == "done" for run in runs)
+        line = (f"[{elapsed:6.1f}s] studies {done}/{len(runs)} done | {self.measured} trials "
+                f"({self.measured / max(elapsed, 1e-9):.2f}/s) | GPUs busy {busy}/{workers}")
+        active = [run for run in runs if run.stage != "done"]
+        if len(runs) == 1 or len(active) == 1:
+            line += " | " + (active or runs)[0].progress_line()
+        print(line, file=self.stream, flush=True)
+
+
+def entry_from_result(result: StudyResult) -> TableEntry:
+    """The lookup-table entry of a study's winner."""
+    key = get_kernel(result.problem.kernel).table_key(result.problem)
+    return TableEntry(kernel=result.problem.kernel, device=result.device, dtype=result.problem.dtype,
+                      width=key.width, rows=key.rows, variant=key.variant, config=result.config,
+                      ms=result.ms, gbps=result.gbps, pct_of_copy=result.pct_of_copy,
+                      trials=result.trials, compute_capability=result.compute_capability,
+                      torch=result.torch, triton=result.triton, date=result.date)
+
+
+class Driver:
+    """Runs the studies of many problems on every GPU model of a worker pool."""
+
+    def __init__(self, pool: WorkerPool, storage: optuna.storages.BaseStorage | str,
+                 settings: Settings, table_for_device: Callable[[str], Path],
+                 space: SearchSpace | None = None, progress: Progress | None = None) -> None:
+        self.pool, self.storage, self.settings = pool, storage, settings
+        self.table_for_device = table_for_device
+        self.space = space
+        self.progress = progress or Progress()
+        self.inflight: dict[ray.ObjectRef, Job] = {}
+        self.retries: list[Job] = []
+        self.runs: list[StudyRun] = []
+
+    def _space_for(self, kernel: str) -> SearchSpace:
+        if self.space is not None:
+            if self.space.kernel != kernel:
+                raise ValueError(f"{self.space.path}: search space is for kernel "
+                                 f"{self.space.kernel!r}, not {kernel!r}")
+            return self.space
+        return load_space(get_kernel(kernel).space_file)
+
+    def run(self, problems: list[Problem]) -> list[StudyResult]:
+        """Tunes every problem on every GPU model in the pool; returns the confirmed winners.
+
+        Each winner is merged into its GPU model's table as soon as it is confirmed. On Ctrl-C
+        the trials in flight are marked interrupted and every finished trial stays stored.
+        """
+        spaces = {problem.kernel: self._space_for(problem.kernel) for problem in problems}
+        self.runs = [StudyRun(get_kernel(problem.kernel), problem, device, spaces[problem.kernel],
+                              self.storage, self.settings)
+                     for device in sorted(self.pool.devices()) for problem in problems]
+        for run in self.runs:
+            if run.result is not None:
+                self._export(run.result)
+        deadline = None if self.settings.timeout is None else time.monotonic() + self.settings.timeout
+        try:
+            self._loop(deadline)
+        except BaseException:
+            self._abandon_inflight()
+            raise
+        self.progress.update(self.runs, 0, len(self.pool.workers), force=True)
+        return [run.result for run in self.runs if run.result is not None]
+
+    # -- the dispatch loop ---------------------------------------------------------------------
+    def _loop(self, deadline: float | None) -> None:
+        idle_rounds = 0
+        while True:
+            busy = {job.worker.slot for job in self.inflight.values()}
+            for worker in list(self.pool.workers):
+                if worker.slot not in busy:
+                    self._dispatch(worker, deadline)
+            if not self.inflight:
+                if all(run.stage == "done" for run in self.runs):
+                    return
+                idle_rounds += 1
+                if idle_rounds > 3:  # work remains that no worker can take
+                    stranded = [run for run in self.runs if run.stage != "done"]
+                    raise RuntimeError("no worker left for " + ", ".join(
+                        f"{run.problem} on {run.device}" for run in stranded))
+                continue
+            idle_rounds = 0
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                self._handle(ref, self.inflight.pop(ref))
+            self._check_timeouts()
+            self.progress.update(self.runs, len(self.inflight), len(self.pool.workers))
+
+    def _workers_for(self, run: StudyRun) -> list[Worker]:
+        return [worker for worker in self.pool.workers if worker.device == run.device]
+
+    def _dispatch(self, worker: Worker, deadline: float | None) -> None:
+        for index, job in enumerate(self.retries):
+            if job.run.device == worker.device:
+                del self.retries[index]
+                self._submit(dataclasses.replace(job, worker=worker, started=time.monotonic()))
+                return
+        now = time.monotonic()
+        candidates = [run for run in self.runs if run.device == worker.device and run.stage == "search"]
+        searching = sorted((run for run in candidates if not run.search_finished(now, deadline)),
+                           key=lambda run: (len(run.inflight), run.n_measured))
+        for run in searching:
+            proposal = run.ask()
+            if proposal is not None:
+                trial, config = proposal
+                self._submit(Job(run, worker, now, trial, config))
+                return
+        for run in candidates:
+            if run.search_finished(now, deadline) and not run.inflight:
+                if run.best is None:
+                    run.finish_without_confirm()
+                    continue
+                run.stage = "confirming"
+                self._submit(Job(run, worker, now))
+                return
+
+    def _submit(self, job: Job) -> None:
+        problem = job.run.problem
+        if job.is_confirm:
+            configs = [config.as_dict() for config in job.run.confirm_candidates()]
+            ref = job.worker.actor.confirm.remote(problem, configs, self.settings.confirm_rounds)
+        else:
+            ref = job.worker.actor.measure.remote(problem, job.config.as_dict())
+        self.inflight[ref] = job
+
+    def _handle(self, ref: ray.ObjectRef, job: Job) -> None:
+        try:
+            result = ray.get(ref)
+        except (RayActorError, WorkerCrashedError) as error:
+            self._worker_lost(job, f"worker died: {type(error).__name__}")
+            return
+        except Exception as error:  # the confirm stage raised: re-run it elsewhere
+            if job.is_confirm:
+                self._retry_or_fail(job, f"{type(error).__name__}: {error}")
+            else:
+                self._worker_lost(job, f"{type(error).__name__}: {error}")
+            return
+        if job.is_confirm:
+            self._export(job.run.finish(result, job.worker.info))
+            return
+        measurement = Measurement(**result)
+        job.run.tell(job.trial, job.config, measurement, job.worker.info.get("node", ""))
+        self.progress.measured += 1
+        if measurement.fatal:  # the CUDA context is gone: a fresh process takes the GPU
+            self.pool.replace(job.worker)
+
+    def _worker_lost(self, job: Job, reason: str) -> None:
+        if job.worker in self.pool.workers:
+            self.pool.replace(job.worker)
+        self._retry_or_fail(job, reason)
+
+    def _retry_or_fail(self, job: Job, reason: str) -> None:
+        if job.attempts < MAX_ATTEMPTS:
+            self.retries.append(dataclasses.replace(job, attempts=job.attempts + 1))
+        elif job.is_confirm:
+            job.run.finish_without_confirm()
+        else:
+            job.run.tell(job.trial, job.config,
+                         Measurement(job.config.key(), error=f"{reason} (after {job.attempts} attempts)"), "")
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        for ref, job in list(self.inflight.items()):
+            if now - job.started <= self.settings.trial_timeout:
+                continue
+            del self.inflight[ref]
+            if job.worker in self.pool.workers:
+                self.pool.replace(job.worker)
+            reason = f"timed out after {self.settings.trial_timeout:g} s"
+            if job.is_confirm:
+                self._retry_or_fail(job, reason)
+            else:  # a config that hangs its worker is to blame: no retry
+                job.run.tell(job.trial, job.config, Measurement(job.config.key(), error=reason), "")
+
+    def _abandon_inflight(self) -> None:
+        for job in list(self.inflight.values()) + self.retries:
+            if not job.is_confirm:
+                try:
+                    job.run.abandon(job.trial, job.config, "interrupted")
+                except Exception:
+                    pass
+        self.inflight.clear()
+        self.retries.clear()
+
+    def _export(self, result: StudyResult) -> None:
+        merge_entries(self.table_for_device(result.device), [entry_from_result(result)])

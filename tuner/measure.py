@@ -1,0 +1,134 @@
+"""Measuring one config: compile it, check it against a PyTorch reference, time it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from kernels import LaunchConfig, interpreter_enabled
+
+from .problems import DTYPES, KernelSpec, Problem
+
+# Errors after which the CUDA context is unusable: the worker must be replaced.
+FATAL_CUDA_ERRORS = ("illegal memory access", "unspecified launch failure", "misaligned address",
+                     "illegal instruction", "CUDA error: an illegal", "device-side assert")
+# Above this many elements the reference is computed in float32 to bound its memory.
+FLOAT64_REFERENCE_LIMIT = 1 << 24
+
+
+class WrongResult(AssertionError):
+    """A config whose output does not match the reference."""
+
+
+@dataclasses.dataclass
+class Measurement:
+    """The outcome of one trial; ``ms`` is None when the config failed."""
+
+    config: str
+    ms: float | None = None
+    gbps: float | None = None
+    pct_of_copy: float | None = None
+    compile_s: float | None = None
+    error: str | None = None
+    fatal: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def is_fatal(error: BaseException) -> bool:
+    """True when the error leaves the CUDA context unusable."""
+    text = str(error)
+    return any(marker in text for marker in FATAL_CUDA_ERRORS)
+
+
+def time_ms(fn, device: torch.device, quick: bool = False) -> float:
+    """Median milliseconds of ``fn``.
+
+    On a GPU, triton.testing.do_bench: CUDA events around each call, warm-up, and the L2 cache
+    flushed before every call, so no input is timed cache-resident. Under the interpreter, a
+    few wall-clock runs (the numbers only rank configs for tests).
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        warmup, rep = (10, 40) if quick else (25, 100)
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbps(device: torch.device, n_bytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    if device.type != "cuda":
+        n_bytes = 1 << 24
+    source = torch.rand(n_bytes // 4, device=device)
+    target = torch.empty_like(source)
+    return 2 * n_bytes / time_ms(lambda: target.copy_(source), device) / 1e6
+
+
+class ProblemBench:
+    """Inputs, reference and output buffer of one problem on one device, reused across trials."""
+
+    def __init__(self, spec: KernelSpec, problem: Problem, device: torch.device, seed: int) -> None:
+        self.spec, self.problem, self.device = spec, problem, device
+        generator = torch.Generator(device=device if device.type == "cuda" else "cpu")
+        generator.manual_seed(seed)
+        self.inputs = spec.make_inputs(problem, device, generator)
+        self.out = spec.output_like(self.inputs)
+        numel = self.out.numel()
+        precision = torch.float64 if numel <= FLOAT64_REFERENCE_LIMIT else torch.float32
+        self.reference = spec.reference(self.inputs, precision)
+        self.reference_norm = self.reference.norm().item()
+        self.tolerance = spec.tolerance[problem.dtype]
+        self.n_bytes = spec.bytes_moved(problem)
+
+    def check(self, config: LaunchConfig | None) -> None:
+        """Runs ``config`` on a NaN-poisoned output and compares it with the reference."""
+        self.out.fill_(math.nan)
+        result = self.spec.run(self.inputs, config, out=self.out)
+        if not torch.isfinite(result).all():
+            raise WrongResult("output has non-finite or unwritten (poisoned) elements")
+        error = (result.to(self.reference.dtype) - self.reference).norm().item() / max(self.reference_norm, 1e-30)
+        if not error <= self.tolerance:
+            raise WrongResult(f"relative error {error:.3g} exceeds {self.tolerance:g} for {self.problem.dtype}")
+
+    def time(self, config: LaunchConfig | None, quick: bool = False) -> float:
+        return time_ms(lambda: self.spec.run(self.inputs, config, out=self.out), self.device, quick)
+
+    def time_eager(self) -> float:
+        return time_ms(lambda: self.spec.eager(self.inputs), self.device)
+
+    def gbps(self, ms: float) -> float:
+        return self.n_bytes / ms / 1e6
+
+    def measure(self, config: LaunchConfig, copy_gbps: float) -> Measurement:
+        """Compiles (timed separately), checks and times one config; never raises."""
+        result = Measurement(config.key())
+        try:
+            self._sync()
+            start = time.perf_counter()
+            self.check(config)  # the first launch compiles
+            self._sync()
+            result.compile_s = time.perf_counter() - start
+            result.ms = self.time(config)
+            result.gbps = self.gbps(result.ms)
+            result.pct_of_copy = 100 * result.gbps / copy_gbps
+        except Exception as error:  # any failure fails this trial only
+            result.ms = result.gbps = result.pct_of_copy = None
+            result.error = f"{type(error).__name__}: {str(error).strip()[:500]}"
+            result.fatal = is_fatal(error)
+        return result
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

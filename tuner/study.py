@@ -1,0 +1,287 @@
+"""One Optuna study: a problem on one GPU model. Proposes configs, dedupes, records results."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import random
+from typing import Any
+
+import optuna
+from optuna.trial import Trial, TrialState
+
+from kernels import LaunchConfig, nearest_configs
+
+from .measure import Measurement
+from .problems import KernelSpec, Problem
+from .space import PARAMETERS, SearchSpace
+
+# Proposals in a row that the restrictions reject before a random valid config is enqueued.
+MAX_REJECTED_PROPOSALS = 32
+
+
+@dataclasses.dataclass
+class Settings:
+    """When a study stops and how its winner is confirmed."""
+
+    trials: int = 48               # measured configs per study (resumed runs count earlier ones)
+    timeout: float | None = None   # seconds for the whole run; None: no limit
+    patience: int | None = None    # stop after this many trials in a row without improvement
+    min_improvement: float = 0.005  # relative gain that counts as an improvement
+    trial_timeout: float = 300.0   # seconds before a hung worker is replaced
+    confirm_top: int = 4           # configs re-timed, interleaved, by the confirm stage
+    confirm_rounds: int = 5
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class StudyResult:
+    """The confirmed winner of a study, with the baselines measured beside it."""
+
+    problem: Problem
+    device: str
+    config: LaunchConfig
+    ms: float
+    gbps: float
+    pct_of_copy: float
+    trials: int
+    heuristic_ms: float
+    eager_ms: float
+    compute_capability: str = ""
+    torch: str = ""
+    triton: str = ""
+    date: str = ""
+    resumed: bool = False
+
+    @property
+    def speedup_vs_heuristic(self) -> float:
+        return self.heuristic_ms / self.ms
+
+    @property
+    def speedup_vs_eager(self) -> float:
+        return self.eager_ms / self.ms
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["problem"] = {"kernel": self.problem.kernel, "shape": list(self.problem.shape),
+                           "dtype": self.problem.dtype}
+        data["config"] = self.config.as_dict()
+        data.pop("resumed")
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "StudyResult":
+        problem = Problem(data["problem"]["kernel"], tuple(data["problem"]["shape"]),
+                          data["problem"]["dtype"])
+        return cls(**{**data, "problem": problem, "config": LaunchConfig.from_dict(data["config"]),
+                      "resumed": True})
+
+
+def study_name(problem: Problem, device: str) -> str:
+    """One study per (kernel, device, dtype, shape)."""
+    return f"{problem.kernel}:{device}:{problem.dtype}:{problem.shape_text}"
+
+
+class StudyRun:
+    """Drives one study: ask (skipping rejected and already measured configs), tell, confirm."""
+
+    def __init__(self, spec: KernelSpec, problem: Problem, device: str, space: SearchSpace,
+                 storage: optuna.storages.BaseStorage | str, settings: Settings) -> None:
+        self.spec, self.problem, self.device, self.settings = spec, problem, device, settings
+        self.table_key = spec.table_key(problem)
+        self.choices = space.choices(self.table_key)
+        self.space = space
+        self.valid = {config.key(): config for config in space.candidates(self.table_key)}
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True,
+                                             constant_liar=True)
+        self.study = optuna.create_study(study_name=study_name(problem, device), storage=storage,
+                                         sampler=sampler, direction="minimize", load_if_exists=True)
+        for name, value in (("kernel", problem.kernel), ("device", device),
+                            ("dtype", problem.dtype), ("shape", list(problem.shape))):
+            self.study.set_user_attr(name, value)
+        self.measured: dict[str, float | None] = {}
+        self.best: tuple[float, str] | None = None
+        self.since_improvement = 0
+        self.inflight: dict[str, Trial] = {}
+        self.exhausted = False
+        self.rng = random.Random(settings.seed)
+        self.result: StudyResult | None = None
+        self.stage = "search"
+        self._load_existing()
+        if self.result is None:
+            self._enqueue_seeds()
+
+    # -- state ---------------------------------------------------------------------------------
+    def _load_existing(self) -> None:
+        """Rebuilds the measured cache from storage; trials left running by a dead driver fail."""
+        for trial in self.study.get_trials(deepcopy=False):
+            key = trial.user_attrs.get("config")
+            if trial.state == TrialState.RUNNING:
+                self.study.tell(trial.number, state=TrialState.FAIL)
+            elif key and trial.user_attrs.get("measured"):
+                if trial.state == TrialState.COMPLETE:
+                    self._note(key, trial.value)
+                elif trial.state == TrialState.FAIL and trial.user_attrs.get("error"):
+                    self._note(key, None)
+        stored = self.study.user_attrs.get("result")
+        if stored and self.n_measured >= self._trial_budget():
+            self.result = StudyResult.from_json(stored)
+            self.stage = "done"
+
+    def _trial_budget(self) -> int:
+        return min(self.settings.trials, len(self.valid))
+
+    def _note(self, key: str, value: float | None) -> bool:
+        """Caches a measured value; True when it improves the best by min_improvement."""
+        self.measured[key] = value
+        if value is None:
+            return False
+        improved = self.best is None or value < self.best[0] * (1 - self.settings.min_improvement)
+        if self.best is None or value < self.best[0]:
+            self.best = (value, key)
+        return improved
+
+    @property
+    def n_measured(self) -> int:
+        return len(self.measured)
+
+    def _enqueue_seeds(self) -> None:
+        """The heuristic config and the table's nearest entries go first, so the search can
+        only improve on what the runtime does today."""
+        seeds = [self.spec.heuristic(self.problem)]
+        seeds += nearest_configs(self.problem.kernel, self.device, self.problem.dtype,
+                                 self.table_key.width, self.table_key.rows,
+                                 variant=self.table_key.variant)
+        for config in seeds:
+            if config.key() not in self.measured:
+                self.study.enqueue_trial(config.as_dict(), skip_if_exists=True)
+
+    def search_finished(self, now: float, deadline: float | None) -> bool:
+        if self.stage != "search":
+            return True
+        patience = self.settings.patience
+        return (self.exhausted or self.n_measured + len(self.inflight) >= self._trial_budget()
+                or (deadline is not None and now >= deadline)
+                or (patience is not None and self.since_improvement >= patience))
+
+    # -- ask / tell ----------------------------------------------------------------------------
+    def ask(self) -> tuple[Trial, LaunchConfig] | None:
+        """The next config to measure, or None when every valid config is measured or running.
+
+        Configs the restrictions reject are told PRUNED (TPE learns to avoid them); configs
+        measured before are told their stored value without measuring again.
+        """
+        rejected = 0
+        while True:
+            if len(self.measured) + len(self.inflight) >= len(self.valid):
+                self.exhausted = True
+                return None
+            trial = self.study.ask()
+            params = {name: trial.suggest_categorical(name, self.choices[name]) for name in PARAMETERS}
+            key = _key(params)
+            config = self.valid.get(key)
+            if config is None:
+                trial.set_user_attr("rejected", "restrictions")
+                self.study.tell(trial, state=TrialState.PRUNED)
+                rejected += 1
+                if rejected >= MAX_REJECTED_PROPOSALS:
+                    self._enqueue_random_unmeasured()
+                    rejected = 0
+                continue
+            trial.set_user_attr("config", key)
+            if key in self.measured:
+                value = self.measured[key]
+                trial.set_user_attr("duplicate", True)
+                if value is None:
+                    self.study.tell(trial, state=TrialState.FAIL)
+                else:
+                    self.study.tell(trial, value)
+                self.since_improvement += 1
+                continue
+            if key in self.inflight:
+                trial.set_user_attr("duplicate", True)
+                self.study.tell(trial, state=TrialState.PRUNED)
+                self._enqueue_random_unmeasured()
+                continue
+            self.inflight[key] = trial
+            return trial, config
+
+    def _enqueue_random_unmeasured(self) -> None:
+        left = [key for key in self.valid if key not in self.measured and key not in self.inflight]
+        if left:
+            self.study.enqueue_trial(self.valid[self.rng.choice(left)].as_dict())
+
+    def tell(self, trial: Trial, config: LaunchConfig, measurement: Measurement, worker: str) -> None:
+        """Records a measurement (a failed config fails its trial and is never retried)."""
+        self.inflight.pop(config.key(), None)
+        trial.set_user_attr("measured", True)
+        trial.set_user_attr("worker", worker)
+        for name in ("gbps", "pct_of_copy", "compile_s", "error"):
+            value = getattr(measurement, name)
+            if value is not None:
+                trial.set_user_attr(name, value)
+        if measurement.ms is None:
+            self.study.tell(trial, state=TrialState.FAIL)
+            self._note(config.key(), None)
+            self.since_improvement += 1
+            return
+        self.study.tell(trial, measurement.ms)
+        if self._note(config.key(), measurement.ms):
+            self.since_improvement = 0
+        else:
+            self.since_improvement += 1
+
+    def abandon(self, trial: Trial, config: LaunchConfig, reason: str) -> None:
+        """Ends a trial that was not measured (interrupted): it will be proposed again later."""
+        self.inflight.pop(config.key(), None)
+        trial.set_user_attr("interrupted", reason)
+        self.study.tell(trial, state=TrialState.FAIL)
+
+    # -- confirm -------------------------------------------------------------------------------
+    def confirm_candidates(self) -> list[LaunchConfig]:
+        """The best few measured configs plus the heuristic, for interleaved re-timing."""
+        ranked = sorted((value, key) for key, value in self.measured.items() if value is not None)
+        configs = [self.valid[key] for _, key in ranked[:self.settings.confirm_top]]
+        heuristic = self.spec.heuristic(self.problem)
+        if heuristic not in configs:
+            configs.append(heuristic)
+        return configs
+
+    def finish(self, confirmed: dict[str, Any], info: dict[str, Any]) -> StudyResult:
+        """Takes the confirm stage's medians: the fastest config wins."""
+        medians: dict[str, float] = confirmed["ms"]
+        winner_key = min(medians, key=medians.get)
+        heuristic_key = self.spec.heuristic(self.problem).key()
+        ms = medians[winner_key]
+        gbps = confirmed["n_bytes"] / ms / 1e6
+        winner = self.valid.get(winner_key) or self.spec.heuristic(self.problem)
+        self.result = StudyResult(
+            problem=self.problem, device=self.device, config=winner, ms=ms, gbps=gbps,
+            pct_of_copy=100 * gbps / confirmed["copy_gbps"], trials=self.n_measured,
+            heuristic_ms=medians[heuristic_key], eager_ms=confirmed["eager_ms"],
+            compute_capability=info.get("compute_capability", ""), torch=info.get("torch", ""),
+            triton=info.get("triton", ""), date=datetime.date.today().isoformat())
+        self.study.set_user_attr("result", self.result.to_json())
+        self.stage = "done"
+        return self.result
+
+    def finish_without_confirm(self) -> None:
+        """Ends a study whose every config failed: nothing to export."""
+        self.stage = "done"
+
+    def progress_line(self) -> str:
+        best = f"best {self.best[0]:.4g} ms {self.best[1]}" if self.best else "no result yet"
+        return (f"{self.problem.shape_text} {self.problem.dtype} on {self.device}: "
+                f"{self.n_measured}/{self._trial_budget()} measured, {best}")
+
+
+def _key(params: dict[str, Any]) -> str:
+    try:
+        return LaunchConfig(**params).key()
+    except ValueError:
+        return ""
+
+
+def is_finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)

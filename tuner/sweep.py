@@ -1,0 +1,94 @@
+"""Sweep specs: YAML lists of kernels, shapes and dtypes to tune, validated on load.
+
+    kernels: [add_layernorm]          # optional, default [add_layernorm]
+    shapes: [32x64x32x64x64, 4096x768]
+    dtypes: [float32, bfloat16]
+    trials: 48                        # optional: measured configs per study
+    patience: 24                      # optional: stop a study after this many without gain
+    timeout: 3600                     # optional: seconds for the whole sweep
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .problems import Problem, get_kernel
+
+_KEYS = {"kernels": list, "shapes": list, "dtypes": list, "trials": int, "patience": int,
+         "timeout": (int, float)}
+
+
+class SpecError(ValueError):
+    """A sweep spec that cannot be used; the message names the file and key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """The problems of a sweep and its budget (None: the command line decides)."""
+
+    problems: tuple[Problem, ...]
+    trials: int | None = None
+    patience: int | None = None
+    timeout: float | None = None
+
+
+def build_problems(kernels: list[str], shapes: list[str], dtypes: list[str],
+                   where: str = "command line") -> tuple[Problem, ...]:
+    """Every (kernel, shape, dtype) combination, canonical and without repeats."""
+    problems: dict[Problem, None] = {}
+    for kernel in kernels:
+        spec = get_kernel(kernel)
+        for shape in shapes:
+            for dtype in dtypes:
+                try:
+                    problems[spec.problem(str(shape), str(dtype))] = None
+                except ValueError as error:
+                    raise SpecError(f"{where}: {error}") from None
+    return tuple(problems)
+
+
+def parse_spec(data: Any, path: str = "<memory>") -> SweepSpec:
+    """Validates a spec already read from YAML."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping with keys {sorted(_KEYS)}")
+    unknown = set(data) - set(_KEYS)
+    if unknown:
+        raise SpecError(f"{path}: unknown keys {sorted(unknown)}; accepted: {sorted(_KEYS)}")
+    for key, kind in _KEYS.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise SpecError(f"{path}: {key}: expected {getattr(kind, '__name__', 'a number')}, got {value!r}")
+        if isinstance(value, list) and not value:
+            raise SpecError(f"{path}: {key}: must not be empty")
+        if not isinstance(value, list) and value <= 0:
+            raise SpecError(f"{path}: {key}: must be positive, got {value!r}")
+    for key in ("shapes", "dtypes"):
+        if key not in data:
+            raise SpecError(f"{path}: missing {key}")
+    try:
+        kernels = [get_kernel(str(name)).name for name in data.get("kernels") or ["add_layernorm"]]
+    except ValueError as error:
+        raise SpecError(f"{path}: kernels: {error}") from None
+    problems = build_problems(kernels, data["shapes"], data["dtypes"], path)
+    return SweepSpec(problems, data.get("trials"), data.get("patience"), data.get("timeout"))
+
+
+def load_spec(path: str | os.PathLike) -> SweepSpec:
+    """Reads and validates a sweep spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SpecError(f"{path}: cannot read sweep spec: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from None
+    return parse_spec(data, str(path))

@@ -1,0 +1,219 @@
+"""Ray actors that measure configs, one pinned to each GPU, and the pool that manages them."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from typing import Any
+
+import ray
+
+from .problems import Problem
+
+
+class TuningWorker:
+    """Measures configs on the one GPU Ray gave it (or on the CPU under the interpreter).
+
+    Inputs and references are built once per problem and kept for the next trial of it.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        import torch
+
+        from kernels import interpreter_enabled
+
+        # Ray sets CUDA_VISIBLE_DEVICES, so the GPU given to this actor is device 0.
+        self.device = torch.device("cpu") if interpreter_enabled() else torch.device("cuda", 0)
+        self.seed = seed
+        self._benches: dict[Problem, Any] = {}
+        self._copy_gbps: float | None = None
+
+    def info(self) -> dict[str, Any]:
+        """Device name (from the CUDA driver), compute capability, versions, copy bandwidth."""
+        import torch
+        import triton
+
+        from kernels.device import compute_capability, device_name
+
+        from .measure import copy_bandwidth_gbps
+
+        if self._copy_gbps is None:
+            self._copy_gbps = copy_bandwidth_gbps(self.device)
+        return {"device": device_name(self.device if self.device.type == "cuda" else None),
+                "compute_capability": compute_capability(self.device if self.device.type == "cuda" else None),
+                "torch": torch.__version__.split("+")[0], "triton": triton.__version__,
+                "copy_gbps": self._copy_gbps, "node": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid()}
+
+    def _bench(self, problem: Problem):
+        from .measure import ProblemBench
+        from .problems import get_kernel
+
+        if problem not in self._benches:
+            self._benches.clear()  # one problem's buffers at a time bounds GPU memory
+            self._benches[problem] = ProblemBench(get_kernel(problem.kernel), problem,
+                                                  self.device, self.seed)
+        return self._benches[problem]
+
+    def measure(self, problem: Problem, config: dict[str, Any]) -> dict[str, Any]:
+        """Compile, check and time one config; failures come back in the result."""
+        from kernels import LaunchConfig
+
+        from .measure import Measurement, is_fatal
+
+        try:
+            bench = self._bench(problem)
+        except Exception as error:
+            return Measurement(LaunchConfig(**config).key(), error=f"setup failed: {error}",
+                               fatal=is_fatal(error)).as_dict()
+        return bench.measure(LaunchConfig(**config), self.info()["copy_gbps"]).as_dict()
+
+    def confirm(self, problem: Problem, configs: list[dict[str, Any]], rounds: int = 5) -> dict[str, Any]:
+        """Re-times configs interleaved over several rounds (and torch eager once).
+
+        Returns each config's median over rounds, so drift in clocks or temperature affects
+        every config alike.
+        """
+        import statistics
+
+        from kernels import LaunchConfig
+
+        bench = self._bench(problem)
+        parsed = [LaunchConfig(**config) for config in configs]
+        samples: dict[str, list[float]] = {config.key(): [] for config in parsed}
+        for config in parsed:
+            bench.check(config)
+        for _ in range(rounds):
+            for config in parsed:
+                samples[config.key()].append(bench.time(config, quick=True))
+        return {"ms": {key: statistics.median(values) for key, values in samples.items()},
+                "eager_ms": bench.time_eager(), "n_bytes": bench.n_bytes,
+                "copy_gbps": self.info()["copy_gbps"]}
+
+    def crash(self) -> None:
+        """Ends the worker process abruptly (tests use it to simulate a lost GPU or node)."""
+        os._exit(1)
+
+
+@dataclasses.dataclass
+class Worker:
+    """A live actor and what it said about its device."""
+
+    actor: Any
+    info: dict[str, Any]
+    slot: int
+
+    @property
+    def device(self) -> str:
+        return self.info["device"]
+
+
+@dataclasses.dataclass
+class PoolOptions:
+    """Where workers go: how many, and which GPUs they may take."""
+
+    workers: int | None = None  # None: one per GPU the cluster has
+    interpret: bool = False
+    accelerator_type: str | None = None
+    resource: str | None = None
+    seed: int = 0
+
+
+class NoGPUError(RuntimeError):
+    """The cluster has no GPU the workers could use."""
+
+
+class WorkerPool:
+    """One TuningWorker per GPU; replaces workers that die or hang."""
+
+    def __init__(self, options: PoolOptions) -> None:
+        self.options = options
+        self.workers: list[Worker] = []
+        self._slots = itertools.count()
+
+    def _actor_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0}
+        resources = ray.cluster_resources()
+        if self.options.interpret and not resources.get("GPU"):
+            options["num_cpus"] = 1
+        else:
+            options["num_gpus"] = 1
+        if self.options.accelerator_type:
+            options["accelerator_type"] = self.options.accelerator_type
+        if self.options.resource:
+            options["resources"] = {self.options.resource: 1}
+        if self.options.interpret:
+            options["runtime_env"] = {"env_vars": {"TRITON_INTERPRET": "1"}}
+        return options
+
+    def _capacity(self) -> int:
+        resources = ray.cluster_resources()
+        limits = []
+        if self.options.interpret and not resources.get("GPU"):
+            limits.append(int(resources.get("CPU", 1)))
+        else:
+            limits.append(int(resources.get("GPU", 0)))
+        if self.options.resource:
+            limits.append(int(resources.get(self.options.resource, 0)))
+        if self.options.accelerator_type:
+            limits.append(int(resources.get(f"accelerator_type:{self.options.accelerator_type}", 0)
+                              and resources.get("GPU", 0)))
+        return min(limits)
+
+    def start(self) -> list[Worker]:
+        """Starts the workers and waits until each has reported its device."""
+        capacity = self._capacity()
+        if capacity < 1:
+            raise NoGPUError(self._no_gpu_message())
+        count = min(self.options.workers or capacity, capacity)
+        actors = [self._new_actor() for _ in range(count)]
+        infos = ray.get([actor.info.remote() for actor in actors])
+        self.workers = [Worker(actor, info, next(self._slots)) for actor, info in zip(actors, infos)]
+        return self.workers
+
+    def _new_actor(self):
+        actor_class = ray.remote(TuningWorker)
+        return actor_class.options(**self._actor_options()).remote(self.options.seed)
+
+    def replace(self, worker: Worker) -> Worker | None:
+        """Kills ``worker`` and starts another in its place; None if none can start."""
+        try:
+            ray.kill(worker.actor, no_restart=True)
+        except Exception:
+            pass
+        self.workers.remove(worker)
+        actor = self._new_actor()
+        try:
+            info = ray.get(actor.info.remote(), timeout=300)
+        except Exception:
+            ray.kill(actor, no_restart=True)
+            return None
+        replacement = Worker(actor, info, next(self._slots))
+        self.workers.append(replacement)
+        return replacement
+
+    def devices(self) -> dict[str, list[Worker]]:
+        """Workers grouped by the GPU model their CUDA driver reported."""
+        groups: dict[str, list[Worker]] = {}
+        for worker in self.workers:
+            groups.setdefault(worker.device, []).append(worker)
+        return groups
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            try:
+                ray.kill(worker.actor, no_restart=True)
+            except Exception:
+                pass
+        self.workers = []
+
+    def _no_gpu_message(self) -> str:
+        wanted = "GPUs"
+        if self.options.resource:
+            wanted += f" with resource {self.options.resource!r}"
+        if self.options.accelerator_type:
+            wanted += f" of accelerator type {self.options.accelerator_type!r}"
+        return (f"no {wanted} in the Ray cluster (resources: {ray.cluster_resources()}). "
+                "Run on a machine with a GPU, pass --address of a cluster that has them, or use "
+                "--interpret to run the whole pipeline on the CPU through the Triton interpreter.")

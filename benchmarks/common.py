@@ -28,6 +28,8 @@ def copy_bandwidth_gbps(n_bytes: int = 1 << 30) -> float:
 
 
 def versions() -> dict:
+    if not torch.cuda.is_available():
+        return {"device": "cpu", "torch": torch.__version__, "triton": triton.__version__}
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__,
             "capability": ".".join(map(str, torch.cuda.get_device_capability()))}

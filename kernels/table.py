@@ -98,7 +98,7 @@ def _entry_from_json(data: Any, where: str) -> TableEntry:
         if not isinstance(data[name], int) or isinstance(data[name], bool) or data[name] < 1:
             raise TableError(f"{where}: {name} must be a positive integer, got {data[name]!r}")
     for name, kind in _OPTIONAL.items():
-        if name in data and data[name] is not None and not isinstance(data[name], kind):
+        if name in data and (not isinstance(data[name], kind) or isinstance(data[name], bool)):
             raise TableError(f"{where}: {name} has the wrong type: {data[name]!r}")
     if not isinstance(data["config"], dict):
         raise TableError(f"{where}: config must be an object")
@@ -122,7 +122,8 @@ def load_table(path: str | os.PathLike) -> list[TableEntry]:
         raise TableError(f"table {path} is not valid JSON: {error}") from None
     if not isinstance(data, dict) or "schema_version" not in data:
         raise TableError(f"table {path} has no schema_version; is it a tuner table?")
-    if data["schema_version"] != SCHEMA_VERSION:
+    version = data["schema_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version != SCHEMA_VERSION:
         raise TableError(f"table {path} has schema_version {data['schema_version']!r}; "
                          f"this version of kernels reads schema_version {SCHEMA_VERSION}")
     entries = data.get("entries")
@@ -155,6 +156,7 @@ def merge_entries(path: str | os.PathLike, entries: Iterable[TableEntry]) -> int
                 handle.write("\n")
                 handle.flush()
                 os.fsync(handle.fileno())
+            os.chmod(handle.name, 0o644)  # NamedTemporaryFile is private; a table is for everyone
             os.replace(handle.name, path)
         except BaseException:
             os.unlink(handle.name)

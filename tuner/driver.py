@@ -91,6 +91,9 @@ class Driver:
         self.inflight: dict[ray.ObjectRef, Job] = {}
         self.retries: list[Job] = []
         self.runs: list[StudyRun] = []
+        # Seconds each worker slot spent on jobs, and the loop's own wall time: GPU busy fractions.
+        self.busy_seconds: dict[int, float] = {}
+        self.wall_seconds = 0.0
 
     def _space_for(self, kernel: str) -> SearchSpace:
         if self.space is not None:
@@ -113,12 +116,15 @@ class Driver:
         for run in self.runs:
             if run.result is not None:
                 self._export(run.result)
-        deadline = None if self.settings.timeout is None else time.monotonic() + self.settings.timeout
+        started = time.monotonic()
+        deadline = None if self.settings.timeout is None else started + self.settings.timeout
         try:
             self._loop(deadline)
         except BaseException:
             self._abandon_inflight()
             raise
+        finally:
+            self.wall_seconds = time.monotonic() - started
         self.progress.update(self.runs, 0, len(self.pool.workers), force=True)
         return [run.result for run in self.runs if run.result is not None]
 
@@ -183,7 +189,13 @@ class Driver:
             ref = job.worker.actor.measure.remote(problem, job.config.as_dict())
         self.inflight[ref] = job
 
+    def busy_fractions(self) -> dict[int, float]:
+        """Per worker slot, the share of the run's wall time it spent on jobs."""
+        return {slot: busy / max(self.wall_seconds, 1e-9) for slot, busy in self.busy_seconds.items()}
+
     def _handle(self, ref: ray.ObjectRef, job: Job) -> None:
+        self.busy_seconds[job.worker.slot] = (self.busy_seconds.get(job.worker.slot, 0.0)
+                                              + time.monotonic() - job.started)
         try:
             result = ray.get(ref)
         except (RayActorError, WorkerCrashedError) as error:

@@ -172,8 +172,12 @@ def heuristic_config(pooled_rows: int, width: int, dtype: torch.dtype,
 
     The whole input row stays in registers (``block_w`` = next power of two >= width). Pooled
     rows are packed so that a program reads about 8 KiB of x in all (``KD * KH`` row tiles),
-    with a warp per 512 bytes of one tile (16 bytes per thread per load), 1 to 16 warps.
-    Rows of 2 KiB or more get a program per pooled row and a warp per KiB (4 to 16).
+    with a warp per KiB of one tile (32 bytes per thread per load), 1 to 16 warps. Rows of
+    2 KiB or more get a program per pooled row and a warp per KiB (4 to 16).
+
+    Measured on an H100 (triton 3.6) at the reference shape [32, 64, 32, 64, 64], pool 2x2x2:
+    float32 8 pooled rows / 2 warps 0.405 ms (best of 60 configs 0.399 ms, 3025 GB/s);
+    bfloat16 16 rows / 2 warps 0.220 ms, the best; 16 bytes per thread (4 warps) 0.240 ms.
     """
     kd, kh, _ = _pool_kernel_tuple(pool_kernel)
     element_size = dtype.itemsize
@@ -187,7 +191,7 @@ def heuristic_config(pooled_rows: int, width: int, dtype: torch.dtype,
     block_rows = min(1 << (budget.bit_length() - 1), triton.next_power_of_2(max(pooled_rows, 1)))
     tile_bytes = block_rows * row_bytes
     return LaunchConfig(block_rows=block_rows, block_w=block_w,
-                        num_warps=max(1, min(16, tile_bytes // 512)))
+                        num_warps=max(1, min(16, tile_bytes // 1024)))
 
 
 def select_config(
@@ -283,6 +287,9 @@ def fused_add_layernorm_pool_gelu(
                              f"{config.block_rows * block_wo * kw_pad} elements, over Triton's "
                              f"limit of {MAX_TILE_ELEMENTS}")
     x = x.contiguous()
+    # The kernel indexes weight and bias as flat contiguous arrays of ``width`` elements.
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     grid = (triton.cdiv(pooled_rows, config.block_rows),)
     _add_layernorm_pool_gelu_kernel[grid](
         x, out,

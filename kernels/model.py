@@ -55,23 +55,25 @@ class ModelNew(Model):
     @property
     def uses_fused_tail(self) -> bool:
         """True when :meth:`tail` runs the single add+LayerNorm+AvgPool3d+GELU kernel."""
-        pool = self.avg_pool
-        kernel = _triple(pool.kernel_size)
-        stride = _triple(pool.stride if pool.stride is not None else pool.kernel_size)
-        return (len(self.norm.normalized_shape) == 1
-                and isinstance(pool, nn.AvgPool3d)
-                and kernel == stride
+        norm, pool, gelu = self.norm, self.avg_pool, self.gelu
+        if not (isinstance(norm, nn.LayerNorm) and isinstance(pool, nn.AvgPool3d)
+                and isinstance(gelu, nn.GELU)):
+            return False
+        stride = pool.stride if pool.stride is not None else pool.kernel_size
+        return (len(norm.normalized_shape) == 1
+                and _triple(pool.kernel_size) == _triple(stride)
                 and all(p == 0 for p in _triple(pool.padding))
                 and not pool.ceil_mode
                 and pool.divisor_override is None
-                and isinstance(self.gelu, nn.GELU)
-                and self.gelu.approximate in APPROXIMATIONS)
+                and gelu.approximate in APPROXIMATIONS)
 
     def tail(self, x: torch.Tensor) -> torch.Tensor:
-        if self.uses_fused_tail and x.dim() == 5:
-            return fused_add_layernorm_pool_gelu(
-                x, self.sum_weight.to(x.dtype), self.norm.weight, self.norm.bias, self.norm.eps,
-                _triple(self.avg_pool.kernel_size), self.gelu.approximate)
+        if self.uses_fused_tail and x.dim() in (4, 5):
+            batched = x if x.dim() == 5 else x.unsqueeze(0)  # unbatched [C, D, H, W]
+            out = fused_add_layernorm_pool_gelu(
+                batched, self.sum_weight.to(x.dtype), self.norm.weight, self.norm.bias,
+                self.norm.eps, _triple(self.avg_pool.kernel_size), self.gelu.approximate)
+            return out if x.dim() == 5 else out.squeeze(0)
         x = fused_add_layernorm(x, self.sum_weight.to(x.dtype), self.norm.normalized_shape,
                                 self.norm.weight, self.norm.bias, self.norm.eps)
         return self.gelu(self.avg_pool(x))

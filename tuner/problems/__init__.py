@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .add_layernorm import AddLayerNorm
+from .add_layernorm_pool_gelu import AddLayerNormPoolGelu
 from .base import DTYPES, KernelSpec, Problem, TableKey, parse_dims, parse_dtype
 
-KERNELS: dict[str, KernelSpec] = {spec.name: spec for spec in (AddLayerNorm(),)}
+KERNELS: dict[str, KernelSpec] = {spec.name: spec for spec in (AddLayerNorm(), AddLayerNormPoolGelu())}
 
 
 def get_kernel(name: str) -> KernelSpec:

@@ -30,12 +30,13 @@ def parse_dtype(text: str) -> torch.dtype:
 def parse_dims(text: str) -> tuple[int, ...]:
     """``"32x64x32"`` -> (32, 64, 32); at least two positive dims separated by ``x``."""
     cleaned = str(text).strip().lower().replace(" ", "")
+    forms = ("expected positive integers joined by 'x', such as 128x64 (ROWSxWIDTH) or "
+             "32x64x32x64x64 (a full tensor shape)")
     if not _SHAPE.match(cleaned):
-        raise ValueError(f"bad shape {text!r}: expected positive integers joined by 'x', "
-                         "such as 128x64 (ROWSxWIDTH) or 32x64x32x64x64 (a full tensor shape)")
+        raise ValueError(f"bad shape {text!r}: {forms}")
     dims = tuple(int(part) for part in cleaned.split("x"))
     if any(dim < 1 for dim in dims):
-        raise ValueError(f"bad shape {text!r}: every dim must be >= 1")
+        raise ValueError(f"bad shape {text!r}: every dim must be >= 1; {forms}")
     return dims
 
 

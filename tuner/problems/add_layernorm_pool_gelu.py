@@ -1,0 +1,91 @@
+"""Registration of the fused tail kernel: add + LayerNorm + AvgPool3d + GELU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kernels import LaunchConfig
+from kernels.add_layernorm_pool_gelu import (
+    KERNEL_NAME,
+    fused_add_layernorm_pool_gelu,
+    heuristic_config,
+    table_variant,
+)
+
+from .base import DTYPES, KernelSpec, Problem, TableKey
+
+# The reference model's pooling and activation (shared/reference/README.md).
+POOL_KERNEL = (2, 2, 2)
+APPROXIMATE = "none"
+
+
+class AddLayerNormPoolGelu(KernelSpec):
+    """``gelu(avg_pool3d(layer_norm(x + s, (W,)), 2))`` for x of shape NxCxDxHxW."""
+
+    name = KERNEL_NAME
+
+    def canonical_shape(self, dims: tuple[int, ...]) -> tuple[int, ...]:
+        if len(dims) != 5:
+            raise ValueError(f"{self.name} takes a 5-D shape NxCxDxHxW such as 32x64x32x64x64, "
+                             f"got {'x'.join(map(str, dims))}")
+        if any(dim < kernel for dim, kernel in zip(dims[2:], POOL_KERNEL)):
+            raise ValueError(f"spatial dims {dims[2:]} are smaller than the pool kernel {POOL_KERNEL}")
+        # N and C only multiply the rows: fold them into one leading dim.
+        return (dims[0] * dims[1], 1) + tuple(dims[2:])
+
+    def _pooled_rows(self, problem: Problem) -> int:
+        planes, _, depth, height, _ = problem.shape
+        return planes * (depth // POOL_KERNEL[0]) * (height // POOL_KERNEL[1])
+
+    def table_key(self, problem: Problem) -> TableKey:
+        width, height = problem.shape[4], problem.shape[3]
+        return TableKey(width=width, rows=self._pooled_rows(problem),
+                        variant=table_variant(height, POOL_KERNEL, APPROXIMATE))
+
+    def make_inputs(self, problem: Problem, device: torch.device,
+                    generator: torch.Generator) -> dict[str, Any]:
+        dtype = DTYPES[problem.dtype]
+
+        def randn(shape: tuple[int, ...], scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+            values = torch.randn(shape, generator=generator, device=generator.device)
+            return (values * scale + shift).to(device=device, dtype=dtype)
+
+        width = problem.shape[4]
+        return {"x": randn(problem.shape, scale=2.0, shift=0.5),
+                "sum_weight": randn((), scale=0.5, shift=1.0),
+                "weight": randn((width,), scale=0.5, shift=1.0),
+                "bias": randn((width,), scale=0.5)}
+
+    def run(self, inputs: dict[str, Any], config: LaunchConfig | None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        return fused_add_layernorm_pool_gelu(inputs["x"], inputs["sum_weight"], inputs["weight"],
+                                             inputs["bias"], pool_kernel=POOL_KERNEL,
+                                             approximate=APPROXIMATE, config=config, out=out)
+
+    def _tail(self, x, sum_weight, weight, bias) -> torch.Tensor:
+        normed = F.layer_norm(x + sum_weight, x.shape[-1:], weight, bias)
+        return F.gelu(F.avg_pool3d(normed, POOL_KERNEL), approximate=APPROXIMATE)
+
+    def reference(self, inputs: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+        return self._tail(*(inputs[name].to(dtype) for name in ("x", "sum_weight", "weight", "bias")))
+
+    def eager(self, inputs: dict[str, Any]) -> torch.Tensor:
+        return self._tail(inputs["x"], inputs["sum_weight"], inputs["weight"], inputs["bias"])
+
+    def output_like(self, inputs: dict[str, Any]) -> torch.Tensor:
+        n, c, d, h, w = inputs["x"].shape
+        kd, kh, kw = POOL_KERNEL
+        return inputs["x"].new_empty((n, c, d // kd, h // kh, w // kw))
+
+    def bytes_moved(self, problem: Problem) -> int:
+        planes, _, depth, height, width = problem.shape
+        kd, kh, kw = POOL_KERNEL
+        outputs = planes * (depth // kd) * (height // kh) * (width // kw)
+        return (planes * depth * height * width + outputs) * DTYPES[problem.dtype].itemsize
+
+    def heuristic(self, problem: Problem) -> LaunchConfig:
+        return heuristic_config(self._pooled_rows(problem), problem.shape[4],
+                                DTYPES[problem.dtype], POOL_KERNEL)

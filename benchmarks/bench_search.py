@@ -45,7 +45,10 @@ def exhaustive(shapes) -> dict:
     return results
 
 
-def search(shapes, seeds, trials: int) -> dict:
+def search(shapes, seeds, trials: int, compile_processes: list[int]) -> dict:
+    """Each run gets a fresh Triton cache, so compilation is paid as a real search pays it."""
+    import tempfile
+
     import optuna
     import ray
 
@@ -53,33 +56,34 @@ def search(shapes, seeds, trials: int) -> dict:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ray.init(num_gpus=1, include_dashboard=False, logging_level="WARNING")
-    pool = WorkerPool(PoolOptions(workers=1))
-    pool.start()
     results = {"versions": versions(), "runs": []}
-    for shape, dtype in shapes:
-        problem = get_kernel("add_layernorm").problem(shape, dtype)
-        for seed in seeds:
-            storage = optuna.storages.InMemoryStorage()
-            settings = Settings(trials=trials, seed=seed)
-            driver = Driver(pool, storage, settings, lambda device: out_dir() / "search_table.json",
-                            progress=Progress(interval=30))
-            start = time.perf_counter()
-            [result] = driver.run([problem])
-            elapsed = time.perf_counter() - start
-            study = driver.runs[0].study
-            measured = [t for t in study.trials if t.user_attrs.get("measured")]
-            compile_s = sum(t.user_attrs.get("compile_s", 0.0) for t in measured)
-            results["runs"].append({
-                "shape": shape, "dtype": dtype, "seed": seed, "seconds": elapsed,
-                "measured": len(measured), "compile_s": compile_s,
-                "winner": result.config.key(), "ms": result.ms, "heuristic_ms": result.heuristic_ms,
-                "eager_ms": result.eager_ms, "pct_of_copy": result.pct_of_copy,
-                "trials_per_s": len(measured) / elapsed})
-            print(f"{shape} {dtype} seed {seed}: {result.config.key()} {result.ms:.4f} ms "
-                  f"({result.pct_of_copy:.0f}% of copy), heuristic {result.heuristic_ms:.4f} ms, "
-                  f"{len(measured)} trials in {elapsed:.0f} s ({len(measured) / elapsed:.2f}/s, "
-                  f"compile {compile_s:.0f} s)", flush=True)
-    pool.shutdown()
+    for processes in compile_processes:
+        for shape, dtype in shapes:
+            problem = get_kernel("add_layernorm").problem(shape, dtype)
+            for seed in seeds:
+                cache = tempfile.mkdtemp(prefix="triton-cache-")
+                pool = WorkerPool(PoolOptions(workers=1, compile_processes=processes,
+                                              env_vars={"TRITON_CACHE_DIR": cache}))
+                pool.start()
+                driver = Driver(pool, optuna.storages.InMemoryStorage(), Settings(trials=trials, seed=seed),
+                                lambda device: out_dir() / "search_table.json",
+                                progress=Progress(interval=30))
+                start = time.perf_counter()
+                [result] = driver.run([problem])
+                elapsed = time.perf_counter() - start
+                pool.shutdown()
+                measured = [t for t in driver.runs[0].study.trials if t.user_attrs.get("measured")]
+                compile_s = sum(t.user_attrs.get("compile_s", 0.0) for t in measured)
+                results["runs"].append({
+                    "shape": shape, "dtype": dtype, "seed": seed, "compile_processes": processes,
+                    "seconds": elapsed, "measured": len(measured), "compile_s": compile_s,
+                    "winner": result.config.key(), "ms": result.ms,
+                    "heuristic_ms": result.heuristic_ms, "eager_ms": result.eager_ms,
+                    "pct_of_copy": result.pct_of_copy, "trials_per_s": len(measured) / elapsed})
+                print(f"{shape} {dtype} seed {seed}, {processes} compile processes: "
+                      f"{result.config.key()} {result.ms:.4f} ms ({result.pct_of_copy:.0f}% of copy), "
+                      f"heuristic {result.heuristic_ms:.4f} ms, {len(measured)} trials in {elapsed:.1f} s "
+                      f"({len(measured) / elapsed:.2f}/s, compile {compile_s:.0f} s)", flush=True)
     return results
 
 
@@ -88,6 +92,8 @@ def main() -> None:
     parser.add_argument("--part", choices=["exhaustive", "search"], required=True)
     parser.add_argument("--trials", type=int, default=48)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--compile-processes", default="0,4",
+                        help="comma-separated compile-process counts per worker to compare")
     parser.add_argument("--shapes", default=",".join(f"{s}:{d}" for s, d in SHAPES),
                         help="comma-separated SHAPE:DTYPE list")
     args = parser.parse_args()
@@ -99,10 +105,11 @@ def main() -> None:
                     [[name, len(d["configs"]), f"{d['seconds']:.0f}", d["best"][1],
                       f"{d['best'][0]:.4f}", f"{d['heuristic_ms']:.4f}"] for name, d in data["shapes"].items()])
     else:
-        data = search(shapes, [int(s) for s in args.seeds.split(",")], args.trials)
+        data = search(shapes, [int(s) for s in args.seeds.split(",")], args.trials,
+                      [int(n) for n in args.compile_processes.split(",")])
         write_json("bench_search_search.json", data)
-        print_table(["shape", "seed", "winner", "ms", "heuristic ms", "trials/s", "compile s"],
-                    [[f"{r['shape']} {r['dtype']}", r["seed"], r["winner"], f"{r['ms']:.4f}",
+        print_table(["shape", "seed", "compile procs", "winner", "ms", "heuristic ms", "trials/s", "compile s"],
+                    [[f"{r['shape']} {r['dtype']}", r["seed"], r["compile_processes"], r["winner"], f"{r['ms']:.4f}",
                       f"{r['heuristic_ms']:.4f}", f"{r['trials_per_s']:.2f}", f"{r['compile_s']:.0f}"]
                      for r in data["runs"]])
 

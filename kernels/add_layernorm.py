@@ -162,6 +162,68 @@ def _check_param(name: str, tensor: torch.Tensor | None, x: torch.Tensor,
         raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
 
 
+def split_sum_weight(sum_weight: float | torch.Tensor,
+                     x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+    """``(tensor, 0.0)`` for a one-element tensor on x's device (read by the kernel, no sync),
+    ``(None, value)`` for a Python number."""
+    if isinstance(sum_weight, torch.Tensor):
+        if sum_weight.numel() != 1:
+            raise ValueError(f"sum_weight must have one element, got shape {tuple(sum_weight.shape)}")
+        if sum_weight.device != x.device:
+            raise ValueError(f"sum_weight is on {sum_weight.device} but x is on {x.device}")
+        return sum_weight, 0.0
+    if isinstance(sum_weight, Real) and not isinstance(sum_weight, bool):
+        return None, float(sum_weight)
+    raise TypeError(f"sum_weight must be a number or a tensor, got {type(sum_weight).__name__}")
+
+
+def check_device(x: torch.Tensor) -> None:
+    """CPU tensors run only through the Triton interpreter."""
+    if x.device.type == "cpu" and not interpreter_enabled():
+        raise ValueError("x is on the CPU: run on a CUDA device, or set TRITON_INTERPRET=1 "
+                         "to use the Triton interpreter")
+
+
+def _launch(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,
+            bias: torch.Tensor | None, sum_tensor: torch.Tensor | None, sum_value: float,
+            rows: int, width: int, eps: float, config: LaunchConfig, warmup: bool = False) -> None:
+    """Launches the kernel on ``rows x width`` (or, with ``warmup``, only compiles it)."""
+    grid = (triton.cdiv(rows, config.block_rows),)
+    args = (x, out,
+            weight if weight is not None else x,
+            bias if bias is not None else x,
+            sum_tensor if sum_tensor is not None else x,
+            sum_value, rows, width, eps)
+    meta = dict(BLOCK_ROWS=config.block_rows, BLOCK_W=config.block_w,
+                SINGLE_PASS=config.block_w >= width, HAS_WEIGHT=weight is not None,
+                HAS_BIAS=bias is not None, SUM_FROM_PTR=sum_tensor is not None,
+                EVICTION_POLICY=config.eviction_policy, num_warps=config.num_warps,
+                num_stages=config.num_stages)
+    if warmup:
+        _add_layernorm_kernel.warmup(*args, grid=grid, **meta)
+    else:
+        _add_layernorm_kernel[grid](*args, **meta)
+
+
+def compile_config(rows: int, width: int, dtype: torch.dtype, config: LaunchConfig, *,
+                   has_weight: bool = True, has_bias: bool = True,
+                   sum_weight_dtype: torch.dtype | None = None,
+                   device: torch.device | str = "cuda") -> None:
+    """Compiles, without launching, the kernel that a ``rows x width`` problem in ``dtype``
+    runs with ``config``, into Triton's cache (e.g. ahead of timing, or at start-up).
+
+    ``sum_weight_dtype`` is the dtype of a tensor ``sum_weight``; None for a Python number.
+    A no-op under the interpreter, which compiles nothing.
+    """
+    if interpreter_enabled():
+        return
+    _dtype_name(dtype)
+    tiny = torch.empty(16, dtype=dtype, device=device)
+    sum_tensor = None if sum_weight_dtype is None else torch.empty(1, dtype=sum_weight_dtype, device=device)
+    _launch(tiny, tiny, tiny if has_weight else None, tiny if has_bias else None, sum_tensor, 0.0,
+            rows, width, 1e-5, config, warmup=True)
+
+
 def fused_add_layernorm(
     x: torch.Tensor,
     sum_weight: float | torch.Tensor,
@@ -192,19 +254,8 @@ def fused_add_layernorm(
                          f"dims of x with shape {tuple(x.shape)}")
     _check_param("weight", weight, x, normalized_shape)
     _check_param("bias", bias, x, normalized_shape)
-    if isinstance(sum_weight, torch.Tensor):
-        if sum_weight.numel() != 1:
-            raise ValueError(f"sum_weight must have one element, got shape {tuple(sum_weight.shape)}")
-        if sum_weight.device != x.device:
-            raise ValueError(f"sum_weight is on {sum_weight.device} but x is on {x.device}")
-        sum_from_ptr, sum_value = True, 0.0
-    elif isinstance(sum_weight, Real) and not isinstance(sum_weight, bool):
-        sum_from_ptr, sum_value = False, float(sum_weight)
-    else:
-        raise TypeError(f"sum_weight must be a number or a tensor, got {type(sum_weight).__name__}")
-    if x.device.type == "cpu" and not interpreter_enabled():
-        raise ValueError("x is on the CPU: run on a CUDA device, or set TRITON_INTERPRET=1 "
-                         "to use the Triton interpreter")
+    sum_tensor, sum_value = split_sum_weight(sum_weight, x)
+    check_device(x)
 
     width = math.prod(normalized_shape)
     if out is None:
@@ -223,21 +274,5 @@ def fused_add_layernorm(
     # The kernel indexes weight and bias as flat contiguous arrays of ``width`` elements.
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
-    grid = (triton.cdiv(rows, config.block_rows),)
-    _add_layernorm_kernel[grid](
-        x, out,
-        weight if weight is not None else x,
-        bias if bias is not None else x,
-        sum_weight if sum_from_ptr else x,
-        sum_value, rows, width, eps,
-        BLOCK_ROWS=config.block_rows,
-        BLOCK_W=config.block_w,
-        SINGLE_PASS=config.block_w >= width,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        SUM_FROM_PTR=sum_from_ptr,
-        EVICTION_POLICY=config.eviction_policy,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+    _launch(x, out, weight, bias, sum_tensor, sum_value, rows, width, eps, config)
     return out

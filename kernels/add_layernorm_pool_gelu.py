@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .add_layernorm import _check_param, _dtype_name
+from .add_layernorm import _check_param, _dtype_name, check_device, split_sum_weight
 from .config import MAX_TILE_ELEMENTS, LaunchConfig
-from .device import device_name, interpreter_enabled
+from .device import device_name
 from .table import lookup_config
 
 KERNEL_NAME = "add_layernorm_pool_gelu"
@@ -220,6 +220,7 @@ def fused_add_layernorm_pool_gelu(
     approximate: str = "none",
     *,
     config: LaunchConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.gelu(F.avg_pool3d(F.layer_norm(x + sum_weight, (W,), weight, bias, eps),
     pool_kernel), approximate=approximate)`` in one pass over x.
@@ -228,7 +229,8 @@ def fused_add_layernorm_pool_gelu(
     padding and floor mode (remainders dropped). ``sum_weight`` is a Python number or a
     one-element tensor on x's device (read on the device, never synchronised). All math is
     in float32; the output ``[N, C, D // kd, H // kh, W // kw]`` has x's dtype. ``config``
-    overrides the tuned/heuristic launch config; its ``block_w`` must cover W.
+    overrides the tuned/heuristic launch config; its ``block_w`` must cover W. ``out`` is an
+    optional contiguous output tensor of the pooled shape, x's dtype and device.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -244,25 +246,19 @@ def fused_add_layernorm_pool_gelu(
         raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
     _check_param("weight", weight, x, (width,))
     _check_param("bias", bias, x, (width,))
-    if isinstance(sum_weight, torch.Tensor):
-        if sum_weight.numel() != 1:
-            raise ValueError(f"sum_weight must have one element, got shape {tuple(sum_weight.shape)}")
-        if sum_weight.device != x.device:
-            raise ValueError(f"sum_weight is on {sum_weight.device} but x is on {x.device}")
-        sum_from_ptr, sum_value = True, 0.0
-    elif isinstance(sum_weight, Real) and not isinstance(sum_weight, bool):
-        sum_from_ptr, sum_value = False, float(sum_weight)
-    else:
-        raise TypeError(f"sum_weight must be a number or a tensor, got {type(sum_weight).__name__}")
+    sum_tensor, sum_value = split_sum_weight(sum_weight, x)
     if not isinstance(eps, Real) or isinstance(eps, bool):
         raise TypeError(f"eps must be a number, got {type(eps).__name__}")
-    if x.device.type == "cpu" and not interpreter_enabled():
-        raise ValueError("x is on the CPU: run on a CUDA device, or set TRITON_INTERPRET=1 "
-                         "to use the Triton interpreter")
+    check_device(x)
 
     out_depth, out_height, out_width = depth // kd, height // kh, width // kw
-    out = torch.empty((batch, channels, out_depth, out_height, out_width), dtype=x.dtype,
-                      device=x.device)
+    out_shape = (batch, channels, out_depth, out_height, out_width)
+    if out is None:
+        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    elif not isinstance(out, torch.Tensor) or tuple(out.shape) != out_shape or out.dtype != x.dtype \
+            or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous tensor of shape {out_shape} with x's dtype "
+                         "and device")
     if out.numel() == 0:
         return out
     pooled_rows = batch * channels * out_depth * out_height
@@ -295,7 +291,7 @@ def fused_add_layernorm_pool_gelu(
         x, out,
         weight if weight is not None else x,
         bias if bias is not None else x,
-        sum_weight if sum_from_ptr else x,
+        sum_tensor if sum_tensor is not None else x,
         sum_value, pooled_rows, depth, height, width, out_depth, out_height, out_width,
         float(eps),
         BLOCK_ROWS=config.block_rows,
@@ -308,7 +304,7 @@ def fused_add_layernorm_pool_gelu(
         POOL_BY_RESHAPE=pool_by_reshape,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
-        SUM_FROM_PTR=sum_from_ptr,
+        SUM_FROM_PTR=sum_tensor is not None,
         APPROX_TANH=approximate == "tanh",
         EVICTION_POLICY=config.eviction_policy,
         num_warps=config.num_warps,

@@ -54,7 +54,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_positive(int), default=None,
                         help="number of GPU workers (default: one per GPU in the cluster)")
     parser.add_argument("--address", default=None,
-                        help="Ray cluster to join: auto or HOST:PORT (default: start a local one)")
+                        help="Ray cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS, else "
+                             "start a local one)")
     parser.add_argument("--accelerator-type", default=None,
                         help="only use GPUs of this Ray accelerator type (e.g. H100)")
     parser.add_argument("--resource", default=None,
@@ -131,7 +132,10 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
                         patience=args.patience or defaults.get("patience"),
                         trial_timeout=args.trial_timeout, seed=args.seed)
     if not ray.is_initialized():
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=True,
+        # Without an address Ray would join any cluster already running on this machine;
+        # "local" starts our own, as --help promises (RAY_ADDRESS, as set by Ray Jobs, still wins).
+        address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, include_dashboard=False, log_to_driver=True,
                  logging_level="WARNING")
     pool = WorkerPool(PoolOptions(workers=args.workers, interpret=args.interpret,
                                   accelerator_type=args.accelerator_type,

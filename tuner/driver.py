@@ -7,6 +7,7 @@ arrives, so no GPU waits for the slowest of a batch. ``search`` is this loop wit
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import sys
 import time
@@ -90,6 +91,9 @@ class Driver:
         self.progress = progress or Progress()
         self.inflight: dict[ray.ObjectRef, Job] = {}
         self.retries: list[Job] = []
+        # Trials asked ahead for each worker slot: the worker compiles them while it times.
+        self.ahead: dict[int, collections.deque[Job]] = {}
+        self.prefetch = 0 if pool.options.interpret else pool.options.compile_processes
         self.runs: list[StudyRun] = []
         # Seconds each worker slot spent on jobs, and the loop's own wall time: GPU busy fractions.
         self.busy_seconds: dict[int, float] = {}
@@ -159,20 +163,23 @@ class Driver:
         for index, job in enumerate(self.retries):
             if job.run.device == worker.device:
                 del self.retries[index]
-                self._submit(dataclasses.replace(job, worker=worker, started=time.monotonic()))
+                self._submit(dataclasses.replace(job, worker=worker))
                 return
         now = time.monotonic()
-        candidates = [run for run in self.runs if run.device == worker.device and run.stage == "search"]
-        searching = sorted((run for run in candidates if not run.search_finished(now, deadline)),
-                           key=lambda run: (len(run.inflight), run.n_measured))
-        for run in searching:
-            proposal = run.ask()
-            if proposal is not None:
-                trial, config = proposal
-                self._submit(Job(run, worker, now, trial, config))
-                return
-        for run in candidates:
-            if run.search_finished(now, deadline) and not run.inflight:
+        self._drop_stopped(now, deadline)
+        queue = self.ahead.setdefault(worker.slot, collections.deque())
+        job = queue.popleft() if queue else self._ask(worker, now, deadline)
+        if job is not None:
+            while len(queue) < self.prefetch:  # the worker compiles these while it times `job`
+                upcoming = self._ask(worker, now, deadline)
+                if upcoming is None:
+                    break
+                queue.append(upcoming)
+            self._submit(job)
+            return
+        for run in self.runs:
+            if run.device == worker.device and run.stage == "search" \
+                    and run.search_finished(now, deadline) and not run.inflight:
                 if run.best is None:
                     run.finish_without_confirm()
                     continue
@@ -180,14 +187,41 @@ class Driver:
                 self._submit(Job(run, worker, now))
                 return
 
+    def _ask(self, worker: Worker, now: float, deadline: float | None) -> Job | None:
+        """A new trial for the worker's GPU model, from the study with the fewest in flight."""
+        searching = sorted((run for run in self.runs if run.device == worker.device
+                            and not run.search_finished(now, deadline)),
+                           key=lambda run: (len(run.inflight), run.n_measured))
+        for run in searching:
+            proposal = run.ask()
+            if proposal is not None:
+                return Job(run, worker, now, *proposal)
+        return None
+
+    def _drop_stopped(self, now: float, deadline: float | None) -> None:
+        """Queued trials of studies that ran out of time or patience are not measured."""
+        for queue in self.ahead.values():
+            for job in [job for job in queue if job.run.stopped(now, deadline)]:
+                queue.remove(job)
+                job.run.abandon(job.trial, job.config, "skipped: the search stopped")
+
     def _submit(self, job: Job) -> None:
         problem = job.run.problem
+        job.started = time.monotonic()
         if job.is_confirm:
             configs = [config.as_dict() for config in job.run.confirm_candidates()]
             ref = job.worker.actor.confirm.remote(problem, configs, self.settings.confirm_rounds)
         else:
-            ref = job.worker.actor.measure.remote(problem, job.config.as_dict())
+            upcoming = [(queued.run.problem, queued.config.as_dict())
+                        for queued in self.ahead.get(job.worker.slot, ())]
+            ref = job.worker.actor.measure.remote(problem, job.config.as_dict(), upcoming)
         self.inflight[ref] = job
+
+    def _replace_worker(self, worker: Worker) -> None:
+        """A fresh worker takes the GPU; trials queued for the old one go to whichever is free."""
+        self.retries.extend(self.ahead.pop(worker.slot, ()))
+        if worker in self.pool.workers:
+            self.pool.replace(worker)
 
     def busy_fractions(self) -> dict[int, float]:
         """Per worker slot, the share of the run's wall time it spent on jobs."""
@@ -214,11 +248,10 @@ class Driver:
         job.run.tell(job.trial, job.config, measurement, job.worker.info.get("node", ""))
         self.progress.measured += 1
         if measurement.fatal:  # the CUDA context is gone: a fresh process takes the GPU
-            self.pool.replace(job.worker)
+            self._replace_worker(job.worker)
 
     def _worker_lost(self, job: Job, reason: str) -> None:
-        if job.worker in self.pool.workers:
-            self.pool.replace(job.worker)
+        self._replace_worker(job.worker)
         self._retry_or_fail(job, reason)
 
     def _retry_or_fail(self, job: Job, reason: str) -> None:
@@ -236,8 +269,7 @@ class Driver:
             if now - job.started <= self.settings.trial_timeout:
                 continue
             del self.inflight[ref]
-            if job.worker in self.pool.workers:
-                self.pool.replace(job.worker)
+            self._replace_worker(job.worker)
             reason = f"timed out after {self.settings.trial_timeout:g} s"
             if job.is_confirm:
                 self._retry_or_fail(job, reason)
@@ -245,7 +277,8 @@ class Driver:
                 job.run.tell(job.trial, job.config, Measurement(job.config.key(), error=reason), "")
 
     def _abandon_inflight(self) -> None:
-        for job in list(self.inflight.values()) + self.retries:
+        queued = [job for queue in self.ahead.values() for job in queue]
+        for job in list(self.inflight.values()) + self.retries + queued:
             if not job.is_confirm:
                 try:
                     job.run.abandon(job.trial, job.config, "interrupted")
@@ -253,6 +286,7 @@ class Driver:
                     pass
         self.inflight.clear()
         self.retries.clear()
+        self.ahead.clear()
 
     def _export(self, result: StudyResult) -> None:
         merge_entries(self.table_for_device(result.device), [entry_from_result(result)])

@@ -148,22 +148,32 @@ class StudyRun:
 
     def _enqueue_seeds(self) -> None:
         """The heuristic config and the table's nearest entries go first, so the search can
-        only improve on what the runtime does today."""
+        only improve on what the runtime does today.
+
+        A seed outside the search space (a knob value not in the space's choices, or one the
+        restrictions reject) is not enqueued: Optuna cannot suggest a value that is not among
+        a categorical's choices. The heuristic is still re-timed by the confirm stage.
+        """
         seeds = [self.spec.heuristic(self.problem)]
         seeds += nearest_configs(self.problem.kernel, self.device, self.problem.dtype,
                                  self.table_key.width, self.table_key.rows,
                                  variant=self.table_key.variant)
         for config in seeds:
-            if config.key() not in self.measured:
+            if config.key() in self.valid and config.key() not in self.measured:
                 self.study.enqueue_trial(config.as_dict(), skip_if_exists=True)
 
+    def stopped(self, now: float, deadline: float | None) -> bool:
+        """True once the run's time is up or patience ran out: trials not yet started are dropped."""
+        patience = self.settings.patience
+        return ((deadline is not None and now >= deadline)
+                or (patience is not None and self.since_improvement >= patience))
+
     def search_finished(self, now: float, deadline: float | None) -> bool:
+        """True when no further trial should be proposed."""
         if self.stage != "search":
             return True
-        patience = self.settings.patience
         return (self.exhausted or self.n_measured + len(self.inflight) >= self._trial_budget()
-                or (deadline is not None and now >= deadline)
-                or (patience is not None and self.since_improvement >= patience))
+                or self.stopped(now, deadline))
 
     # -- ask / tell ----------------------------------------------------------------------------
     def ask(self) -> tuple[Trial, LaunchConfig] | None:

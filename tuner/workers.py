@@ -12,13 +12,29 @@ import ray
 from .problems import Problem
 
 
+def _precompile(problem: Problem, config: dict[str, Any]) -> float:
+    """Runs in a compile process: compiles one config into Triton's disk cache; returns seconds."""
+    import time
+
+    from kernels import LaunchConfig
+
+    from .problems import get_kernel
+
+    start = time.perf_counter()
+    get_kernel(problem.kernel).compile(problem, LaunchConfig(**config))
+    return time.perf_counter() - start
+
+
 class TuningWorker:
     """Measures configs on the one GPU Ray gave it (or on the CPU under the interpreter).
 
     Inputs and references are built once per problem and kept for the next trial of it.
+    With ``compile_processes`` > 0, configs the driver says come next are compiled in that many
+    processes (same GPU, shared Triton cache) while the current one is checked and timed, so
+    compilation leaves the GPU's critical path.
     """
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, compile_processes: int = 0) -> None:
         import torch
 
         from kernels import interpreter_enabled
@@ -28,6 +44,35 @@ class TuningWorker:
         self.seed = seed
         self._benches: dict[Problem, Any] = {}
         self._copy_gbps: float | None = None
+        self._compile_processes = 0 if interpreter_enabled() else compile_processes
+        self._compiler = None
+        self._compiling: dict[tuple[Problem, str], Any] = {}
+
+    def _prefetch(self, upcoming: list[tuple[Problem, dict[str, Any]]]) -> None:
+        if not self._compile_processes:
+            return
+        if self._compiler is None:
+            import concurrent.futures
+            import multiprocessing
+
+            self._compiler = concurrent.futures.ProcessPoolExecutor(
+                self._compile_processes, mp_context=multiprocessing.get_context("spawn"))
+        from kernels import LaunchConfig
+
+        for problem, config in upcoming:
+            key = (problem, LaunchConfig(**config).key())
+            if key not in self._compiling:
+                self._compiling[key] = self._compiler.submit(_precompile, problem, config)
+
+    def _wait_compiled(self, problem: Problem, key: str) -> float | None:
+        """Waits for a prefetched compile of this config; its seconds, or None if there was none."""
+        future = self._compiling.pop((problem, key), None)
+        if future is None:
+            return None
+        try:
+            return future.result(timeout=600)
+        except Exception:  # the measurement compiles again and reports the error
+            return None
 
     def info(self) -> dict[str, Any]:
         """Device name (from the CUDA driver), compute capability, versions, copy bandwidth."""
@@ -56,18 +101,28 @@ class TuningWorker:
                                                   self.device, self.seed)
         return self._benches[problem]
 
-    def measure(self, problem: Problem, config: dict[str, Any]) -> dict[str, Any]:
-        """Compile, check and time one config; failures come back in the result."""
+    def measure(self, problem: Problem, config: dict[str, Any],
+                upcoming: list[tuple[Problem, dict[str, Any]]] = ()) -> dict[str, Any]:
+        """Compile, check and time one config; failures come back in the result.
+
+        ``upcoming`` are the configs this worker will measure next: they start compiling now.
+        """
         from kernels import LaunchConfig
 
         from .measure import Measurement, is_fatal
 
+        launch_config = LaunchConfig(**config)
+        self._prefetch(list(upcoming))
+        compiled_s = self._wait_compiled(problem, launch_config.key())
         try:
             bench = self._bench(problem)
         except Exception as error:
-            return Measurement(LaunchConfig(**config).key(), error=f"setup failed: {error}",
+            return Measurement(launch_config.key(), error=f"setup failed: {error}",
                                fatal=is_fatal(error)).as_dict()
-        return bench.measure(LaunchConfig(**config), self.info()["copy_gbps"]).as_dict()
+        result = bench.measure(launch_config, self.info()["copy_gbps"])
+        if compiled_s is not None and result.compile_s is not None:
+            result.compile_s += compiled_s  # compiled elsewhere, then loaded from the cache
+        return result.as_dict()
 
     def confirm(self, problem: Problem, configs: list[dict[str, Any]], rounds: int = 5) -> dict[str, Any]:
         """Re-times configs interleaved over several rounds (and torch eager once).
@@ -118,6 +173,8 @@ class PoolOptions:
     accelerator_type: str | None = None
     resource: str | None = None
     seed: int = 0
+    compile_processes: int = 2  # per worker, compiling upcoming configs (0: compile inline)
+    env_vars: dict[str, str] = dataclasses.field(default_factory=dict)  # for the worker processes
 
 
 class NoGPUError(RuntimeError):
@@ -143,8 +200,11 @@ class WorkerPool:
             options["accelerator_type"] = self.options.accelerator_type
         if self.options.resource:
             options["resources"] = {self.options.resource: 1}
+        env_vars = dict(self.options.env_vars)
         if self.options.interpret:
-            options["runtime_env"] = {"env_vars": {"TRITON_INTERPRET": "1"}}
+            env_vars["TRITON_INTERPRET"] = "1"
+        if env_vars:
+            options["runtime_env"] = {"env_vars": env_vars}
         return options
 
     def _capacity(self) -> int:
@@ -174,7 +234,8 @@ class WorkerPool:
 
     def _new_actor(self):
         actor_class = ray.remote(TuningWorker)
-        return actor_class.options(**self._actor_options()).remote(self.options.seed)
+        return actor_class.options(**self._actor_options()).remote(
+            self.options.seed, 0 if self.options.interpret else self.options.compile_processes)
 
     def replace(self, worker: Worker) -> Worker | None:
         """Kills ``worker`` and starts another in its place; None if none can start."""

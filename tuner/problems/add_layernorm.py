@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import LaunchConfig, fused_add_layernorm, heuristic_config
-from kernels.add_layernorm import KERNEL_NAME
+from kernels.add_layernorm import KERNEL_NAME, compile_config
 
 from .base import DTYPES, KernelSpec, Problem, TableKey
 
@@ -61,6 +61,11 @@ class AddLayerNorm(KernelSpec):
     def bytes_moved(self, problem: Problem) -> int:
         rows, width = problem.shape
         return 2 * rows * width * DTYPES[problem.dtype].itemsize
+
+    def compile(self, problem: Problem, config: LaunchConfig) -> None:
+        rows, width = problem.shape
+        dtype = DTYPES[problem.dtype]
+        compile_config(rows, width, dtype, config, sum_weight_dtype=dtype)
 
     def heuristic(self, problem: Problem) -> LaunchConfig:
         rows, width = problem.shape

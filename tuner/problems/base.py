@@ -119,6 +119,11 @@ class KernelSpec(abc.ABC):
     def bytes_moved(self, problem: Problem) -> int:
         """The fewest bytes the kernel must read and write (each input once, output once)."""
 
+    def compile(self, problem: Problem, config: LaunchConfig) -> None:
+        """Compiles ``config`` for the problem into Triton's cache without launching it, so a
+        worker can compile upcoming trials in other processes while it times the current one.
+        The default does nothing (the first launch compiles)."""
+
     @abc.abstractmethod
     def heuristic(self, problem: Problem) -> LaunchConfig:
         """The runtime's default config for the problem when no table entry exists."""

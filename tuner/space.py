@@ -124,6 +124,10 @@ def _check_parameter(path: str, name: str, spec: Any) -> Any:
         for key, value in rule.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SpaceError(f"{where}.relative_to_width.{key}: must be a positive integer, got {value!r}")
+            # values() yields powers of two between min and max: other bounds would let it
+            # produce values outside [min, max].
+            if key in ("min", "max") and value & (value - 1):
+                raise SpaceError(f"{where}.relative_to_width.{key}: must be a power of two, got {value!r}")
         return spec
     if not isinstance(spec, list) or not spec:
         raise SpaceError(f"{where}: must be a non-empty list, got {spec!r}")

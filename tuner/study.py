@@ -125,7 +125,10 @@ class StudyRun:
                 elif trial.state == TrialState.FAIL and trial.user_attrs.get("error"):
                     self._note(key, None)
         stored = self.study.user_attrs.get("result")
-        if stored and self.n_measured >= self._trial_budget():
+        # The stored winner counts only if it was confirmed over every measured trial: a run
+        # interrupted between its last trial and its confirm stage must confirm on resume.
+        if stored and self.n_measured >= self._trial_budget() \
+                and stored.get("trials", 0) >= self.n_measured:
             self.result = StudyResult.from_json(stored)
             self.stage = "done"
 

@@ -1,0 +1,466 @@
+"""The search service end to end on a local Ray cluster with logical GPUs, kernels run through
+the Triton interpreter: CLI search and export into a table, resume without re-measuring, dedupe,
+failing configs, lost workers, hung trials and the no-GPU message."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import optuna
+import pytest
+import ray
+import torch
+from optuna.trial import TrialState
+
+from kernels import LaunchConfig, load_table, reload_tables, select_config
+from tuner import cli
+from tuner.driver import Driver, Progress
+from tuner.measure import Measurement, ProblemBench
+from tuner.problems import TableKey, get_kernel
+from tuner.problems.add_layernorm import AddLayerNorm
+from tuner.space import load_space, parse_space
+from tuner.study import Settings, StudyRun, study_name
+from tuner.workers import NoGPUError, PoolOptions, WorkerPool
+
+SPEC = get_kernel("add_layernorm")
+PROBLEM = SPEC.problem("128x64", "float32")
+STUDY = "add_layernorm:interpreter:float32:128x64"
+
+
+@pytest.fixture(autouse=True)
+def quiet_optuna():
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    yield
+    optuna.logging.set_verbosity(verbosity)
+
+
+def small_space(**overrides) -> dict:
+    """A search space of the add_layernorm knobs with few values (2*2*2 = 8 configs)."""
+    parameters = {"block_rows": [2, 4], "block_w": [64], "num_warps": [1, 2], "num_stages": [1],
+                  "eviction_policy": ["", "evict_first"]}
+    parameters.update(overrides)
+    return {"kernel": "add_layernorm", "parameters": parameters, "restrictions": {}}
+
+
+def measured_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [trial for trial in study.get_trials(deepcopy=False) if trial.user_attrs.get("measured")]
+
+
+def search_argv(tmp_path, trials: int) -> list[str]:
+    return ["search", "--shape", "128x64", "--trials", str(trials), "--interpret",
+            "--workers", "2", "--storage", f"sqlite:///{tmp_path}/t.db",
+            "--table", str(tmp_path / "table.json")]
+
+
+# -- 1. the CLI end to end ----------------------------------------------------------------------
+def test_cli_search_writes_a_table_the_runtime_uses(ray_cluster, tmp_path, monkeypatch, capsys):
+    assert cli.main(search_argv(tmp_path, 5)) == 0
+    out = capsys.readouterr().out
+
+    entries = load_table(tmp_path / "table.json")
+    assert len(entries) == 1
+    entry = entries[0]
+    assert (entry.kernel, entry.device, entry.dtype, entry.width, entry.rows) == \
+        ("add_layernorm", "interpreter", "float32", 64, 128)
+    assert entry.trials == 5 and entry.ms > 0 and entry.gbps > 0
+    assert entry.config.key() in out and "128x64" in out and "interpreter" in out
+
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{tmp_path}/t.db")
+    measured = measured_trials(study)
+    assert len(measured) == 5
+    assert all(trial.state == TrialState.COMPLETE for trial in measured)
+    # The heuristic is measured first, so the search can only improve on it.
+    assert measured[0].user_attrs["config"] == SPEC.heuristic(PROBLEM).key()
+    assert study.user_attrs["result"]["config"] == entry.config.as_dict()
+
+    monkeypatch.setenv("TUNER_TABLE", str(tmp_path / "table.json"))
+    reload_tables()
+    try:
+        config, source = select_config(128, 64, torch.float32, "interpreter")
+        assert config == entry.config
+        assert "table" in source
+        # A table of the interpreter never applies to a GPU model.
+        assert select_config(128, 64, torch.float32, "NVIDIA H100 80GB HBM3")[1] == "heuristic"
+    finally:
+        monkeypatch.delenv("TUNER_TABLE")
+        reload_tables()
+
+
+# -- 2. resume without repeats ------------------------------------------------------------------
+def test_cli_resume_measures_no_config_twice(ray_cluster, tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path}/t.db"
+    assert cli.main(search_argv(tmp_path, 5)) == 0
+    first = [t.user_attrs["config"] for t in
+             measured_trials(optuna.load_study(study_name=STUDY, storage=storage))]
+    assert len(first) == 5
+
+    assert cli.main(search_argv(tmp_path, 8)) == 0
+    study = optuna.load_study(study_name=STUDY, storage=storage)
+    configs = [t.user_attrs["config"] for t in measured_trials(study)]
+    assert len(configs) == 8
+    assert len(set(configs)) == 8, f"a config was measured twice: {configs}"
+    assert configs[:5] == first
+    assert load_table(tmp_path / "table.json")[0].trials == 8
+    capsys.readouterr()
+
+    assert cli.main(search_argv(tmp_path, 8)) == 0
+    study = optuna.load_study(study_name=STUDY, storage=storage)
+    assert len(measured_trials(study)) == 8
+    assert "8 (resumed)" in capsys.readouterr().out
+    assert len(load_table(tmp_path / "table.json")) == 1
+
+
+# -- 3. dedupe in StudyRun (no Ray) ---------------------------------------------------------------
+def fake_ms(key: str) -> float:
+    return 1.0 + (sum(map(ord, key)) % 97) / 10
+
+
+def test_studyrun_never_proposes_a_measured_config_twice():
+    storage = optuna.storages.InMemoryStorage()
+    space = parse_space(small_space())
+    run = StudyRun(SPEC, PROBLEM, "interpreter", space, storage, Settings(trials=100))
+    assert len(run.valid) == 8
+    proposed: list[str] = []
+
+    def measure_next(ms=None, error=None):
+        trial, config = run.ask()
+        assert config.key() not in proposed
+        proposed.append(config.key())
+        run.tell(trial, config, Measurement(config.key(), ms=ms if error else fake_ms(config.key()),
+                                            error=error), "test")
+        return config
+
+    good = measure_next()
+    bad = measure_next(error="RuntimeError: boom")
+    assert run.measured == {good.key(): fake_ms(good.key()), bad.key(): None}
+
+    # The sampler proposes both again: the measured value (or the failure) is told, not re-measured.
+    run.study.enqueue_trial(good.as_dict())
+    run.study.enqueue_trial(bad.as_dict())
+    third = measure_next()
+    assert third.key() not in (good.key(), bad.key())
+    duplicates = [t for t in run.study.get_trials(deepcopy=False) if t.user_attrs.get("duplicate")]
+    # The two enqueued first; the sampler may have proposed more of them before a new config.
+    assert [t.user_attrs["config"] for t in duplicates[:2]] == [good.key(), bad.key()]
+    for t in duplicates:
+        assert not t.user_attrs.get("measured")
+        if t.user_attrs["config"] == good.key():
+            assert t.state == TrialState.COMPLETE and t.value == fake_ms(good.key())
+        else:
+            assert t.user_attrs["config"] == bad.key() and t.state == TrialState.FAIL
+
+    # A config in flight is not handed out again either.
+    trial, inflight = run.ask()
+    run.study.enqueue_trial(inflight.as_dict())
+    other_trial, other = run.ask()
+    assert other != inflight
+    pruned = [t for t in run.study.get_trials(deepcopy=False)
+              if t.user_attrs.get("duplicate") and t.state == TrialState.PRUNED]
+    assert [t.user_attrs["config"] for t in pruned] == [inflight.key()]
+    for t, config in ((trial, inflight), (other_trial, other)):
+        proposed.append(config.key())
+        run.tell(t, config, Measurement(config.key(), ms=fake_ms(config.key())), "test")
+
+    while (proposal := run.ask()) is not None:
+        trial, config = proposal
+        assert config.key() not in proposed
+        proposed.append(config.key())
+        run.tell(trial, config, Measurement(config.key(), ms=fake_ms(config.key())), "test")
+    assert sorted(proposed) == sorted(run.valid)
+    assert run.exhausted and run.search_finished(0.0, None)
+    measured = measured_trials(run.study)
+    assert sorted(t.user_attrs["config"] for t in measured) == sorted(run.valid)
+
+    # Resuming from the storage rebuilds the cache: nothing left to measure, the failure included.
+    resumed = StudyRun(SPEC, PROBLEM, "interpreter", space, storage, Settings(trials=100))
+    assert resumed.measured == run.measured
+    assert resumed.measured[bad.key()] is None
+    assert resumed.ask() is None
+
+
+def test_studyrun_resume_fails_trials_left_running_and_proposes_them_again():
+    storage = optuna.storages.InMemoryStorage()
+    space = parse_space(small_space())
+    run = StudyRun(SPEC, PROBLEM, "interpreter", space, storage, Settings(trials=100))
+    trial, config = run.ask()
+    run.tell(trial, config, Measurement(config.key(), ms=1.0), "test")
+    lost_trial, lost = run.ask()  # the driver dies with this trial in flight
+
+    resumed = StudyRun(SPEC, PROBLEM, "interpreter", space, storage, Settings(trials=100))
+    assert run.study.trials[lost_trial.number].state == TrialState.FAIL
+    assert resumed.measured == {config.key(): 1.0}
+    keys = []
+    while (proposal := resumed.ask()) is not None:
+        trial, proposed = proposal
+        keys.append(proposed.key())
+        resumed.tell(trial, proposed, Measurement(proposed.key(), ms=2.0), "test")
+    assert lost.key() in keys and config.key() not in keys
+    assert len(keys) == len(set(keys)) == 7
+
+
+def confirm_all(run: StudyRun, ms: float = 5.0) -> None:
+    """What the confirm stage reports: every candidate at ``ms``."""
+    keys = [config.key() for config in run.confirm_candidates()]
+    run.finish({"ms": {key: ms for key in keys}, "n_bytes": 1000, "copy_gbps": 1.0,
+                "eager_ms": 1.0}, {})
+
+
+def test_studyrun_resume_after_interrupted_confirm_confirms_again():
+    """A winner stored by an earlier, shorter run must not stand for trials measured since."""
+    storage = optuna.storages.InMemoryStorage()
+    space = parse_space(small_space())
+
+    def start(trials):
+        return StudyRun(SPEC, PROBLEM, "interpreter", space, storage, Settings(trials=trials))
+
+    def measure(run, count):
+        for _ in range(count):
+            trial, config = run.ask()
+            run.tell(trial, config, Measurement(config.key(), ms=fake_ms(config.key())), "test")
+
+    first = start(3)
+    measure(first, 3)
+    confirm_all(first)
+    assert start(3).stage == "done" and start(3).result.trials == 3  # finished: resumes as done
+
+    second = start(5)
+    assert second.stage == "search" and second.result is None
+    measure(second, 2)  # ... then interrupted before its confirm stage finished
+
+    third = start(5)
+    assert third.n_measured == 5
+    assert third.stage == "search" and third.result is None
+    assert third.search_finished(0.0, None)  # budget spent: the driver goes straight to confirm
+    confirm_all(third)
+    assert start(5).result.trials == 5
+
+
+def test_studyrun_seeds_heuristic_first_and_stops_at_budget():
+    # 128x64 float32: the heuristic r32_w64_warps16 is in the shipped space, so it goes first.
+    run = StudyRun(SPEC, PROBLEM, "interpreter", load_space(SPEC.space_file),
+                   optuna.storages.InMemoryStorage(), Settings(trials=3))
+    trial, config = run.ask()
+    assert config == SPEC.heuristic(PROBLEM)
+    run.tell(trial, config, Measurement(config.key(), ms=5.0), "test")
+    for _ in range(2):
+        assert not run.search_finished(0.0, None)
+        trial, config = run.ask()
+        run.tell(trial, config, Measurement(config.key(), ms=6.0), "test")
+    assert run.search_finished(0.0, None)
+    assert run.best == (5.0, SPEC.heuristic(PROBLEM).key())
+    assert run.confirm_candidates()[0] == SPEC.heuristic(PROBLEM)
+
+
+@pytest.mark.parametrize("shape,dtype", [("1024x8", "float32"), ("4096x16", "float16"),
+                                         ("64x20000", "float32")])
+def test_studyrun_heuristic_outside_the_space_is_not_seeded(shape, dtype):
+    """The heuristic's knob values may lie outside the space's choices (block_rows 256 for narrow
+    rows, block_w 8192 for rows over 16384); asking must still work and stay in the space."""
+    problem = SPEC.problem(shape, dtype)
+    space = load_space(SPEC.space_file)
+    heuristic = SPEC.heuristic(problem)
+    assert heuristic.key() not in {c.key() for c in space.candidates(SPEC.table_key(problem))}
+    run = StudyRun(SPEC, problem, "interpreter", space, optuna.storages.InMemoryStorage(),
+                   Settings(trials=4))
+    for _ in range(4):
+        trial, config = run.ask()
+        assert config.key() in run.valid
+        run.tell(trial, config, Measurement(config.key(), ms=1.0), "test")
+    # The confirm stage still re-times the heuristic beside the best configs.
+    assert heuristic in run.confirm_candidates()
+
+
+# -- 4. configs that fail ----------------------------------------------------------------------
+BAD_CONFIG = LaunchConfig(block_rows=2, block_w=64, num_warps=1)
+GOOD_CONFIG = LaunchConfig(block_rows=4, block_w=64, num_warps=2)
+
+
+class Broken(AddLayerNorm):
+    """add_layernorm whose BAD_CONFIG misbehaves in one of several ways."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def run(self, inputs, config, out=None):
+        if config != BAD_CONFIG:
+            return super().run(inputs, config, out=out)
+        if self.mode == "raise":
+            raise RuntimeError("boom: the kernel failed to compile")
+        if self.mode == "fatal":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if self.mode == "wrong":
+            return super().run(inputs, config, out=out).add_(0.25)
+        if self.mode == "partial":  # writes only half the rows
+            full = super().run(inputs, config)
+            out[: len(out) // 2] = full[: len(out) // 2]
+            return out
+        raise AssertionError(self.mode)
+
+
+@pytest.mark.parametrize("mode,match,fatal", [
+    ("raise", "RuntimeError: boom: the kernel failed to compile", False),
+    ("fatal", "illegal memory access", True),
+    ("wrong", "WrongResult: relative error", False),
+    ("partial", "WrongResult: output has non-finite or unwritten (poisoned) elements", False),
+])
+def test_failing_config_fails_only_its_measurement(mode, match, fatal):
+    bench = ProblemBench(Broken(mode), PROBLEM, torch.device("cpu"), seed=0)
+    failed = bench.measure(BAD_CONFIG, copy_gbps=10.0)
+    assert failed.config == BAD_CONFIG.key()
+    assert failed.ms is None and failed.gbps is None and failed.pct_of_copy is None
+    assert match in failed.error
+    assert failed.fatal is fatal
+    if mode == "wrong":
+        assert "exceeds 0.0001 for float32" in failed.error
+
+    good = bench.measure(GOOD_CONFIG, copy_gbps=10.0)  # the bench stays usable
+    assert good.error is None and good.ms > 0 and good.compile_s is not None
+    assert good.gbps == pytest.approx(bench.n_bytes / good.ms / 1e6)
+    assert good.pct_of_copy == pytest.approx(10 * good.gbps)
+
+
+def test_correct_kernel_passes_the_poisoned_check():
+    bench = ProblemBench(SPEC, PROBLEM, torch.device("cpu"), seed=0)
+    bench.check(BAD_CONFIG)
+    assert torch.isfinite(bench.out).all()
+    assert bench.reference.dtype == torch.float64
+
+
+def test_failed_measurement_fails_only_its_trial_and_is_never_remeasured():
+    storage = optuna.storages.InMemoryStorage()
+    space = parse_space(small_space())
+    bench = ProblemBench(Broken("raise"), PROBLEM, torch.device("cpu"), seed=0)
+    run = StudyRun(SPEC, PROBLEM, "interpreter", space, storage, Settings(trials=100))
+    run.study.enqueue_trial(BAD_CONFIG.as_dict())
+    run.study.enqueue_trial(GOOD_CONFIG.as_dict())
+    for expected in (BAD_CONFIG, GOOD_CONFIG):
+        trial, config = run.ask()
+        assert config == expected
+        run.tell(trial, config, bench.measure(config, 10.0), "worker-1")
+    states = {t.user_attrs["config"]: t for t in measured_trials(run.study)}
+    assert states[BAD_CONFIG.key()].state == TrialState.FAIL
+    assert "boom" in states[BAD_CONFIG.key()].user_attrs["error"]
+    assert states[GOOD_CONFIG.key()].state == TrialState.COMPLETE
+    assert run.best[1] == GOOD_CONFIG.key()
+    assert run.measured[BAD_CONFIG.key()] is None
+
+    run.study.enqueue_trial(BAD_CONFIG.as_dict())
+    remaining = []
+    while (proposal := run.ask()) is not None:
+        trial, config = proposal
+        remaining.append(config)
+        run.tell(trial, config, Measurement(config.key(), ms=3.0), "worker-1")
+    assert BAD_CONFIG not in remaining and len(remaining) == 6
+    assert BAD_CONFIG not in run.confirm_candidates()
+
+
+# -- 5. a worker killed mid-trial ---------------------------------------------------------------
+class KillingDriver(Driver):
+    """Kills the worker of the third trial right after submitting it."""
+
+    kill_at = 3
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.submitted = 0
+        self.killed = None
+
+    def _submit(self, job) -> None:
+        super()._submit(job)
+        if job.is_confirm:
+            return
+        self.submitted += 1
+        if self.submitted == self.kill_at:
+            self.killed = (job.worker, job.config)
+            ray.kill(job.worker.actor, no_restart=True)
+
+
+def test_worker_killed_mid_trial_is_replaced_and_the_trial_rerun(ray_cluster, tmp_path):
+    pool = WorkerPool(PoolOptions(workers=2, interpret=True))
+    storage = optuna.storages.InMemoryStorage()
+    table = tmp_path / "table.json"
+    settings = Settings(trials=4, confirm_top=2, confirm_rounds=1)
+    try:
+        pool.start()
+        assert len(pool.workers) == 2 and pool.devices().keys() == {"interpreter"}
+        driver = KillingDriver(pool, storage, settings, lambda device: table,
+                               progress=Progress(stream=io.StringIO()))
+        results = driver.run([PROBLEM])
+        killed_worker, killed_config = driver.killed
+        assert len(pool.workers) == 2
+        assert killed_worker not in pool.workers
+        assert killed_worker.actor._actor_id not in {w.actor._actor_id for w in pool.workers}
+        assert len({w.slot for w in pool.workers}) == 2
+    finally:
+        pool.shutdown()
+
+    assert driver.submitted >= 5  # the killed trial was submitted again
+    assert len(results) == 1 and results[0].trials == 4
+    study = optuna.load_study(study_name=study_name(PROBLEM, "interpreter"), storage=storage)
+    measured = measured_trials(study)
+    assert len(measured) == 4
+    assert all(t.state == TrialState.COMPLETE and "error" not in t.user_attrs for t in measured)
+    assert killed_config.key() in {t.user_attrs["config"] for t in measured}
+    assert len({t.user_attrs["config"] for t in measured}) == 4
+    [entry] = load_table(table)
+    assert entry.config == results[0].config and entry.device == "interpreter"
+
+
+# -- 6. a trial that hangs past the per-trial timeout -------------------------------------------
+def test_trial_timeout_fails_trials_and_replaces_workers(ray_cluster, tmp_path):
+    # block_rows 1: 128 programs a launch, over a second per trial in the interpreter, far past
+    # the timeout (the driver looks at timeouts every 0.5 s).
+    space = parse_space(small_space(block_rows=[1]), "slow.yaml")
+    pool = WorkerPool(PoolOptions(workers=2, interpret=True))
+    storage = optuna.storages.InMemoryStorage()
+    table = tmp_path / "table.json"
+    try:
+        pool.start()
+        before = {w.actor._actor_id for w in pool.workers}
+        driver = Driver(pool, storage, Settings(trials=2, trial_timeout=0.01), lambda d: table,
+                        space=space, progress=Progress(stream=io.StringIO()))
+        results = driver.run([PROBLEM])
+        assert len(pool.workers) == 2
+        assert not before & {w.actor._actor_id for w in pool.workers}
+    finally:
+        pool.shutdown()
+
+    assert results == []
+    assert all(run.stage == "done" and run.result is None for run in driver.runs)
+    study = optuna.load_study(study_name=study_name(PROBLEM, "interpreter"), storage=storage)
+    measured = measured_trials(study)
+    assert len(measured) == 2
+    for trial in measured:
+        assert trial.state == TrialState.FAIL
+        assert "timed out after 0.01 s" in trial.user_attrs["error"]
+    assert "result" not in study.user_attrs
+    assert not table.exists()
+
+
+# -- 7. no GPU and no --interpret -----------------------------------------------------------------
+@pytest.mark.parametrize("options,wanted", [
+    (PoolOptions(resource="does_not_exist"), "no GPUs with resource 'does_not_exist'"),
+    (PoolOptions(accelerator_type="B200"), "no GPUs of accelerator type 'B200'"),
+    (PoolOptions(resource="does_not_exist", interpret=True), "with resource 'does_not_exist'"),
+])
+def test_pool_without_usable_gpus_says_so(ray_cluster, options, wanted):
+    pool = WorkerPool(options)
+    with pytest.raises(NoGPUError) as raised:
+        pool.start()
+    message = str(raised.value)
+    assert wanted in message
+    assert "--interpret" in message and "--address" in message
+    assert pool.workers == []
+
+
+def test_cli_without_gpus_exits_2_with_the_message(ray_cluster, tmp_path, capsys):
+    code = cli.main(["search", "--shape", "128x64", "--resource", "does_not_exist",
+                     "--storage", f"sqlite:///{tmp_path}/t.db", "--table", str(tmp_path / "t.json")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "tuner: no GPUs with resource 'does_not_exist' in the Ray cluster" in err
+    assert "--interpret" in err
+    assert not (tmp_path / "t.json").exists()

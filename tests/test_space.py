@@ -1,0 +1,429 @@
+"""Input validation of the tuner, without Ray: search-space YAML, shapes and dtypes, sweep specs
+and the command line. Every bad input must give a clear error naming the file and key."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+import triton
+
+from kernels import LaunchConfig
+from tuner import cli
+from tuner.problems import TableKey, get_kernel, parse_dims, parse_dtype
+from tuner.space import PARAMETERS, SearchSpace, SpaceError, load_space, parse_space
+from tuner.sweep import SpecError, load_spec, parse_spec
+
+SPACE = get_kernel("add_layernorm").space_file
+
+GOOD_SPACE = """\
+kernel: add_layernorm
+parameters:
+  block_rows: [1, 2, 4]
+  block_w: {relative_to_width: {min: 16, max: 65536, max_chunks: 2}}
+  num_warps: [1, 2, 4]
+  num_stages: [1, 2]
+  eviction_policy: ["", evict_first]
+restrictions:
+  max_tile_elements: 16384
+  stages_only_when_chunked: true
+"""
+
+
+def write(tmp_path, text, name="space.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def edit(text: str, old: str, new: str) -> str:
+    assert old in text, old
+    return text.replace(old, new)
+
+
+# -- the shipped search space ------------------------------------------------------------------
+def test_shipped_space_loads():
+    space = load_space(SPACE)
+    assert isinstance(space, SearchSpace)
+    assert space.kernel == "add_layernorm"
+    assert set(space.parameters) == set(PARAMETERS)
+    assert space.path == str(SPACE)
+
+
+@pytest.mark.parametrize("rows,width", [(128, 64), (1, 64), (4096, 20), (4, 1), (1024, 768),
+                                        (64, 20000), (8, 100000)])
+def test_shipped_space_candidates_satisfy_restrictions(rows, width):
+    space = load_space(SPACE)
+    key = TableKey(width=width, rows=rows)
+    candidates = space.candidates(key)
+    assert candidates
+    assert len({config.key() for config in candidates}) == len(candidates)
+    choices = space.choices(key)
+    for config in candidates:
+        assert space.allows(config, key)
+        for name in PARAMETERS:
+            assert getattr(config, name) in choices[name]
+        assert config.tile_elements <= 65536
+        assert 1 <= config.tile_elements // (32 * config.num_warps) or config.num_warps == 1
+        assert config.tile_elements <= 64 * 32 * config.num_warps
+        assert config.block_rows <= triton.next_power_of_2(rows)
+        assert config.num_stages == 1 or config.block_w < width
+
+
+@pytest.mark.parametrize("width,expected", [
+    (64, [32, 64]),          # the row's power of two and half of it
+    (100, [64, 128]),        # rounded up to the next power of two
+    (20, [16, 32]),
+    (16, [16]),              # min 16: no 8-wide chunks
+    (8, [8]),                # narrower than min: the row itself
+    (1, [1]),
+])
+def test_block_w_relative_to_width(width, expected):
+    space = load_space(SPACE)
+    assert space.values("block_w", TableKey(width=width, rows=128)) == expected
+    assert {config.block_w for config in space.candidates(TableKey(width=width, rows=128))} \
+        == set(expected)
+
+
+def test_block_w_clamped_to_max_for_wide_rows():
+    space = load_space(SPACE)
+    values = space.values("block_w", TableKey(width=100000, rows=128))
+    assert values[-1] == 65536 and all(16 <= value <= 65536 for value in values)
+
+
+def test_block_w_rule_stays_within_min_and_max(tmp_path):
+    space = load_space(write(tmp_path, edit(edit(GOOD_SPACE, "max_chunks: 2", "max_chunks: 8"),
+                                            "max: 65536", "max: 256")))
+    assert space.values("block_w", TableKey(width=64, rows=8)) == [16, 32, 64]
+    assert space.values("block_w", TableKey(width=8, rows=8)) == [8]
+    for width in (1000, 5000):  # wider than max: clamped
+        values = space.values("block_w", TableKey(width=width, rows=8))
+        assert values[-1] == 256 and all(16 <= value <= 256 for value in values)
+
+
+def test_restrictions_prune_candidates(tmp_path):
+    space = load_space(write(tmp_path, GOOD_SPACE))
+    key = TableKey(width=64, rows=1024)
+    candidates = space.candidates(key)
+    # 3 block_rows x 2 block_w x 3 warps x 2 evictions, plus stages 2 only for block_w 32
+    assert len(candidates) == 3 * 3 * 2 * (1 + 2)
+    assert all(c.num_stages == 1 for c in candidates if c.block_w == 64)
+    assert any(c.num_stages == 2 for c in candidates if c.block_w == 32)
+    assert not space.allows(LaunchConfig(4, 64, 4, num_stages=2), key)
+    assert space.allows(LaunchConfig(4, 32, 4, num_stages=2), key)
+
+
+def test_duplicate_values_are_collapsed(tmp_path):
+    space = load_space(write(tmp_path, edit(GOOD_SPACE, "num_warps: [1, 2, 4]",
+                                            "num_warps: [1, 2, 2, 4, 1]")))
+    assert space.values("num_warps", TableKey(64, 128)) == [1, 2, 4]
+
+
+# -- bad search spaces: SpaceError naming the file and the key ----------------------------------
+BAD_SPACES = {
+    "unknown top-level key": (GOOD_SPACE + "extra: 1\n", r"unknown keys \['extra'\]"),
+    "unknown parameter": (edit(GOOD_SPACE, "  num_stages: [1, 2]\n",
+                               "  num_stages: [1, 2]\n  num_ctas: [1]\n"),
+                          r"parameters: unknown \['num_ctas'\]"),
+    "missing parameter": (edit(GOOD_SPACE, "  num_stages: [1, 2]\n", ""),
+                          r"parameters: .*missing \['num_stages'\]"),
+    "empty list": (edit(GOOD_SPACE, "num_warps: [1, 2, 4]", "num_warps: []"),
+                   r"parameters\.num_warps: must be a non-empty list"),
+    "string in block_rows": (edit(GOOD_SPACE, "block_rows: [1, 2, 4]", "block_rows: [1, two, 4]"),
+                             r"parameters\.block_rows: 'two' is not an int"),
+    "bool in num_stages": (edit(GOOD_SPACE, "num_stages: [1, 2]", "num_stages: [true]"),
+                           r"parameters\.num_stages: True is not an int"),
+    "not a list": (edit(GOOD_SPACE, "num_warps: [1, 2, 4]", "num_warps: 4"),
+                   r"parameters\.num_warps: must be a non-empty list"),
+    "block_w not a power of two": (
+        edit(GOOD_SPACE, "block_w: {relative_to_width: {min: 16, max: 65536, max_chunks: 2}}",
+             "block_w: [32, 48]"),
+        r"parameters\.block_w: values must be powers of two"),
+    "block_rows zero": (edit(GOOD_SPACE, "block_rows: [1, 2, 4]", "block_rows: [0, 2]"),
+                        r"parameters\.block_rows: values must be powers of two"),
+    "bad num_warps": (edit(GOOD_SPACE, "num_warps: [1, 2, 4]", "num_warps: [3]"),
+                      r"parameters\.num_warps: accepted values are"),
+    "num_stages zero": (edit(GOOD_SPACE, "num_stages: [1, 2]", "num_stages: [0]"),
+                        r"parameters\.num_stages: values must be >= 1"),
+    "unknown eviction policy": (
+        edit(GOOD_SPACE, 'eviction_policy: ["", evict_first]', "eviction_policy: [evict_never]"),
+        r"parameters\.eviction_policy: \['evict_never'\] not accepted; accepted: "),
+    "relative rule on another knob": (
+        edit(GOOD_SPACE, "block_rows: [1, 2, 4]", "block_rows: {relative_to_width: {min: 1}}"),
+        r"parameters\.block_rows: expected a list of values"),
+    "unknown relative rule key": (
+        edit(GOOD_SPACE, "max_chunks: 2", "chunks: 2"),
+        r"parameters\.block_w\.relative_to_width: unknown keys \['chunks'\]"),
+    "bad relative rule value": (
+        edit(GOOD_SPACE, "min: 16", "min: 0"),
+        r"parameters\.block_w\.relative_to_width\.min: must be a positive integer"),
+    "relative min not a power of two": (
+        edit(GOOD_SPACE, "min: 16", "min: 24"),
+        r"parameters\.block_w\.relative_to_width\.min: must be a power of two, got 24"),
+    "relative max not a power of two": (
+        edit(GOOD_SPACE, "max: 65536", "max: 1000"),
+        r"parameters\.block_w\.relative_to_width\.max: must be a power of two, got 1000"),
+    "unknown restriction": (GOOD_SPACE + "  fastest_only: true\n",
+                            r"restrictions\.fastest_only: unknown restriction; known: "),
+    "restriction arg a string": (edit(GOOD_SPACE, "max_tile_elements: 16384",
+                                      "max_tile_elements: lots"),
+                                 r"restrictions\.max_tile_elements: expected int, got 'lots'"),
+    "restriction arg a bool for int": (edit(GOOD_SPACE, "max_tile_elements: 16384",
+                                            "max_tile_elements: true"),
+                                       r"restrictions\.max_tile_elements: expected int, got True"),
+    "restriction arg an int for bool": (edit(GOOD_SPACE, "stages_only_when_chunked: true",
+                                             "stages_only_when_chunked: 1"),
+                                        r"restrictions\.stages_only_when_chunked: expected bool"),
+    "restrictions a list": (edit(GOOD_SPACE, "  max_tile_elements: 16384\n  stages_only_when_chunked: true\n",
+                                 "  - max_tile_elements\n"),
+                            r"restrictions: must be a mapping"),
+    "no kernel": (edit(GOOD_SPACE, "kernel: add_layernorm\n", ""), r"kernel: must name the kernel"),
+    "parameters not a mapping": ("kernel: add_layernorm\nparameters: [1, 2]\n",
+                                 r"parameters: must be a mapping"),
+    "top level a list": ("- 1\n- 2\n", r"expected a mapping with keys"),
+    "empty file": ("", r"expected a mapping with keys"),
+    "invalid YAML": (GOOD_SPACE + "  num_warps: [1, 2\n", r"not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_SPACES))
+def test_bad_space_is_a_clear_error(tmp_path, name):
+    text, match = BAD_SPACES[name]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SpaceError, match=match) as raised:
+        load_space(path)
+    assert str(raised.value).startswith(f"{path}: ")
+    assert isinstance(raised.value, ValueError)  # the CLI prints ValueErrors without a traceback
+
+
+def test_missing_space_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(SpaceError, match=r"nope\.yaml: cannot read search space: No such file"):
+        load_space(path)
+
+
+def test_restrictions_leaving_nothing_fail_at_candidates(tmp_path):
+    path = write(tmp_path, edit(GOOD_SPACE, "max_tile_elements: 16384", "max_tile_elements: 1"))
+    space = load_space(path)  # valid on its own: it depends on the problem
+    with pytest.raises(SpaceError, match=rf"^{path}: restrictions \['max_tile_elements', "
+                                         r"'stages_only_when_chunked'\] leave no valid config "
+                                         r"for width 64, rows 128"):
+        space.candidates(TableKey(width=64, rows=128))
+
+
+def test_parse_space_names_memory_source():
+    with pytest.raises(SpaceError, match=r"^<memory>: unknown keys"):
+        parse_space({"kernel": "add_layernorm", "parameters": {}, "other": 1})
+
+
+# -- shapes and dtypes -------------------------------------------------------------------------
+def test_parse_dims_and_dtype():
+    assert parse_dims("128x64") == (128, 64)
+    assert parse_dims(" 32X64x32 ") == (32, 64, 32)
+    assert parse_dtype("bfloat16") is torch.bfloat16
+    assert parse_dtype("torch.float16") is torch.float16
+    assert parse_dtype("float32") is torch.float32
+
+
+def test_full_shape_is_canonicalised():
+    spec = get_kernel("add_layernorm")
+    problem = spec.problem("32x64x32x64x64", "bfloat16")
+    assert problem.shape == (4194304, 64)
+    assert problem.dtype == "bfloat16"
+    assert problem.kernel == "add_layernorm"
+    assert problem.shape_text == "4194304x64"
+    assert spec.problem("4194304x64", "torch.bfloat16") == problem
+    assert spec.table_key(problem) == TableKey(width=64, rows=4194304)
+
+
+@pytest.mark.parametrize("text", ["128", "128x", "axb", "-1x64", "", "x64", "128x64x", "1.5x64"])
+def test_bad_shape_lists_accepted_forms(text):
+    with pytest.raises(ValueError, match=r"bad shape .*expected positive integers joined by 'x', "
+                                         r"such as 128x64 .*32x64x32x64x64"):
+        parse_dims(text)
+
+
+@pytest.mark.parametrize("text", ["0x64", "128x0", "4x0x64"])
+def test_zero_dims_are_rejected(text):
+    with pytest.raises(ValueError, match=rf"bad shape '{text}': every dim must be >= 1; "
+                                         r"expected positive integers joined by 'x'"):
+        parse_dims(text)
+
+
+@pytest.mark.parametrize("text", ["float64", "int8", "fp16", ""])
+def test_bad_dtype_lists_accepted(text):
+    with pytest.raises(ValueError, match=rf"unknown dtype '{text}'; accepted: float32, float16, bfloat16"):
+        parse_dtype(text)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        get_kernel("add_layernorm").problem("128x64", text)
+
+
+def test_unknown_kernel():
+    with pytest.raises(ValueError, match=r"unknown kernel 'softmax'; known kernels: add_layernorm"):
+        get_kernel("softmax")
+
+
+# -- sweep specs -------------------------------------------------------------------------------
+GOOD_SPEC = """\
+kernels: [add_layernorm]
+shapes: [128x64, 2x64x64, 40x200]
+dtypes: [float32, bfloat16]
+trials: 8
+patience: 4
+timeout: 60.5
+"""
+
+
+def test_valid_spec(tmp_path):
+    spec = load_spec(write(tmp_path, GOOD_SPEC, "sweep.yaml"))
+    assert spec.trials == 8 and spec.patience == 4 and spec.timeout == 60.5
+    # 128x64 and 2x64x64 are one problem: canonical and without repeats
+    assert [(p.shape, p.dtype) for p in spec.problems] == [
+        ((128, 64), "float32"), ((128, 64), "bfloat16"),
+        ((40, 200), "float32"), ((40, 200), "bfloat16")]
+    minimal = parse_spec({"shapes": ["128x64"], "dtypes": ["float16"]})
+    assert minimal.trials is None and minimal.problems[0].kernel == "add_layernorm"
+
+
+@pytest.mark.parametrize("name", ["reference_model.yaml", "transformer_hidden.yaml"])
+def test_shipped_specs_load(name):
+    spec = load_spec(SPACE.parent / "sweeps" / name)
+    assert spec.problems and spec.trials
+
+
+BAD_SPECS = {
+    "unknown key": (GOOD_SPEC + "workers: 4\n", r"unknown keys \['workers'\]"),
+    "empty shapes": (edit(GOOD_SPEC, "shapes: [128x64, 2x64x64, 40x200]", "shapes: []"),
+                     r"shapes: must not be empty"),
+    "missing shapes": (edit(GOOD_SPEC, "shapes: [128x64, 2x64x64, 40x200]\n", ""),
+                       r"missing shapes"),
+    "missing dtypes": (edit(GOOD_SPEC, "dtypes: [float32, bfloat16]\n", ""), r"missing dtypes"),
+    "shapes not a list": (edit(GOOD_SPEC, "shapes: [128x64, 2x64x64, 40x200]", "shapes: 128x64"),
+                          r"shapes: expected list, got '128x64'"),
+    "bad dtype": (edit(GOOD_SPEC, "dtypes: [float32, bfloat16]", "dtypes: [float32, float64]"),
+                  r"unknown dtype 'float64'; accepted: float32, float16, bfloat16"),
+    "bad shape": (edit(GOOD_SPEC, "40x200", "40x"), r"bad shape '40x'"),
+    "bad kernel": (edit(GOOD_SPEC, "kernels: [add_layernorm]", "kernels: [softmax]"),
+                   r"kernels: unknown kernel 'softmax'"),
+    "zero trials": (edit(GOOD_SPEC, "trials: 8", "trials: 0"), r"trials: must be positive, got 0"),
+    "negative patience": (edit(GOOD_SPEC, "patience: 4", "patience: -1"),
+                          r"patience: must be positive, got -1"),
+    "string trials": (edit(GOOD_SPEC, "trials: 8", "trials: many"), r"trials: expected int"),
+    "bool trials": (edit(GOOD_SPEC, "trials: 8", "trials: true"), r"trials: expected int"),
+    "not a mapping": ("- 128x64\n", r"expected a mapping"),
+    "invalid YAML": ("shapes: [128x64\n", r"not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_SPECS))
+def test_bad_spec_is_a_clear_error(tmp_path, name):
+    text, match = BAD_SPECS[name]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=match) as raised:
+        load_spec(path)
+    assert str(raised.value).startswith(f"{path}: ")
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(SpecError, match=r"nope\.yaml: cannot read sweep spec"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+# -- the command line: bad input exits 2 with a message, before any Ray cluster starts ---------
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if the CLI would start (or join) a Ray cluster."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("bad input must be rejected before Ray starts")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(argv)
+    captured = capsys.readouterr()
+    return raised.value.code, captured.err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["search", "--shape", "12x", "--interpret"], "bad shape '12x'"),
+    (["search", "--shape", "0x64", "--interpret"], "every dim must be >= 1"),
+    (["search", "--shape", "128x64", "--dtype", "float64", "--interpret"],
+     "unknown dtype 'float64'; accepted: float32, float16, bfloat16"),
+    (["search", "--shape", "128x64", "--kernel", "softmax", "--interpret"], "unknown kernel 'softmax'"),
+    (["search", "--shape", "128x64", "--storage", "notaurl", "--interpret"],
+     "bad --storage 'notaurl': expected an Optuna storage URL"),
+    (["search", "--shape", "128x64", "--storage", "foo://x", "--interpret"],
+     "cannot open --storage 'foo://x'"),
+    (["search", "--shape", "128x64", "--trials", "0", "--interpret"],
+     "argument --trials: expected a positive int, got '0'"),
+    (["search", "--shape", "128x64", "--trials", "many", "--interpret"],
+     "argument --trials: expected a positive int, got 'many'"),
+    (["search", "--shape", "128x64", "--trial-timeout", "-1", "--interpret"],
+     "argument --trial-timeout: expected a positive float"),
+    (["search", "--interpret"], "the following arguments are required: --shape"),
+    (["sweep", "--interpret"], "give either --spec FILE or --shapes A,B"),
+    (["sweep", "--spec", "x.yaml", "--shapes", "128x64", "--interpret"],
+     "give either --spec FILE or --shapes A,B"),
+    (["sweep", "--shapes", "128x64,40x", "--interpret"], "bad shape '40x'"),
+    (["sweep", "--shapes", "128x64", "--dtypes", "float32,int8", "--interpret"], "unknown dtype 'int8'"),
+    (["sweep", "--spec", "does/not/exist.yaml", "--interpret"], "cannot read sweep spec"),
+    (["bogus"], "invalid choice: 'bogus'"),
+])
+def test_cli_bad_input_exits_2(argv, match, capsys, no_ray):
+    code, err = run_cli(argv, capsys)
+    assert code == 2
+    assert match in err
+    assert "Traceback" not in err
+
+
+def test_cli_bad_space_exits_2(tmp_path, capsys, no_ray):
+    path = write(tmp_path, GOOD_SPACE + "extra: 1\n")
+    code, err = run_cli(["search", "--shape", "128x64", "--interpret", "--space", str(path),
+                         "--storage", f"sqlite:///{tmp_path}/t.db"], capsys)
+    assert code == 2
+    assert f"{path}: unknown keys ['extra']" in err
+
+
+def test_cli_bad_spec_exits_2(tmp_path, capsys, no_ray):
+    path = write(tmp_path, edit(GOOD_SPEC, "trials: 8", "trials: 0"), "sweep.yaml")
+    code, err = run_cli(["sweep", "--spec", str(path), "--interpret"], capsys)
+    assert code == 2
+    assert f"{path}: trials: must be positive" in err
+
+
+@pytest.mark.parametrize("argv,env,address", [
+    ([], None, "local"),               # our own cluster, never one already running here
+    (["--address", "auto"], None, "auto"),
+    (["--address", "10.0.0.1:6379"], "ignored:1", "10.0.0.1:6379"),
+    ([], "10.0.0.2:6379", "10.0.0.2:6379"),  # set by Ray Jobs
+])
+def test_cli_ray_address(argv, env, address, tmp_path, monkeypatch):
+    import ray
+
+    class Started(Exception):
+        pass
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        raise Started
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    with pytest.raises(Started):
+        cli.main(["search", "--shape", "128x64", "--interpret",
+                  "--storage", f"sqlite:///{tmp_path}/t.db", *argv])
+    assert calls[0]["address"] == address

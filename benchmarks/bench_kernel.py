@@ -28,7 +28,7 @@ def grid_configs(rows: int, width: int, dtype: torch.dtype) -> list[LaunchConfig
     block_ws = [full] + [w for w in (2048, 4096, 8192) if w < full and width >= 8192]
     configs = []
     for block_w, block_rows, warps, policy in itertools.product(
-            block_ws, [1, 2, 4, 8, 16, 32, 64, 128], [4, 8, 16, 32], ["", "evict_first"]):
+            block_ws, [1, 2, 4, 8, 16, 32, 64, 128], [4, 8, 16, 32], ["", "evict_last"]):
         tile = block_w * block_rows
         if not 1024 <= tile <= 16384 and not (block_rows == 1 and tile <= 65536):
             continue

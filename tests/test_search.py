@@ -83,7 +83,7 @@ def test_cli_search_writes_a_table_the_runtime_uses(ray_cluster, tmp_path, monke
         assert config == entry.config
         assert "table" in source
         # A table of the interpreter never applies to a GPU model.
-        assert select_config(128, 64, torch.float32, "NVIDIA H100 80GB HBM3")[1] == "heuristic"
+        assert select_config(128, 64, torch.float32, "NVIDIA GeForce RTX 4090")[1] == "heuristic"
     finally:
         monkeypatch.delenv("TUNER_TABLE")
         reload_tables()

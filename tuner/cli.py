@@ -68,6 +68,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trial-timeout", type=_positive(float), default=300.0,
                         help="seconds before a hung trial's worker is replaced (default 300)")
     parser.add_argument("--seed", type=int, default=0, help="sampler and input seed (default 0)")
+    parser.add_argument("--compile-processes", type=int, default=2,
+                        help="processes per worker compiling upcoming configs while the GPU "
+                             "times the current one (default 2; 0 compiles inline)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,8 +126,10 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
     from .space import load_space
     from .study import Settings
     from .workers import NoGPUError, PoolOptions, WorkerPool
+    import optuna
     import ray
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it all
     storage = make_storage(args.storage)
     space = load_space(args.space) if getattr(args, "space", None) else None
     settings = Settings(trials=args.trials or defaults.get("trials") or 48,
@@ -139,7 +144,8 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
                  logging_level="WARNING")
     pool = WorkerPool(PoolOptions(workers=args.workers, interpret=args.interpret,
                                   accelerator_type=args.accelerator_type,
-                                  resource=args.resource, seed=args.seed))
+                                  resource=args.resource, seed=args.seed,
+                                  compile_processes=args.compile_processes))
     try:
         workers = pool.start()
     except NoGPUError as error:
@@ -158,9 +164,15 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
     finally:
         pool.shutdown()
     print_summary(results, sys.stdout)
+    unfinished = [run for run in driver.runs if run.result is None]
+    for run in unfinished:
+        errors = [trial.user_attrs["error"] for trial in run.study.get_trials(deepcopy=False)
+                  if "error" in trial.user_attrs]
+        print(f"no result for {run.problem} on {run.device}: {len(errors)} failed trials"
+              + (f"; first error: {errors[0]}" if errors else ""), file=sys.stderr)
     for device in devices:
         print(f"table for {device}: {table_for_device(device)}", file=sys.stderr)
-    return 0
+    return 1 if unfinished else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

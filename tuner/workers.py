@@ -12,6 +12,15 @@ import ray
 from .problems import Problem
 
 
+def _warm_up_compiler() -> None:
+    """Runs once in each compile process: the imports and the CUDA context a compile needs."""
+    import torch
+
+    import tuner.problems  # noqa: F401  (imports kernels, triton)
+
+    torch.cuda.init()
+
+
 def _precompile(problem: Problem, config: dict[str, Any]) -> float:
     """Runs in a compile process: compiles one config into Triton's disk cache; returns seconds."""
     import time
@@ -45,18 +54,22 @@ class TuningWorker:
         self._benches: dict[Problem, Any] = {}
         self._copy_gbps: float | None = None
         self._compile_processes = 0 if interpreter_enabled() else compile_processes
-        self._compiler = None
         self._compiling: dict[tuple[Problem, str], Any] = {}
-
-    def _prefetch(self, upcoming: list[tuple[Problem, dict[str, Any]]]) -> None:
-        if not self._compile_processes:
-            return
-        if self._compiler is None:
+        self._compiler = None
+        if self._compile_processes:
             import concurrent.futures
             import multiprocessing
 
+            # Started now, and warmed up (imports, CUDA context), so the first trials of a
+            # search do not wait for them.
             self._compiler = concurrent.futures.ProcessPoolExecutor(
                 self._compile_processes, mp_context=multiprocessing.get_context("spawn"))
+            for _ in range(self._compile_processes):
+                self._compiler.submit(_warm_up_compiler)
+
+    def _prefetch(self, upcoming: list[tuple[Problem, dict[str, Any]]]) -> None:
+        if self._compiler is None:
+            return
         from kernels import LaunchConfig
 
         for problem, config in upcoming:

@@ -21,18 +21,18 @@ def _cuda_device_name(index: int) -> str:
 
 
 def device_name(device: torch.device | None = None) -> str:
-    """The GPU model name tables are keyed by, or ``"interpreter"`` under TRITON_INTERPRET=1.
+    """The GPU model name tables are keyed by, or ``"interpreter"`` for CPU tensors and under
+    TRITON_INTERPRET=1.
 
     ``TUNER_DEVICE_NAME`` overrides the interpreter's name, so that a CPU-only Ray cluster can
-    stand in for several GPU models in tests.
+    stand in for several GPU models in tests. For a CUDA tensor's device this is one cached
+    lookup (it is on the launch path).
     """
-    if interpreter_enabled() or (device is not None and device.type == "cpu"):
+    if device is not None and device.type == "cuda":
+        return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
+    if device is not None or interpreter_enabled():
         return os.environ.get("TUNER_DEVICE_NAME", INTERPRETER_DEVICE)
-    if device is None or device.index is None:
-        index = torch.cuda.current_device()
-    else:
-        index = device.index
-    return _cuda_device_name(index)
+    return _cuda_device_name(torch.cuda.current_device())
 
 
 def compute_capability(device: torch.device | None = None) -> str:

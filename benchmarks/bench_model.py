@@ -12,7 +12,6 @@ import copy
 import os
 
 import torch
-import torch.nn.functional as F
 
 from common import copy_bandwidth_gbps, out_dir, print_table, time_ms, versions, write_json
 from kernels import Model, ModelNew, reload_tables

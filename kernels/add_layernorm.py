@@ -26,6 +26,16 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch
 
 
 @triton.jit
+def _affine(y, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``y * weight + bias`` over the columns ``cols`` of a [rows, columns] tile."""
+    if HAS_WEIGHT:
+        y = y * tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
 def _add_layernorm_kernel(
     x_ptr,
     out_ptr,
@@ -63,11 +73,7 @@ def _add_layernorm_kernel(
         mean = tl.sum(x, axis=1) / width
         centered = tl.where(mask, x - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / width + eps)
-        y = centered * rstd[:, None]
-        if HAS_WEIGHT:
-            y = y * tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        y = _affine(centered * rstd[:, None], weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS)
         tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask,
                  eviction_policy=EVICTION_POLICY)
     else:
@@ -98,11 +104,8 @@ def _add_layernorm_kernel(
             mask = row_mask[:, None] & col_mask[None, :]
             offsets = row_starts[:, None] + col_ids[None, :]
             x = tl.load(x_ptr + offsets, mask=mask, other=0.0, eviction_policy=EVICTION_POLICY)
-            y = (x.to(tl.float32) + shift - mean[:, None]) * rstd[:, None]
-            if HAS_WEIGHT:
-                y = y * tl.load(weight_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            if HAS_BIAS:
-                y = y + tl.load(bias_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            y = _affine((x.to(tl.float32) + shift - mean[:, None]) * rstd[:, None], weight_ptr,
+                        bias_ptr, col_ids, col_mask, HAS_WEIGHT, HAS_BIAS)
             tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask,
                      eviction_policy=EVICTION_POLICY)
 

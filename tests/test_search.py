@@ -5,8 +5,6 @@ failing configs, lost workers, hung trials and the no-GPU message."""
 from __future__ import annotations
 
 import io
-import json
-import math
 
 import optuna
 import pytest
@@ -18,7 +16,7 @@ from kernels import LaunchConfig, load_table, reload_tables, select_config
 from tuner import cli
 from tuner.driver import Driver, Progress
 from tuner.measure import Measurement, ProblemBench
-from tuner.problems import TableKey, get_kernel
+from tuner.problems import get_kernel
 from tuner.problems.add_layernorm import AddLayerNorm
 from tuner.space import load_space, parse_space
 from tuner.study import Settings, StudyRun, study_name

@@ -16,7 +16,7 @@ from typing import Any, Callable, TextIO
 
 import optuna
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
+from ray.exceptions import RayActorError, WorkerCrashedError
 
 from kernels import LaunchConfig, TableEntry, merge_entries
 

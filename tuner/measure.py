@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from kernels import LaunchConfig, interpreter_enabled
+from kernels import LaunchConfig
 
-from .problems import DTYPES, KernelSpec, Problem
+from .problems import KernelSpec, Problem
 
 # Errors after which the CUDA context is unusable: the worker must be replaced.
 FATAL_CUDA_ERRORS = ("illegal memory access", "unspecified launch failure", "misaligned address",

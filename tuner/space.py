@@ -178,15 +178,19 @@ def parse_space(data: Any, path: str = "<memory>") -> SearchSpace:
     return SearchSpace(data["kernel"], checked, dict(restrictions), path)
 
 
-def load_space(path: str | os.PathLike) -> SearchSpace:
-    """Reads and validates a search-space YAML file."""
+def read_yaml(path: str | os.PathLike, error: type[ValueError], what: str) -> Any:
+    """``yaml.safe_load`` of a file; unreadable files and bad YAML raise ``error`` naming it."""
     path = Path(path)
     try:
         text = path.read_text()
-    except OSError as error:
-        raise SpaceError(f"{path}: cannot read search space: {error.strerror}") from None
+    except OSError as problem:
+        raise error(f"{path}: cannot read {what}: {problem.strerror}") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise SpaceError(f"{path}: not valid YAML: {error}") from None
-    return parse_space(data, str(path))
+        return yaml.safe_load(text)
+    except yaml.YAMLError as problem:
+        raise error(f"{path}: not valid YAML: {problem}") from None
+
+
+def load_space(path: str | os.PathLike) -> SearchSpace:
+    """Reads and validates a search-space YAML file."""
+    return parse_space(read_yaml(path, SpaceError, "search space"), str(path))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import random
 from typing import Any
 
@@ -295,6 +294,3 @@ def _key(params: dict[str, Any]) -> str:
     except ValueError:
         return ""
 
-
-def is_finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .problems import Problem, get_kernel
+from .space import read_yaml
 
 _KEYS = {"kernels": list, "shapes": list, "dtypes": list, "trials": int, "patience": int,
          "timeout": (int, float)}
@@ -82,13 +80,4 @@ def parse_spec(data: Any, path: str = "<memory>") -> SweepSpec:
 
 def load_spec(path: str | os.PathLike) -> SweepSpec:
     """Reads and validates a sweep spec file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise SpecError(f"{path}: cannot read sweep spec: {error.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise SpecError(f"{path}: not valid YAML: {error}") from None
-    return parse_spec(data, str(path))
+    return parse_spec(read_yaml(path, SpecError, "sweep spec"), str(path))

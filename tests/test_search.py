@@ -116,6 +116,29 @@ def fake_ms(key: str) -> float:
     return 1.0 + (sum(map(ord, key)) % 97) / 10
 
 
+def test_cli_search_tunes_the_fused_tail_kernel(ray_cluster, tmp_path, monkeypatch):
+    """A second kernel goes through search, the table and its runtime lookup unchanged."""
+    from kernels.add_layernorm_pool_gelu import select_config as select_tail_config
+
+    argv = ["search", "--kernel", "add_layernorm_pool_gelu", "--shape", "2x3x4x4x8",
+            "--dtype", "bfloat16", "--trials", "3", "--interpret", "--workers", "2",
+            "--storage", f"sqlite:///{tmp_path}/tail.db", "--table", str(tmp_path / "table.json")]
+    assert cli.main(argv) == 0
+    [entry] = load_table(tmp_path / "table.json")
+    assert (entry.kernel, entry.device, entry.dtype, entry.width, entry.rows) == \
+        ("add_layernorm_pool_gelu", "interpreter", "bfloat16", 8, 2 * 3 * 2 * 2)
+    assert entry.variant.startswith("h4_k2x2x2_none") and entry.trials == 3
+    monkeypatch.setenv("TUNER_TABLE", str(tmp_path / "table.json"))
+    reload_tables()
+    try:
+        config, source = select_tail_config(2 * 3 * 2 * 2, 8, torch.bfloat16, (2, 2, 2), 4, "none",
+                                            "interpreter")
+        assert config == entry.config and "table" in source
+    finally:
+        monkeypatch.delenv("TUNER_TABLE")
+        reload_tables()
+
+
 def test_studyrun_never_proposes_a_measured_config_twice():
     storage = optuna.storages.InMemoryStorage()
     space = parse_space(small_space())

@@ -168,8 +168,10 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
     for run in unfinished:
         errors = [trial.user_attrs["error"] for trial in run.study.get_trials(deepcopy=False)
                   if "error" in trial.user_attrs]
-        print(f"no result for {run.problem} on {run.device}: {len(errors)} failed trials"
-              + (f"; first error: {errors[0]}" if errors else ""), file=sys.stderr)
+        reason = run.study.user_attrs.get("confirm_error") or \
+            (f"first error: {errors[0]}" if errors else "no trial ran")
+        print(f"no result for {run.problem} on {run.device}: {len(errors)} failed trials; {reason}",
+              file=sys.stderr)
     for device in devices:
         print(f"table for {device}: {table_for_device(device)}", file=sys.stderr)
     return 1 if unfinished else 0

@@ -258,7 +258,7 @@ class Driver:
         if job.attempts < MAX_ATTEMPTS:
             self.retries.append(dataclasses.replace(job, attempts=job.attempts + 1))
         elif job.is_confirm:
-            job.run.finish_without_confirm()
+            job.run.finish_without_confirm(f"confirm stage failed: {reason}")
         else:
             job.run.tell(job.trial, job.config,
                          Measurement(job.config.key(), error=f"{reason} (after {job.attempts} attempts)"), "")

@@ -14,7 +14,7 @@ def print_summary(results: list[StudyResult], stream: TextIO) -> None:
     rows = [header] + [(
         result.device, result.problem.kernel, result.problem.shape_text, result.problem.dtype,
         result.config.key(), f"{result.ms:.4g}", f"{result.gbps:.0f}", f"{result.pct_of_copy:.0f}%",
-        f"{result.speedup_vs_heuristic:.2f}x", f"{result.speedup_vs_eager:.2f}x",
+        f"{result.speedup_vs_heuristic:.2f}x", "-" if result.speedup_vs_eager is None else f"{result.speedup_vs_eager:.2f}x",
         str(result.trials) + (" (resumed)" if result.resumed else ""))
         for result in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

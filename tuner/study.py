@@ -46,7 +46,7 @@ class StudyResult:
     pct_of_copy: float
     trials: int
     heuristic_ms: float
-    eager_ms: float
+    eager_ms: float | None  # None where PyTorch eager cannot run the problem
     compute_capability: str = ""
     torch: str = ""
     triton: str = ""
@@ -58,8 +58,8 @@ class StudyResult:
         return self.heuristic_ms / self.ms
 
     @property
-    def speedup_vs_eager(self) -> float:
-        return self.eager_ms / self.ms
+    def speedup_vs_eager(self) -> float | None:
+        return None if self.eager_ms is None else self.eager_ms / self.ms
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -278,8 +278,10 @@ class StudyRun:
         self.stage = "done"
         return self.result
 
-    def finish_without_confirm(self) -> None:
-        """Ends a study whose every config failed: nothing to export."""
+    def finish_without_confirm(self, reason: str | None = None) -> None:
+        """Ends a study with nothing to export (every config failed, or the confirm stage did)."""
+        if reason:
+            self.study.set_user_attr("confirm_error", reason)
         self.stage = "done"
 
     def progress_line(self) -> str:

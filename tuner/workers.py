@@ -155,8 +155,12 @@ class TuningWorker:
         for _ in range(rounds):
             for config in parsed:
                 samples[config.key()].append(bench.time(config, quick=True))
+        try:
+            eager_ms = bench.time_eager()
+        except Exception:  # PyTorch itself may lack the op (e.g. bfloat16 avg_pool3d on CPU)
+            eager_ms = None
         return {"ms": {key: statistics.median(values) for key, values in samples.items()},
-                "eager_ms": bench.time_eager(), "n_bytes": bench.n_bytes,
+                "eager_ms": eager_ms, "n_bytes": bench.n_bytes,
                 "copy_gbps": self.info()["copy_gbps"]}
 
     def crash(self) -> None:

@@ -1,5 +1,6 @@
 """The reference model at batch 32 (float32, bfloat16): Model eager, torch.compile(Model), ModelNew
-with the add+LN kernel and with the fused tail (both tuned first by `tuner`), the tail alone and
+with the add+LN kernel and with the fused tail (channels-last convolution; all kernels tuned
+first by `tuner`), the tail alone and
 the whole model; bytes moved by the tail and % of copy bandwidth; convolution variants.
 
     python benchmarks/bench_model.py [--trials 32]     (results in $OUT/bench_model.json)
@@ -35,7 +36,8 @@ def tune(trials: int, table) -> None:
     ray.init(num_gpus=1, include_dashboard=False, logging_level="WARNING")
     conv_out = "x".join(map(str, (REFERENCE_INPUT_SHAPE[0], 64, 32, 64, 64)))
     problems = [get_kernel(kernel).problem(conv_out, dtype)
-                for kernel in ("add_layernorm", "add_layernorm_pool_gelu")
+                for kernel in ("add_layernorm", "add_layernorm_pool_gelu",
+                               "add_layernorm_pool_gelu_channels_last")
                 for dtype in ("float32", "bfloat16")]
     pool = WorkerPool(PoolOptions(workers=1))
     pool.start()
@@ -67,6 +69,9 @@ def main() -> None:
         x = torch.randn(REFERENCE_INPUT_SHAPE, device="cuda", dtype=dtype)
         with torch.no_grad():
             conv_out = model.conv_transpose(x)
+            conv_out_cl = conv_out.contiguous(memory_format=torch.channels_last_3d)
+            conv_cl = copy.deepcopy(model.conv_transpose).to(memory_format=torch.channels_last_3d)
+            x_cl = x.contiguous(memory_format=torch.channels_last_3d)
             compiled = torch.compile(copy.deepcopy(model))
             compiled_tail = torch.compile(copy.deepcopy(model).tail)
             compiled_conv = torch.compile(copy.deepcopy(model.conv_transpose))
@@ -80,8 +85,10 @@ def main() -> None:
                 "tail torch.compile": time_ms(lambda: compiled_tail(conv_out)),
                 "tail add+LN kernel + torch pool/GELU": time_ms(lambda: add_ln.tail(conv_out)),
                 "tail fused kernel": time_ms(lambda: new.tail(conv_out)),
+                "tail fused kernel, channels-last input": time_ms(lambda: new.tail(conv_out_cl)),
                 "conv eager": time_ms(lambda: model.conv_transpose(x)),
                 "conv torch.compile": time_ms(lambda: compiled_conv(x)),
+                "conv channels_last_3d": time_ms(lambda: conv_cl(x_cl)),
                 "Model eager": time_ms(lambda: model(x)),
                 "torch.compile(Model)": time_ms(lambda: compiled(x)),
                 "ModelNew add+LN": time_ms(lambda: add_ln(x)),

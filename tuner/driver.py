@@ -71,8 +71,9 @@ class Progress:
 
 def entry_from_result(result: StudyResult) -> TableEntry:
     """The lookup-table entry of a study's winner."""
-    key = get_kernel(result.problem.kernel).table_key(result.problem)
-    return TableEntry(kernel=result.problem.kernel, device=result.device, dtype=result.problem.dtype,
+    spec = get_kernel(result.problem.kernel)
+    key = spec.table_key(result.problem)
+    return TableEntry(kernel=spec.table_name, device=result.device, dtype=result.problem.dtype,
                       width=key.width, rows=key.rows, variant=key.variant, config=result.config,
                       ms=result.ms, gbps=result.gbps, pct_of_copy=result.pct_of_copy,
                       trials=result.trials, compute_capability=result.compute_capability,

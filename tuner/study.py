@@ -157,7 +157,7 @@ class StudyRun:
         a categorical's choices. The heuristic is still re-timed by the confirm stage.
         """
         seeds = [self.spec.heuristic(self.problem)]
-        seeds += nearest_configs(self.problem.kernel, self.device, self.problem.dtype,
+        seeds += nearest_configs(self.spec.table_name, self.device, self.problem.dtype,
                                  self.table_key.width, self.table_key.rows,
                                  variant=self.table_key.variant)
         for config in seeds:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from .add_layernorm import AddLayerNorm
-from .add_layernorm_pool_gelu import AddLayerNormPoolGelu
+from .add_layernorm_pool_gelu import AddLayerNormPoolGelu, AddLayerNormPoolGeluChannelsLast
 from .base import DTYPES, KernelSpec, Problem, TableKey, parse_dims, parse_dtype
 
-KERNELS: dict[str, KernelSpec] = {spec.name: spec for spec in (AddLayerNorm(), AddLayerNormPoolGelu())}
+KERNELS: dict[str, KernelSpec] = {spec.name: spec for spec in (
+    AddLayerNorm(), AddLayerNormPoolGelu(), AddLayerNormPoolGeluChannelsLast())}
 
 
 def get_kernel(name: str) -> KernelSpec:

@@ -23,9 +23,10 @@ APPROXIMATE = "none"
 
 
 class AddLayerNormPoolGelu(KernelSpec):
-    """``gelu(avg_pool3d(layer_norm(x + s, (W,)), 2))`` for x of shape NxCxDxHxW."""
+    """``gelu(avg_pool3d(layer_norm(x + s, (W,)), 2))`` for x of shape NxCxDxHxW (contiguous)."""
 
     name = KERNEL_NAME
+    channels_last = False
 
     def canonical_shape(self, dims: tuple[int, ...]) -> tuple[int, ...]:
         if len(dims) != 5:
@@ -33,17 +34,21 @@ class AddLayerNormPoolGelu(KernelSpec):
                              f"got {'x'.join(map(str, dims))}")
         if any(dim < kernel for dim, kernel in zip(dims[2:], POOL_KERNEL)):
             raise ValueError(f"spatial dims {dims[2:]} are smaller than the pool kernel {POOL_KERNEL}")
+        if self.channels_last:  # programs split C: it stays a dim of its own
+            return tuple(dims)
         # N and C only multiply the rows: fold them into one leading dim.
         return (dims[0] * dims[1], 1) + tuple(dims[2:])
 
     def _pooled_rows(self, problem: Problem) -> int:
-        planes, _, depth, height, _ = problem.shape
-        return planes * (depth // POOL_KERNEL[0]) * (height // POOL_KERNEL[1])
+        batch, channels, depth, height, _ = problem.shape
+        return batch * channels * (depth // POOL_KERNEL[0]) * (height // POOL_KERNEL[1])
 
     def table_key(self, problem: Problem) -> TableKey:
         width, height = problem.shape[4], problem.shape[3]
         return TableKey(width=width, rows=self._pooled_rows(problem),
-                        variant=table_variant(height, POOL_KERNEL, APPROXIMATE))
+                        variant=table_variant(height, POOL_KERNEL, APPROXIMATE,
+                                              channels_last=self.channels_last,
+                                              channels=problem.shape[1]))
 
     def make_inputs(self, problem: Problem, device: torch.device,
                     generator: torch.Generator) -> dict[str, Any]:
@@ -54,7 +59,8 @@ class AddLayerNormPoolGelu(KernelSpec):
             return (values * scale + shift).to(device=device, dtype=dtype)
 
         width = problem.shape[4]
-        return {"x": randn(problem.shape, scale=2.0, shift=0.5),
+        layout = torch.channels_last_3d if self.channels_last else torch.contiguous_format
+        return {"x": randn(problem.shape, scale=2.0, shift=0.5).contiguous(memory_format=layout),
                 "sum_weight": randn((), scale=0.5, shift=1.0),
                 "weight": randn((width,), scale=0.5, shift=1.0),
                 "bias": randn((width,), scale=0.5)}
@@ -78,14 +84,26 @@ class AddLayerNormPoolGelu(KernelSpec):
     def output_like(self, inputs: dict[str, Any]) -> torch.Tensor:
         n, c, d, h, w = inputs["x"].shape
         kd, kh, kw = POOL_KERNEL
-        return inputs["x"].new_empty((n, c, d // kd, h // kh, w // kw))
+        layout = torch.channels_last_3d if self.channels_last else torch.contiguous_format
+        return torch.empty((n, c, d // kd, h // kh, w // kw), dtype=inputs["x"].dtype,
+                           device=inputs["x"].device, memory_format=layout)
 
     def bytes_moved(self, problem: Problem) -> int:
-        planes, _, depth, height, width = problem.shape
+        batch, channels, depth, height, width = problem.shape
         kd, kh, kw = POOL_KERNEL
-        outputs = planes * (depth // kd) * (height // kh) * (width // kw)
-        return (planes * depth * height * width + outputs) * DTYPES[problem.dtype].itemsize
+        outputs = batch * channels * (depth // kd) * (height // kh) * (width // kw)
+        return (batch * channels * depth * height * width + outputs) * DTYPES[problem.dtype].itemsize
 
     def heuristic(self, problem: Problem) -> LaunchConfig:
         return heuristic_config(self._pooled_rows(problem), problem.shape[4],
-                                DTYPES[problem.dtype], POOL_KERNEL)
+                                DTYPES[problem.dtype], POOL_KERNEL, self.channels_last,
+                                problem.shape[1] if self.channels_last else None)
+
+
+class AddLayerNormPoolGeluChannelsLast(AddLayerNormPoolGelu):
+    """The same tail on a ``channels_last_3d`` conv output (ModelNew's layout); its configs
+    (``block_rows`` = channels per program) are a table variant of their own."""
+
+    name = KERNEL_NAME + "_channels_last"
+    table_kernel = KERNEL_NAME
+    channels_last = True

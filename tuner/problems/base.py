@@ -73,8 +73,14 @@ class KernelSpec(abc.ABC):
     """
 
     name: str
+    #: the kernel name in lookup tables (registrations of one kernel's variants share it)
+    table_kernel: str = ""
     #: relative tolerance on ||out - ref|| / ||ref|| per dtype
     tolerance: dict[str, float] = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
+
+    @property
+    def table_name(self) -> str:
+        return self.table_kernel or self.name
 
     @property
     def space_file(self) -> Path:

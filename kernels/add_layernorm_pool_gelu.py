@@ -15,6 +15,19 @@ to ``[BLOCK_ROWS, BLOCK_W // KW, KW]`` and summed over the last axis. For any ot
 input tile itself is loaded as ``[BLOCK_ROWS, BLOCK_WO, KW_PAD]`` (column ``wo * KW + k``, with
 ``KW_PAD`` the next power of two), which covers each column of the row exactly once, so the
 statistics and the pooling both come from that single load.
+
+Channels-last x (``torch.channels_last_3d``: memory order N, D, H, W, C) has its own kernel,
+so that a channels-last convolution in front needs no ``.contiguous()`` copy (~2.4 ms at the
+reference shape on an H100). One program takes one ``(n, do, ho)`` and ``BLOCK_C`` channels
+(``LaunchConfig.block_rows`` counts channels there). For each of the ``KD * KH`` input rows
+``(d, h)`` the ``[W, C]`` slab is contiguous, so the program loads a ``[BLOCK_W, BLOCK_C]``
+tile, coalesced along C, whose column c is the LayerNorm row of channel c; the statistics are
+taken along axis 0 and the rest mirrors the row kernel (W pooled by a reshape to
+``[BLOCK_WO, KW, BLOCK_C]``, or a ``[BLOCK_WO, KW_PAD, BLOCK_C]`` tile for other ``KW``). The
+output is written channels-last too: its ``[Wo, BLOCK_C]`` tile is contiguous, one store.
+Both kernels share the small ``@triton.jit`` helpers for sum_weight, the normalisation, the
+affine step and GELU; the row kernel's code is instruction-for-instruction what it was before
+the helpers (PTX for sm_90 compared, Triton 3.9).
 """
 
 from __future__ import annotations
@@ -34,6 +47,75 @@ from .table import lookup_config
 
 KERNEL_NAME = "add_layernorm_pool_gelu"
 APPROXIMATIONS: tuple[str, ...] = ("none", "tanh")
+
+
+@triton.jit
+def _shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR: tl.constexpr):
+    """``sum_weight`` in float32: read on the device, or the Python number passed in."""
+    if SUM_FROM_PTR:
+        shift = tl.load(sum_weight_ptr).to(tl.float32)
+    else:
+        shift = sum_weight_value
+    return shift
+
+
+@triton.jit
+def _row_sum(x, AXIS: tl.constexpr, AXIS2: tl.constexpr):
+    """Sum of x over ``AXIS`` and then, when ``AXIS2 >= 0``, over ``AXIS2`` of the result."""
+    total = tl.sum(x, axis=AXIS)
+    if AXIS2 >= 0:
+        total = tl.sum(total, axis=AXIS2)
+    return total
+
+
+@triton.jit
+def _unreduce(v, AXIS: tl.constexpr, AXIS2: tl.constexpr):
+    """The inverse of :func:`_row_sum`'s shape change: size-1 axes back where it summed."""
+    if AXIS2 >= 0:
+        v = tl.expand_dims(v, AXIS2)
+    return tl.expand_dims(v, AXIS)
+
+
+@triton.jit
+def _normalized(x, mask, shift, width, eps, AXIS: tl.constexpr, AXIS2: tl.constexpr):
+    """LayerNorm (no affine) of the rows of one loaded tile, in float32, zero where masked.
+
+    A row's ``width`` elements lie along ``AXIS`` (and ``AXIS2`` when ``>= 0``, numbered after
+    ``AXIS`` is summed away): the statistics are taken over those axes, every other axis
+    indexes independent rows.
+    """
+    x = tl.where(mask, x.to(tl.float32) + shift, 0.0)
+    mean = _row_sum(x, AXIS, AXIS2) / width
+    centered = tl.where(mask, x - _unreduce(mean, AXIS, AXIS2), 0.0)
+    rstd = tl.rsqrt(_row_sum(centered * centered, AXIS, AXIS2) / width + eps)
+    return centered * _unreduce(rstd, AXIS, AXIS2)
+
+
+@triton.jit
+def _affine(acc, weight_ptr, bias_ptr, cols, col_mask, AXIS: tl.constexpr,
+            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr):
+    """``acc`` = sum over ``COUNT`` rows of normalised values; returns the sum of
+    ``(n * w + b)``, i.e. ``w * acc + COUNT * b``. ``weight``/``bias`` are loaded at the W
+    positions ``cols`` and broadcast to acc's shape by a new axis ``AXIS``."""
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc = acc * tl.expand_dims(w, AXIS)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc = acc + COUNT * tl.expand_dims(b, AXIS)
+    return acc
+
+
+@triton.jit
+def _gelu(v, APPROX_TANH: tl.constexpr):
+    """GELU in float32, exact (erf) or the tanh approximation."""
+    if APPROX_TANH:
+        # 0.5 * v * (1 + tanh(z)) == v * sigmoid(2 * z)
+        z = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        y = v * tl.sigmoid(2.0 * z)
+    else:
+        y = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    return y
 
 
 @triton.jit
@@ -66,6 +148,7 @@ def _add_layernorm_pool_gelu_kernel(
     APPROX_TANH: tl.constexpr,
     EVICTION_POLICY: tl.constexpr,
 ):
+    """x contiguous ``[N, C, D, H, W]``: ``BLOCK_ROWS`` pooled rows ``(n, c, do, ho)`` a program."""
     # Pooled row p = ((n * C + c) * Do + do) * Ho + ho; 64-bit, as rows * width may pass 2**31.
     pooled = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = pooled < pooled_rows
@@ -76,10 +159,7 @@ def _add_layernorm_pool_gelu_kernel(
     # The first input row (n, c, do * KD, ho * KH) of each pooled row.
     first_row = (nc * depth + do * KD) * height + ho * KH
     wo = tl.arange(0, BLOCK_WO)
-    if SUM_FROM_PTR:
-        shift = tl.load(sum_weight_ptr).to(tl.float32)
-    else:
-        shift = sum_weight_value
+    shift = _shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR)
 
     if POOL_BY_RESHAPE:
         # Row tile [BLOCK_ROWS, BLOCK_W]; W pooled by a reshape to [.., BLOCK_WO, KW].
@@ -92,17 +172,9 @@ def _add_layernorm_pool_gelu_kernel(
                 row_starts = (first_row + (i * height + j)) * width
                 x = tl.load(x_ptr + row_starts[:, None] + cols[None, :], mask=mask, other=0.0,
                             eviction_policy=EVICTION_POLICY)
-                x = tl.where(mask, x.to(tl.float32) + shift, 0.0)
-                mean = tl.sum(x, axis=1) / width
-                centered = tl.where(mask, x - mean[:, None], 0.0)
-                rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / width + eps)
-                acc += centered * rstd[:, None]
-        # Sum over the KD*KH rows of (n * w + b) = w * sum(n) + KD*KH * b.
-        if HAS_WEIGHT:
-            acc = acc * tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            acc = acc + (KD * KH) * tl.load(bias_ptr + cols, mask=col_mask,
-                                            other=0.0).to(tl.float32)[None, :]
+                acc += _normalized(x, mask, shift, width, eps, 1, -1)
+        acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 0, HAS_WEIGHT, HAS_BIAS,
+                      KD * KH)
         if KW == 1:
             total = acc
         else:
@@ -120,28 +192,112 @@ def _add_layernorm_pool_gelu_kernel(
                 row_starts = (first_row + (i * height + j)) * width
                 x = tl.load(x_ptr + row_starts[:, None, None] + cols[None, :, :], mask=mask,
                             other=0.0, eviction_policy=EVICTION_POLICY)
-                x = tl.where(mask, x.to(tl.float32) + shift, 0.0)
-                mean = tl.sum(tl.sum(x, axis=2), axis=1) / width
-                centered = tl.where(mask, x - mean[:, None, None], 0.0)
-                rstd = tl.rsqrt(tl.sum(tl.sum(centered * centered, axis=2), axis=1) / width + eps)
-                acc += centered * rstd[:, None, None]
-        if HAS_WEIGHT:
-            acc = acc * tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :, :]
-        if HAS_BIAS:
-            acc = acc + (KD * KH) * tl.load(bias_ptr + cols, mask=col_mask,
-                                            other=0.0).to(tl.float32)[None, :, :]
+                acc += _normalized(x, mask, shift, width, eps, 2, 1)
+        acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 0, HAS_WEIGHT, HAS_BIAS,
+                      KD * KH)
         total = tl.sum(acc, axis=2)
 
-    v = total * (1.0 / (KD * KH * KW))
-    if APPROX_TANH:
-        # 0.5 * v * (1 + tanh(z)) == v * sigmoid(2 * z)
-        z = 0.7978845608028654 * (v + 0.044715 * v * v * v)
-        y = v * tl.sigmoid(2.0 * z)
-    else:
-        y = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    y = _gelu(total * (1.0 / (KD * KH * KW)), APPROX_TANH)
     out_mask = row_mask[:, None] & (wo < out_width)[None, :]
     tl.store(out_ptr + pooled[:, None] * out_width + wo[None, :], y.to(out_ptr.dtype.element_ty),
              mask=out_mask, eviction_policy=EVICTION_POLICY)
+
+
+@triton.jit
+def _add_layernorm_pool_gelu_cl_kernel(
+    x_ptr,
+    out_ptr,
+    weight_ptr,
+    bias_ptr,
+    sum_weight_ptr,
+    sum_weight_value,
+    channels,
+    channel_blocks,
+    depth,
+    height,
+    width,
+    out_depth,
+    out_height,
+    out_width,
+    eps,
+    BLOCK_C: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_WO: tl.constexpr,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    KW_PAD: tl.constexpr,
+    POOL_BY_RESHAPE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SUM_FROM_PTR: tl.constexpr,
+    APPROX_TANH: tl.constexpr,
+    EVICTION_POLICY: tl.constexpr,
+):
+    """x channels-last (memory order N, D, H, W, C): one ``(n, do, ho)`` and ``BLOCK_C``
+    channels a program; a LayerNorm row is one channel's column of a ``[W, C]`` slab."""
+    # Program -> (group, channel block), channel block fastest so that neighbouring programs
+    # read neighbouring memory; group = (n * Do + do) * Ho + ho is also the output's (n, do, ho)
+    # slab index. 64-bit, as offsets may pass 2**31.
+    pid = tl.program_id(0).to(tl.int64)
+    group = pid // channel_blocks
+    chans = (pid % channel_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    chan_mask = chans < channels
+    ho = group % out_height
+    rest = group // out_height
+    do = rest % out_depth
+    n = rest // out_depth
+    # The first input row (n, do * KD, ho * KH) of the group: its [W, C] slab starts at
+    # first_row * W * C.
+    first_row = (n * depth + do * KD) * height + ho * KH
+    wo = tl.arange(0, BLOCK_WO)
+    shift = _shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR)
+
+    if POOL_BY_RESHAPE:
+        # Slab tile [BLOCK_W, BLOCK_C], contiguous along C; W pooled by a reshape to
+        # [BLOCK_WO, KW, BLOCK_C].
+        cols = tl.arange(0, BLOCK_W)
+        col_mask = cols < width
+        mask = col_mask[:, None] & chan_mask[None, :]
+        offsets = cols.to(tl.int64)[:, None] * channels + chans[None, :]
+        acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+        for i in tl.static_range(KD):
+            for j in tl.static_range(KH):
+                slab_start = (first_row + (i * height + j)) * width * channels
+                x = tl.load(x_ptr + slab_start + offsets, mask=mask, other=0.0,
+                            eviction_policy=EVICTION_POLICY)
+                acc += _normalized(x, mask, shift, width, eps, 0, -1)
+        acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 1, HAS_WEIGHT, HAS_BIAS,
+                      KD * KH)
+        if KW == 1:
+            total = acc
+        else:
+            total = tl.sum(tl.reshape(acc, [BLOCK_WO, KW, BLOCK_C]), axis=1)
+    else:
+        # Slab tile [BLOCK_WO, KW_PAD, BLOCK_C] holding W position wo * KW + k: every position
+        # once (k < KW), remainder positions included, so the statistics see all of W.
+        ks = tl.arange(0, KW_PAD)
+        cols = wo[:, None] * KW + ks[None, :]
+        col_mask = (ks < KW)[None, :] & (cols < width)
+        mask = col_mask[:, :, None] & chan_mask[None, None, :]
+        offsets = cols.to(tl.int64)[:, :, None] * channels + chans[None, None, :]
+        acc = tl.zeros([BLOCK_WO, KW_PAD, BLOCK_C], dtype=tl.float32)
+        for i in tl.static_range(KD):
+            for j in tl.static_range(KH):
+                slab_start = (first_row + (i * height + j)) * width * channels
+                x = tl.load(x_ptr + slab_start + offsets, mask=mask, other=0.0,
+                            eviction_policy=EVICTION_POLICY)
+                acc += _normalized(x, mask, shift, width, eps, 1, 0)
+        acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 2, HAS_WEIGHT, HAS_BIAS,
+                      KD * KH)
+        total = tl.sum(acc, axis=1)
+
+    y = _gelu(total * (1.0 / (KD * KH * KW)), APPROX_TANH)
+    # Output channels-last too: the [Wo, BLOCK_C] tile of (n, do, ho) is contiguous along C.
+    out_mask = (wo < out_width)[:, None] & chan_mask[None, :]
+    out_offsets = (group * out_width + wo[:, None]) * channels + chans[None, :]
+    tl.store(out_ptr + out_offsets, y.to(out_ptr.dtype.element_ty), mask=out_mask,
+             eviction_policy=EVICTION_POLICY)
 
 
 def _pool_kernel_tuple(pool_kernel: int | Sequence[int]) -> tuple[int, int, int]:
@@ -159,30 +315,62 @@ def _pool_kernel_tuple(pool_kernel: int | Sequence[int]) -> tuple[int, int, int]
     return kernel
 
 
-def table_variant(height: int, pool_kernel: int | Sequence[int], approximate: str) -> str:
-    """The lookup table's ``variant`` for this kernel, e.g. ``"h64_k2x2x2_none"``."""
+def _channels_suffix(channels_last: bool, channels: int | None) -> str:
+    if not channels_last:
+        return ""
+    if channels is None or isinstance(channels, bool) or not isinstance(channels, int) \
+            or channels < 1:
+        raise ValueError(f"channels_last=True needs channels, the number of channels C as a "
+                         f"positive int (the channels-last tile spans channels), got {channels!r}")
+    return f"_cl_c{channels}"
+
+
+def table_variant(height: int, pool_kernel: int | Sequence[int], approximate: str, *,
+                  channels_last: bool = False, channels: int | None = None) -> str:
+    """The lookup table's ``variant`` for this kernel, e.g. ``"h64_k2x2x2_none"``.
+
+    The channels-last kernel is another kernel with another tile (``block_rows`` counts
+    channels, not pooled rows), so its variant adds ``_cl_c{C}``, e.g.
+    ``"h64_k2x2x2_none_cl_c64"``: configs tuned for one layout are never used for the other,
+    nor for another channel count.
+    """
     kd, kh, kw = _pool_kernel_tuple(pool_kernel)
-    return f"h{int(height)}_k{kd}x{kh}x{kw}_{approximate}"
+    return (f"h{int(height)}_k{kd}x{kh}x{kw}_{approximate}"
+            + _channels_suffix(channels_last, channels))
 
 
 @functools.lru_cache(maxsize=4096)
 def heuristic_config(pooled_rows: int, width: int, dtype: torch.dtype,
-                     pool_kernel: tuple[int, int, int]) -> LaunchConfig:
+                     pool_kernel: tuple[int, int, int], channels_last: bool = False,
+                     channels: int | None = None) -> LaunchConfig:
     """A good launch config without measuring.
 
-    The whole input row stays in registers (``block_w`` = next power of two >= width). Pooled
-    rows are packed so that a program reads about 8 KiB of x in all (``KD * KH`` row tiles),
-    with a warp per KiB of one tile (32 bytes per thread per load), 1 to 16 warps. Rows of
-    2 KiB or more get a program per pooled row and a warp per KiB (4 to 16).
+    Contiguous x (``channels_last=False``): the whole input row stays in registers
+    (``block_w`` = next power of two >= width). Pooled rows are packed so that a program reads
+    about 8 KiB of x in all (``KD * KH`` row tiles), with a warp per KiB of one tile (32 bytes
+    per thread per load), 1 to 16 warps. Rows of 2 KiB or more get a program per pooled row
+    and a warp per KiB (4 to 16).
 
     Measured on an H100 (triton 3.6) at the reference shape [32, 64, 32, 64, 64], pool 2x2x2:
     float32 8 pooled rows / 2 warps 0.405 ms (best of 60 configs 0.399 ms, 3025 GB/s);
     bfloat16 16 rows / 2 warps 0.220 ms, the best; 16 bytes per thread (4 warps) 0.240 ms.
+
+    Channels-last x (``channels_last=True``; ``channels`` = C): ``block_rows`` is the number
+    of channels per program, the largest power of two that keeps one ``[block_w, block_rows]``
+    slab tile within 8 KiB (at least 1, at most the next power of two >= C), with a warp per
+    512 bytes of the tile, 1 to 16 warps. At W=64 that is 32 float32 or 64 bfloat16 channels,
+    128 contiguous bytes per W position, 16 warps. Not yet measured on a GPU.
     """
     kd, kh, _ = _pool_kernel_tuple(pool_kernel)
     element_size = dtype.itemsize
     block_w = triton.next_power_of_2(width)
     row_bytes = block_w * element_size
+    if channels_last:
+        bound = channels if channels is not None else pooled_rows
+        budget = max(1, 8192 // row_bytes)
+        block_c = min(1 << (budget.bit_length() - 1), triton.next_power_of_2(max(bound, 1)))
+        return LaunchConfig(block_rows=block_c, block_w=block_w,
+                            num_warps=max(1, min(16, block_c * row_bytes // 512)))
     if row_bytes >= 2048:
         return LaunchConfig(block_rows=1, block_w=block_w,
                             num_warps=max(4, min(16, row_bytes // 1024)))
@@ -196,18 +384,27 @@ def heuristic_config(pooled_rows: int, width: int, dtype: torch.dtype,
 
 def select_config(
     pooled_rows: int, width: int, dtype: torch.dtype, pool_kernel: int | Sequence[int],
-    height: int, approximate: str, device: str | None = None,
+    height: int, approximate: str, device: str | None = None, *, channels_last: bool = False,
+    channels: int | None = None,
 ) -> tuple[LaunchConfig, str]:
     """The launch config for a problem and where it came from (``table...`` or ``heuristic``).
 
     Looks up the tables under :func:`table_variant` (exact entry, then the nearest pooled-row
     count for the same device, dtype, width and variant), else :func:`heuristic_config`.
+    ``channels_last=True`` selects for the channels-last kernel (``block_rows`` = channels per
+    program) and needs ``channels`` (C); its table entries are a separate variant.
     """
     device = device if device is not None else device_name()
     kernel = _pool_kernel_tuple(pool_kernel)
+    channels_last = bool(channels_last)
+    variant = table_variant(height, kernel, approximate, channels_last=channels_last,
+                            channels=channels)
+    if not channels_last:
+        channels = None  # irrelevant to the contiguous kernel: one cache entry per problem
     return lookup_config(KERNEL_NAME, device, _dtype_name(dtype), width, pooled_rows,
-                         variant=table_variant(height, kernel, approximate),
-                         heuristic=lambda: heuristic_config(pooled_rows, width, dtype, kernel))
+                         variant=variant,
+                         heuristic=lambda: heuristic_config(pooled_rows, width, dtype, kernel,
+                                                            channels_last, channels))
 
 
 def fused_add_layernorm_pool_gelu(
@@ -228,9 +425,16 @@ def fused_add_layernorm_pool_gelu(
     x is ``[N, C, D, H, W]``; the LayerNorm is over W; the pooling has stride == kernel, no
     padding and floor mode (remainders dropped). ``sum_weight`` is a Python number or a
     one-element tensor on x's device (read on the device, never synchronised). All math is
-    in float32; the output ``[N, C, D // kd, H // kh, W // kw]`` has x's dtype. ``config``
-    overrides the tuned/heuristic launch config; its ``block_w`` must cover W. ``out`` is an
-    optional contiguous output tensor of the pooled shape, x's dtype and device.
+    in float32; the output ``[N, C, D // kd, H // kh, W // kw]`` has x's dtype.
+
+    Layouts: contiguous x runs the row kernel and gives a contiguous output; x in
+    ``torch.channels_last_3d`` (and not also contiguous) runs the channels-last kernel, which
+    reads x in place and writes a ``channels_last_3d`` output; x of any other strides is
+    copied with ``x.contiguous()`` first. ``config`` overrides the tuned/heuristic launch
+    config; its ``block_w`` must cover W; for channels-last x its ``block_rows`` is the number
+    of channels per program. ``out`` is an optional output tensor of the pooled shape, x's
+    dtype and device, in the output's layout (contiguous, or ``channels_last_3d`` for
+    channels-last x).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -251,20 +455,36 @@ def fused_add_layernorm_pool_gelu(
         raise TypeError(f"eps must be a number, got {type(eps).__name__}")
     check_device(x)
 
+    # A tensor both contiguous and channels-last (C == 1, or size-1 spatial dims) takes the
+    # row kernel: the two layouts coincide there.
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     out_depth, out_height, out_width = depth // kd, height // kh, width // kw
     out_shape = (batch, channels, out_depth, out_height, out_width)
     if out is None:
-        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-    elif not isinstance(out, torch.Tensor) or tuple(out.shape) != out_shape or out.dtype != x.dtype \
-            or out.device != x.device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous tensor of shape {out_shape} with x's dtype "
-                         "and device")
+        out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=memory_format)
+    else:
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != out_shape \
+                or out.dtype != x.dtype or out.device != x.device:
+            raise ValueError(f"out must be a tensor of shape {out_shape} with x's dtype and "
+                             "device")
+        if not out.is_contiguous(memory_format=memory_format):
+            if channels_last:
+                raise ValueError(
+                    "out must be in channels_last_3d memory format (out.is_contiguous("
+                    "memory_format=torch.channels_last_3d)) because x is channels-last and the "
+                    "output is written in x's layout; allocate it with torch.empty(..., "
+                    f"memory_format=torch.channels_last_3d); got strides {out.stride()}")
+            raise ValueError("out must be a contiguous tensor (out.is_contiguous()) because x "
+                             "is contiguous or not channels-last and the output is written in "
+                             f"the contiguous NCDHW layout; got strides {out.stride()}")
     if out.numel() == 0:
         return out
     pooled_rows = batch * channels * out_depth * out_height
     if config is None:
         config, _ = select_config(pooled_rows, width, x.dtype, (kd, kh, kw), height, approximate,
-                                  device_name(x.device))
+                                  device_name(x.device), channels_last=channels_last,
+                                  channels=channels)
     elif not isinstance(config, LaunchConfig):
         raise TypeError(f"config must be a LaunchConfig or None, got {type(config).__name__}")
     if config.block_w < width:
@@ -282,19 +502,17 @@ def fused_add_layernorm_pool_gelu(
                              f"with pool width {kw} needs a tile of "
                              f"{config.block_rows * block_wo * kw_pad} elements, over Triton's "
                              f"limit of {MAX_TILE_ELEMENTS}")
-    x = x.contiguous()
-    # The kernel indexes weight and bias as flat contiguous arrays of ``width`` elements.
+    if not channels_last:
+        x = x.contiguous()
+    # The kernels index weight and bias as flat contiguous arrays of ``width`` elements.
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
-    grid = (triton.cdiv(pooled_rows, config.block_rows),)
-    _add_layernorm_pool_gelu_kernel[grid](
-        x, out,
-        weight if weight is not None else x,
-        bias if bias is not None else x,
-        sum_tensor if sum_tensor is not None else x,
-        sum_value, pooled_rows, depth, height, width, out_depth, out_height, out_width,
-        float(eps),
-        BLOCK_ROWS=config.block_rows,
+    args = (x, out,
+            weight if weight is not None else x,
+            bias if bias is not None else x,
+            sum_tensor if sum_tensor is not None else x,
+            sum_value)
+    meta = dict(
         BLOCK_W=config.block_w,
         BLOCK_WO=block_wo,
         KD=kd,
@@ -310,4 +528,16 @@ def fused_add_layernorm_pool_gelu(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+    if channels_last:
+        # One program per (n, do, ho) and block of block_rows channels.
+        channel_blocks = triton.cdiv(channels, config.block_rows)
+        grid = (batch * out_depth * out_height * channel_blocks,)
+        _add_layernorm_pool_gelu_cl_kernel[grid](
+            *args, channels, channel_blocks, depth, height, width, out_depth, out_height,
+            out_width, float(eps), BLOCK_C=config.block_rows, **meta)
+    else:
+        grid = (triton.cdiv(pooled_rows, config.block_rows),)
+        _add_layernorm_pool_gelu_kernel[grid](
+            *args, pooled_rows, depth, height, width, out_depth, out_height, out_width,
+            float(eps), BLOCK_ROWS=config.block_rows, **meta)
     return out

@@ -295,3 +295,252 @@ def test_model_new_unbatched_and_int_pool():
     x = torch.randn(SMALL_INPUT[1:], generator=_generator(3))
     with torch.no_grad():
         torch.testing.assert_close(new(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+# --- channels-last x (memory order N, D, H, W, C): the second kernel -------------------------
+
+CL = torch.channels_last_3d
+
+
+def _cl(x):
+    x = x.contiguous(memory_format=CL)
+    assert x.is_contiguous(memory_format=CL)
+    return x
+
+
+def _check_cl(out, ref, dtype):
+    """Values as :func:`_check`, and the output written channels-last (not also contiguous)."""
+    assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()
+    _check(out, ref, dtype)
+
+
+@pytest.fixture
+def no_row_kernel(monkeypatch):
+    """Any launch of the contiguous-layout kernel fails: the channels-last kernel must run."""
+    monkeypatch.setattr(module, "_add_layernorm_pool_gelu_kernel", None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pool_kernel", [(2, 2, 2), (1, 2, 2), (2, 1, 1)])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_channels_last_matches_torch_odd_sizes(dtype, pool_kernel, approximate, no_row_kernel):
+    # C=6 (not a power of two); D=5, H=7, W=9 drop remainders that must count in the stats.
+    seed = 300 + 100 * pool_kernel[0] + 10 * pool_kernel[1] + dtype.itemsize
+    x, weight, bias = _inputs((1, 6, 5, 7, 9), dtype, seed=seed)
+    out = fused_add_layernorm_pool_gelu(_cl(x), 0.75, weight, bias, 1e-5, pool_kernel,
+                                        approximate)
+    _check_cl(out, _reference(x, 0.75, weight, bias, 1e-5, pool_kernel, approximate), dtype)
+
+
+@pytest.mark.parametrize("pool_kernel", [(1, 1, 3), (3, 2, 3), (2, 2, 5), (1, 1, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_other_pool_widths(pool_kernel, dtype, no_row_kernel):
+    # kw of 3 and 5 take the [Wo, KW_PAD, BLOCK_C] tile path; 4 the reshape path.
+    x, weight, bias = _inputs((1, 3, 6, 5, 11), dtype, seed=40 + sum(pool_kernel))
+    out = fused_add_layernorm_pool_gelu(_cl(x), -0.3, weight, bias, 1e-5, pool_kernel, "none")
+    _check_cl(out, _reference(x, -0.3, weight, bias, 1e-5, pool_kernel, "none"), dtype)
+
+
+CL_CONFIGS = [
+    LaunchConfig(block_rows=1, block_w=16, num_warps=1),
+    LaunchConfig(block_rows=2, block_w=16, num_warps=2, eviction_policy="evict_first"),
+    LaunchConfig(block_rows=4, block_w=32, num_warps=4, num_stages=2, eviction_policy="evict_last"),
+    LaunchConfig(block_rows=8, block_w=16, num_warps=4),
+]
+
+
+@pytest.mark.parametrize("config", CL_CONFIGS, ids=lambda config: config.key())
+@pytest.mark.parametrize("channels", [3, 6])
+@pytest.mark.parametrize("pool_kernel", [(2, 2, 2), (1, 1, 3)])
+def test_channels_last_configs(config, channels, pool_kernel, no_row_kernel):
+    # block_rows = channels per program: 1 and 2 split C into several blocks (the last one
+    # partial for C=3), 4 and 8 cover C with masked channels.
+    x, weight, bias = _inputs((2, channels, 2, 2, 13), torch.float32, seed=50 + channels)
+    out = fused_add_layernorm_pool_gelu(_cl(x), 1.0, weight, bias, 1e-5, pool_kernel, "tanh",
+                                        config=config)
+    _check_cl(out, _reference(x, 1.0, weight, bias, 1e-5, pool_kernel, "tanh"), torch.float32)
+
+
+@pytest.mark.parametrize("affine", [(False, False), (True, False), (False, True)])
+def test_channels_last_without_weight_or_bias(affine, no_row_kernel):
+    x, weight, bias = _inputs((1, 5, 4, 4, 8), torch.float32, seed=60, affine=affine)
+    out = fused_add_layernorm_pool_gelu(_cl(x), 0.5, weight, bias, 1e-3)
+    _check_cl(out, _reference(x, 0.5, weight, bias, 1e-3, (2, 2, 2), "none"), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_sum_weight_tensor_wide_rows_heuristic(dtype, no_row_kernel):
+    # W=64 as in the reference model, the heuristic config, sum_weight a 0-d tensor.
+    x, weight, bias = _inputs((1, 12, 4, 4, 64), dtype, seed=61)
+    sum_weight = torch.tensor(1.25, dtype=dtype)
+    out = fused_add_layernorm_pool_gelu(_cl(x), sum_weight, weight, bias, 1e-5, (2, 2, 2))
+    _check_cl(out, _reference(x, sum_weight, weight, bias, 1e-5, (2, 2, 2), "none"), dtype)
+
+
+def test_channels_last_out_argument(no_row_kernel):
+    x, weight, bias = _inputs((2, 3, 4, 6, 8), torch.float32, seed=62)
+    out = torch.full((2, 3, 2, 3, 4), float("nan")).contiguous(memory_format=CL)
+    result = fused_add_layernorm_pool_gelu(_cl(x), 0.2, weight, bias, out=out)
+    assert result is out
+    _check_cl(out, _reference(x, 0.2, weight, bias, 1e-5, (2, 2, 2), "none"), torch.float32)
+
+
+def test_out_memory_format_must_match_x():
+    x, weight, bias = _inputs((2, 3, 4, 6, 8), torch.float32, seed=63)
+    contiguous_out = torch.empty(2, 3, 2, 3, 4)
+    cl_out = torch.empty(2, 3, 2, 3, 4, memory_format=CL)
+    with pytest.raises(ValueError, match="out must be in channels_last_3d memory format"):
+        fused_add_layernorm_pool_gelu(_cl(x), 0.2, weight, bias, out=contiguous_out)
+    with pytest.raises(ValueError, match=r"out must be a contiguous tensor \(out.is_contiguous"):
+        fused_add_layernorm_pool_gelu(x, 0.2, weight, bias, out=cl_out)
+    with pytest.raises(ValueError, match="out must be a tensor of shape"):
+        fused_add_layernorm_pool_gelu(_cl(x), 0.2, weight, bias,
+                                      out=torch.empty(2, 3, 2, 3, 5, memory_format=CL))
+    # Contiguous x still writes a contiguous out.
+    assert fused_add_layernorm_pool_gelu(x, 0.2, weight, bias, out=contiguous_out) \
+        is contiguous_out
+
+
+@pytest.mark.parametrize("layout", ["ncdwh", "cl_sliced", "cl_channel_slice"])
+def test_other_strides_fall_back_to_contiguous(layout, monkeypatch):
+    monkeypatch.setattr(module, "_add_layernorm_pool_gelu_cl_kernel", None)  # never launched
+    x, weight, bias = _inputs((2, 4, 4, 6, 9), torch.float32, seed=64)
+    if layout == "ncdwh":  # memory order N, C, D, W, H: permuted the other way
+        x = x.transpose(3, 4).contiguous().transpose(3, 4)
+    elif layout == "cl_sliced":  # channels-last storage, but a slice of W
+        x = _cl(torch.cat([x, x[..., :2]], dim=-1))[..., :9]
+    else:  # channels-last storage, every other channel
+        x = _cl(x.repeat_interleave(2, dim=1))[:, ::2]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=CL)
+    out = fused_add_layernorm_pool_gelu(x, 0.1, weight, bias)
+    assert out.is_contiguous()
+    _check(out, _reference(x, 0.1, weight, bias, 1e-5, (2, 2, 2), "none"), torch.float32)
+
+
+def test_contiguous_and_channels_last_at_once_takes_row_kernel(monkeypatch):
+    # With C == 1 the two layouts coincide: the contiguous kernel runs, the output is both.
+    monkeypatch.setattr(module, "_add_layernorm_pool_gelu_cl_kernel", None)
+    x, weight, bias = _inputs((2, 1, 4, 4, 8), torch.float32, seed=65)
+    x = _cl(x)
+    assert x.is_contiguous()
+    out = fused_add_layernorm_pool_gelu(x, 0.1, weight, bias)
+    assert out.is_contiguous() and out.is_contiguous(memory_format=CL)
+    _check(out, _reference(x, 0.1, weight, bias, 1e-5, (2, 2, 2), "none"), torch.float32)
+
+
+def test_channels_last_empty_output_does_not_launch(monkeypatch):
+    monkeypatch.setattr(module, "_add_layernorm_pool_gelu_cl_kernel", None)
+    monkeypatch.setattr(module, "_add_layernorm_pool_gelu_kernel", None)
+    for shape in ((0, 3, 4, 4, 8), (2, 0, 4, 4, 8)):
+        out = fused_add_layernorm_pool_gelu(_cl(torch.randn(shape)), 1.0)
+        assert out.shape == shape[:2] + (2, 2, 4)
+
+
+def test_channels_last_config_tile_limit():
+    x = _cl(torch.randn(1, 2, 2, 2, 9))
+    with pytest.raises(ValueError, match="block_w=4 is less than the row width 9"):
+        fused_add_layernorm_pool_gelu(x, 1.0, pool_kernel=(1, 1, 3),
+                                      config=LaunchConfig(block_rows=1, block_w=4, num_warps=1))
+    huge = LaunchConfig(block_rows=64, block_w=16384, num_warps=4)
+    with pytest.raises(ValueError, match="over Triton's limit"):
+        fused_add_layernorm_pool_gelu(x, 1.0, pool_kernel=(1, 1, 3), config=huge)
+
+
+def test_heuristic_config_channels_last():
+    # The reference tail: W=64, C=64. Tile [64, C_block] of about 8 KiB, a warp per 512 bytes.
+    f32 = heuristic_config(4194304 // 4, 64, torch.float32, (2, 2, 2), True, 64)
+    assert (f32.block_rows, f32.block_w, f32.num_warps) == (32, 64, 16)
+    bf16 = heuristic_config(4194304 // 4, 64, torch.bfloat16, (2, 2, 2), True, 64)
+    assert (bf16.block_rows, bf16.block_w, bf16.num_warps) == (64, 64, 16)
+    # Few channels: block_rows <= next_pow2(C).
+    small = heuristic_config(1000, 9, torch.float32, (2, 2, 2), True, 3)
+    assert (small.block_rows, small.block_w, small.num_warps) == (4, 16, 1)
+    wide = heuristic_config(16, 3000, torch.float32, (2, 2, 2), True, 64)
+    assert (wide.block_rows, wide.block_w, wide.num_warps) == (1, 4096, 16)
+    for width in (1, 9, 64, 100, 1024):
+        for channels in (1, 3, 6, 64, 1000):
+            for dtype in (torch.float32, torch.bfloat16):
+                config = heuristic_config(1000, width, dtype, (2, 2, 2), True, channels)
+                assert config.block_w >= width
+                assert config.block_rows <= max(1, 1 << (channels - 1).bit_length())
+                assert config.block_rows & (config.block_rows - 1) == 0
+                assert config.block_rows * config.block_w * dtype.itemsize <= max(
+                    8192, config.block_w * dtype.itemsize)
+    # The contiguous heuristic is unchanged by the new parameters' defaults.
+    assert heuristic_config(4194304 // 4, 64, torch.float32, (2, 2, 2), False, None) \
+        == heuristic_config(4194304 // 4, 64, torch.float32, (2, 2, 2))
+
+
+def test_table_variant_and_select_config_per_layout(monkeypatch, tmp_path, no_row_kernel):
+    assert table_variant(64, (2, 2, 2), "none", channels_last=True, channels=64) \
+        == "h64_k2x2x2_none_cl_c64"
+    assert table_variant(64, (2, 2, 2), "none", channels_last=False, channels=64) \
+        == table_variant(64, (2, 2, 2), "none") == "h64_k2x2x2_none"
+    with pytest.raises(ValueError, match="channels_last=True needs channels"):
+        table_variant(64, (2, 2, 2), "none", channels_last=True)
+    with pytest.raises(ValueError, match="channels_last=True needs channels"):
+        select_config(36, 9, torch.float32, (2, 2, 2), 7, "none", channels_last=True)
+
+    config, source = select_config(36, 9, torch.float32, (2, 2, 2), 7, "none",
+                                   channels_last=True, channels=6)
+    assert source == "heuristic"
+    assert config == heuristic_config(36, 9, torch.float32, (2, 2, 2), True, 6)
+    tuned_rows = LaunchConfig(block_rows=2, block_w=32, num_warps=2, eviction_policy="evict_first")
+    tuned_cl = LaunchConfig(block_rows=2, block_w=16, num_warps=1, eviction_policy="evict_last")
+    path = tmp_path / "table.json"
+    monkeypatch.setenv("TUNER_TABLE", str(path))
+    entry = dict(kernel=KERNEL_NAME, device="interpreter", dtype="float32", width=9, rows=36)
+    # A pooled row count of 2 * 6 * 2 * 3 = 72 for x [2, 6, 5, 7, 9], pool 2x2x2.
+    merge_entries(path, [TableEntry(**entry, variant="h7_k2x2x2_none", config=tuned_rows)])
+    try:
+        # A config tuned for the contiguous layout is not used for channels-last x.
+        assert select_config(36, 9, torch.float32, (2, 2, 2), 7, "none")[1] == "table"
+        assert select_config(36, 9, torch.float32, (2, 2, 2), 7, "none", channels_last=True,
+                             channels=6)[1] == "heuristic"
+        merge_entries(path, [TableEntry(**entry, variant="h7_k2x2x2_none_cl_c6",
+                                        config=tuned_cl)])
+        assert select_config(36, 9, torch.float32, (2, 2, 2), 7, "none", channels_last=True,
+                             channels=6) == (tuned_cl, "table")
+        assert select_config(36, 9, torch.float32, (2, 2, 2), 7, "none", channels_last=True,
+                             channels=4)[1] == "heuristic"  # another channel count
+        assert select_config(36, 9, torch.float32, (2, 2, 2), 7, "none") == (tuned_rows, "table")
+        # The launcher picks the channels-last entry up (nearest rows: 72 vs 36).
+        seen = []
+        real = module.select_config
+
+        def spy(*args, **kwargs):
+            seen.append(real(*args, **kwargs))
+            return seen[-1]
+
+        monkeypatch.setattr(module, "select_config", spy)
+        x, weight, bias = _inputs((2, 6, 5, 7, 9), torch.float32, seed=66)
+        out = fused_add_layernorm_pool_gelu(_cl(x), 0.5, weight, bias)
+        assert len(seen) == 1 and seen[0][0] == tuned_cl and seen[0][1].startswith("table")
+        _check_cl(out, _reference(x, 0.5, weight, bias, 1e-5, (2, 2, 2), "none"), torch.float32)
+    finally:
+        monkeypatch.delenv("TUNER_TABLE")
+        reload_tables()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_new_runs_conv_and_tail_channels_last(dtype, monkeypatch):
+    model, new = _models(dtype)
+    assert new.uses_fused_tail and new.channels_last_conv
+    x = torch.randn(SMALL_INPUT, generator=_generator(4)).to(dtype)
+    with torch.no_grad():
+        conv = model.conv_transpose(x)
+        reference = _reference(conv, model.sum_weight, model.norm.weight, model.norm.bias,
+                               model.norm.eps, (2, 2, 2), "none")
+        monkeypatch.setattr(module, "_add_layernorm_pool_gelu_kernel", None)
+        out = new(x)
+        _check_cl(out, reference, dtype)
+        monkeypatch.undo()
+        # channels_last_conv=False: the NCDHW convolution and the contiguous kernel.
+        monkeypatch.setattr(module, "_add_layernorm_pool_gelu_cl_kernel", None)
+        new.channels_last_conv = False
+        out = new(x)
+        assert out.is_contiguous()
+        _check(out, reference, dtype)
+    # The parameters were not converted: same strides as Model's.
+    for key, value in new.state_dict().items():
+        assert value.stride() == model.state_dict()[key].stride(), key

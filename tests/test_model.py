@@ -137,3 +137,55 @@ def test_bfloat16_matches_float64_reference(variant):
     assert torch.isfinite(out).all()
     scale = max(1.0, reference.abs().max().item())
     torch.testing.assert_close(out.double(), reference, atol=2e-2 * scale, rtol=2e-2)
+
+
+# Batch >= 2: PyTorch's CPU conv_transpose3d returns a contiguous (NCDHW) output for a batch
+# of 1 even from channels-last input and weight (the tail then takes the contiguous kernel;
+# the batch-1 and unbatched variants above check those values).
+@pytest.mark.parametrize("variant", ["default", "pool3_floor", "negative_sum_weight"])
+def test_modelnew_conv_and_tail_run_channels_last(variant, monkeypatch):
+    # The fused path converts the input and the conv weight to channels_last_3d, and the tail
+    # kernel reads the channels-last conv output in place (the contiguous kernel never runs).
+    from kernels import add_layernorm_pool_gelu as tail_module
+
+    changes, input_shape = VARIANTS[variant]
+    model, new = make_models(seed=7, **changes)
+    x = make_input(input_shape, seed=7)
+    assert new.uses_fused_tail and new.channels_last_conv
+    conv_inputs = []
+    real_conv = F.conv_transpose3d
+
+    def spy(input, weight, *args, **kwargs):
+        conv_inputs.append((input.is_contiguous(memory_format=torch.channels_last_3d),
+                            weight.is_contiguous(memory_format=torch.channels_last_3d)))
+        return real_conv(input, weight, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv_transpose3d", spy)
+    monkeypatch.setattr(tail_module, "_add_layernorm_pool_gelu_kernel", None)
+    with torch.no_grad():
+        expected = model(x)
+        out = new(x)
+    assert conv_inputs[-1] == (True, True)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d) and not out.is_contiguous()
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_modelnew_channels_last_conv_off_and_state_dict_untouched():
+    model, new = make_models(seed=8)
+    x = make_input(SMALL_INPUT, seed=8)
+    with torch.no_grad():
+        expected = model(x)
+        channels_last = new(x)
+        new.channels_last_conv = False
+        contiguous = new(x)
+    assert contiguous.is_contiguous()
+    torch.testing.assert_close(contiguous, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(channels_last, contiguous, atol=1e-5, rtol=1e-5)
+    # Running channels-last converted no parameter: same keys, values, shapes and strides,
+    # and a fresh Model still loads ModelNew's state_dict strictly.
+    model_state, new_state = model.state_dict(), new.state_dict()
+    assert list(model_state) == list(new_state)
+    for key, value in new_state.items():
+        assert torch.equal(value, model_state[key]) and value.stride() == model_state[key].stride()
+    Model(**SMALL_ARGS).load_state_dict(new_state)

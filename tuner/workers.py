@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError
 
 from .problems import Problem
 
@@ -208,8 +209,7 @@ class WorkerPool:
 
     def _actor_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0}
-        resources = ray.cluster_resources()
-        if self.options.interpret and not resources.get("GPU"):
+        if self._uses_cpus():
             options["num_cpus"] = 1
         else:
             options["num_gpus"] = 1
@@ -224,28 +224,42 @@ class WorkerPool:
             options["runtime_env"] = {"env_vars": env_vars}
         return options
 
-    def _capacity(self) -> int:
-        resources = ray.cluster_resources()
-        limits = []
-        if self.options.interpret and not resources.get("GPU"):
-            limits.append(int(resources.get("CPU", 1)))
-        else:
-            limits.append(int(resources.get("GPU", 0)))
-        if self.options.resource:
-            limits.append(int(resources.get(self.options.resource, 0)))
-        if self.options.accelerator_type:
-            limits.append(int(resources.get(f"accelerator_type:{self.options.accelerator_type}", 0)
-                              and resources.get("GPU", 0)))
-        return min(limits)
+    def _uses_cpus(self) -> bool:
+        """Interpreter workers on a cluster without GPUs take a CPU each instead."""
+        return self.options.interpret and not ray.cluster_resources().get("GPU")
 
-    def start(self) -> list[Worker]:
+    def _capacity(self) -> int:
+        """How many workers fit: GPUs (or CPUs) summed over the alive nodes that have the
+        requested custom resource and accelerator type."""
+        unit = "CPU" if self._uses_cpus() else "GPU"
+        capacity = 0
+        for node in ray.nodes():
+            resources = node.get("Resources", {})
+            if not node.get("Alive"):
+                continue
+            if self.options.accelerator_type and \
+                    f"accelerator_type:{self.options.accelerator_type}" not in resources:
+                continue
+            slots = resources.get(unit, 0)
+            if self.options.resource:
+                slots = min(slots, resources.get(self.options.resource, 0))
+            capacity += int(slots)
+        return capacity
+
+    def start(self, timeout: float = 600.0) -> list[Worker]:
         """Starts the workers and waits until each has reported its device."""
         capacity = self._capacity()
         if capacity < 1:
             raise NoGPUError(self._no_gpu_message())
         count = min(self.options.workers or capacity, capacity)
         actors = [self._new_actor() for _ in range(count)]
-        infos = ray.get([actor.info.remote() for actor in actors])
+        try:
+            infos = ray.get([actor.info.remote() for actor in actors], timeout=timeout)
+        except GetTimeoutError:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            raise NoGPUError(f"{count} workers did not start within {timeout:g} s; "
+                             + self._no_gpu_message()) from None
         self.workers = [Worker(actor, info, next(self._slots)) for actor, info in zip(actors, infos)]
         return self.workers
 

@@ -485,3 +485,24 @@ def test_cli_without_gpus_exits_2_with_the_message(ray_cluster, tmp_path, capsys
     assert "tuner: no GPUs with resource 'does_not_exist' in the Ray cluster" in err
     assert "--interpret" in err
     assert not (tmp_path / "t.json").exists()
+
+
+def test_pool_capacity_counts_gpus_of_matching_alive_nodes(monkeypatch):
+    """Heterogeneous clusters: only GPUs on nodes with the requested type/resource count."""
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 16, "GPU": 2, "accelerator_type:RTX4090": 1, "rtx4090": 2}},
+        {"Alive": True, "Resources": {"CPU": 64, "GPU": 4, "accelerator_type:H100": 1}},
+        {"Alive": False, "Resources": {"CPU": 16, "GPU": 8, "accelerator_type:RTX4090": 1, "rtx4090": 8}},
+        {"Alive": True, "Resources": {"CPU": 8}},
+    ]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 88, "GPU": 6})
+    assert WorkerPool(PoolOptions())._capacity() == 6
+    assert WorkerPool(PoolOptions(accelerator_type="RTX4090"))._capacity() == 2
+    assert WorkerPool(PoolOptions(resource="rtx4090"))._capacity() == 2
+    assert WorkerPool(PoolOptions(accelerator_type="H100"))._capacity() == 4
+    assert WorkerPool(PoolOptions(accelerator_type="A100"))._capacity() == 0
+    # Interpreter workers use GPUs when the cluster has them, CPUs otherwise.
+    assert WorkerPool(PoolOptions(interpret=True))._capacity() == 6
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 88})
+    assert WorkerPool(PoolOptions(interpret=True))._capacity() == 88

@@ -506,3 +506,45 @@ def test_pool_capacity_counts_gpus_of_matching_alive_nodes(monkeypatch):
     assert WorkerPool(PoolOptions(interpret=True))._capacity() == 6
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 88})
     assert WorkerPool(PoolOptions(interpret=True))._capacity() == 88
+
+
+class InterruptingProgress(Progress):
+    """Raises KeyboardInterrupt (as Ctrl-C would) once ``after`` trials are measured."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__(stream=io.StringIO(), interval=0.0)
+        self.after = after
+
+    def update(self, runs, busy, workers, force=False):
+        super().update(runs, busy, workers, force)
+        if self.measured >= self.after and busy:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_keeps_finished_trials_and_resume_completes(ray_cluster, tmp_path):
+    pool = WorkerPool(PoolOptions(workers=2, interpret=True))
+    storage_url = f"sqlite:///{tmp_path}/ctrl_c.db"
+    table = tmp_path / "table.json"
+    settings = Settings(trials=6, confirm_top=2, confirm_rounds=1)
+    try:
+        pool.start()
+        with pytest.raises(KeyboardInterrupt):
+            Driver(pool, storage_url, settings, lambda device: table,
+                   progress=InterruptingProgress(after=2)).run([PROBLEM])
+        study = optuna.load_study(study_name=STUDY, storage=storage_url)
+        finished = {t.user_attrs["config"] for t in measured_trials(study)}
+        assert len(finished) >= 2  # nothing measured before Ctrl-C is lost
+        interrupted = [t for t in study.get_trials(deepcopy=False) if "interrupted" in t.user_attrs]
+        assert interrupted and all(t.state == TrialState.FAIL for t in interrupted)
+        assert all(t.state != TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+        assert not table.exists()
+
+        # The same run again completes the budget without measuring a finished config twice.
+        [result] = Driver(pool, storage_url, settings, lambda device: table,
+                          progress=Progress(stream=io.StringIO())).run([PROBLEM])
+    finally:
+        pool.shutdown()
+    measured = measured_trials(optuna.load_study(study_name=STUDY, storage=storage_url))
+    configs = [t.user_attrs["config"] for t in measured]
+    assert len(configs) == 6 and len(set(configs)) == 6 and finished <= set(configs)
+    assert result.trials == 6 and load_table(table)[0].config == result.config

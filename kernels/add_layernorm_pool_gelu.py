@@ -42,7 +42,7 @@ import triton.language as tl
 
 from .add_layernorm import _check_param, _dtype_name, check_device, split_sum_weight
 from .config import MAX_TILE_ELEMENTS, LaunchConfig
-from .device import device_name
+from .device import device_name, interpreter_enabled
 from .table import lookup_config
 
 KERNEL_NAME = "add_layernorm_pool_gelu"
@@ -408,6 +408,76 @@ def select_config(
                                                             channels_last, channels))
 
 
+def _launch(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,
+            bias: torch.Tensor | None, sum_tensor: torch.Tensor | None, sum_value: float,
+            eps: float, dims: tuple[int, ...], pool_kernel: tuple[int, int, int], approximate: str,
+            config: LaunchConfig, channels_last: bool, warmup: bool = False) -> None:
+    """Launches the row or channels-last kernel for x of shape ``dims`` (or, with ``warmup``,
+    only compiles it)."""
+    batch, channels, depth, height, width = dims
+    kd, kh, kw = pool_kernel
+    out_depth, out_height, out_width = depth // kd, height // kh, width // kw
+    pool_by_reshape = kw & (kw - 1) == 0
+    if pool_by_reshape:
+        block_wo, kw_pad = config.block_w // kw, kw
+    else:
+        block_wo, kw_pad = triton.next_power_of_2(triton.cdiv(config.block_w, kw)), \
+            triton.next_power_of_2(kw)
+        if config.block_rows * block_wo * kw_pad > MAX_TILE_ELEMENTS:
+            raise ValueError(f"config block_rows={config.block_rows}, block_w={config.block_w} "
+                             f"with pool width {kw} needs a tile of "
+                             f"{config.block_rows * block_wo * kw_pad} elements, over Triton's "
+                             f"limit of {MAX_TILE_ELEMENTS}")
+    args = (x, out,
+            weight if weight is not None else x,
+            bias if bias is not None else x,
+            sum_tensor if sum_tensor is not None else x,
+            sum_value)
+    meta = dict(BLOCK_W=config.block_w, BLOCK_WO=block_wo, KD=kd, KH=kh, KW=kw, KW_PAD=kw_pad,
+                POOL_BY_RESHAPE=pool_by_reshape, HAS_WEIGHT=weight is not None,
+                HAS_BIAS=bias is not None, SUM_FROM_PTR=sum_tensor is not None,
+                APPROX_TANH=approximate == "tanh", EVICTION_POLICY=config.eviction_policy,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+    if channels_last:
+        # One program per (n, do, ho) and block of block_rows channels.
+        channel_blocks = triton.cdiv(channels, config.block_rows)
+        kernel = _add_layernorm_pool_gelu_cl_kernel
+        grid = (batch * out_depth * out_height * channel_blocks,)
+        args += (channels, channel_blocks)
+        meta["BLOCK_C"] = config.block_rows
+    else:
+        kernel = _add_layernorm_pool_gelu_kernel
+        grid = (triton.cdiv(batch * channels * out_depth * out_height, config.block_rows),)
+        args += (batch * channels * out_depth * out_height,)
+        meta["BLOCK_ROWS"] = config.block_rows
+    args += (depth, height, width, out_depth, out_height, out_width, eps)
+    if warmup:
+        kernel.warmup(*args, grid=grid, **meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
+def compile_config(shape: Sequence[int], dtype: torch.dtype, config: LaunchConfig, *,
+                   pool_kernel: int | Sequence[int] = (2, 2, 2), approximate: str = "none",
+                   channels_last: bool = False, has_weight: bool = True, has_bias: bool = True,
+                   sum_weight_dtype: torch.dtype | None = None,
+                   device: torch.device | str = "cuda") -> None:
+    """Compiles, without launching, the kernel that x of ``shape`` [N, C, D, H, W] in
+    ``dtype`` runs with ``config``, into Triton's cache (ahead of timing, or at start-up).
+
+    ``sum_weight_dtype`` is the dtype of a tensor ``sum_weight``; None for a Python number.
+    A no-op under the interpreter, which compiles nothing.
+    """
+    if interpreter_enabled():
+        return
+    _dtype_name(dtype)
+    tiny = torch.empty(16, dtype=dtype, device=device)
+    sum_tensor = None if sum_weight_dtype is None else torch.empty(1, dtype=sum_weight_dtype, device=device)
+    _launch(tiny, tiny, tiny if has_weight else None, tiny if has_bias else None, sum_tensor, 0.0,
+            1e-5, tuple(shape), _pool_kernel_tuple(pool_kernel), approximate, config,
+            channels_last, warmup=True)
+
+
 def fused_add_layernorm_pool_gelu(
     x: torch.Tensor,
     sum_weight: float | torch.Tensor,
@@ -492,53 +562,11 @@ def fused_add_layernorm_pool_gelu(
         raise ValueError(f"config.block_w={config.block_w} is less than the row width {width}: "
                          f"this kernel keeps whole rows in registers, so block_w must be a power "
                          f"of two >= {width}")
-    pool_by_reshape = kw & (kw - 1) == 0
-    if pool_by_reshape:
-        block_wo, kw_pad = config.block_w // kw, kw
-    else:
-        block_wo, kw_pad = triton.next_power_of_2(triton.cdiv(config.block_w, kw)), \
-            triton.next_power_of_2(kw)
-        if config.block_rows * block_wo * kw_pad > MAX_TILE_ELEMENTS:
-            raise ValueError(f"config block_rows={config.block_rows}, block_w={config.block_w} "
-                             f"with pool width {kw} needs a tile of "
-                             f"{config.block_rows * block_wo * kw_pad} elements, over Triton's "
-                             f"limit of {MAX_TILE_ELEMENTS}")
     if not channels_last:
         x = x.contiguous()
     # The kernels index weight and bias as flat contiguous arrays of ``width`` elements.
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
-    args = (x, out,
-            weight if weight is not None else x,
-            bias if bias is not None else x,
-            sum_tensor if sum_tensor is not None else x,
-            sum_value)
-    meta = dict(
-        BLOCK_W=config.block_w,
-        BLOCK_WO=block_wo,
-        KD=kd,
-        KH=kh,
-        KW=kw,
-        KW_PAD=kw_pad,
-        POOL_BY_RESHAPE=pool_by_reshape,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        SUM_FROM_PTR=sum_tensor is not None,
-        APPROX_TANH=approximate == "tanh",
-        EVICTION_POLICY=config.eviction_policy,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
-    if channels_last:
-        # One program per (n, do, ho) and block of block_rows channels.
-        channel_blocks = triton.cdiv(channels, config.block_rows)
-        grid = (batch * out_depth * out_height * channel_blocks,)
-        _add_layernorm_pool_gelu_cl_kernel[grid](
-            *args, channels, channel_blocks, depth, height, width, out_depth, out_height,
-            out_width, float(eps), BLOCK_C=config.block_rows, **meta)
-    else:
-        grid = (triton.cdiv(pooled_rows, config.block_rows),)
-        _add_layernorm_pool_gelu_kernel[grid](
-            *args, pooled_rows, depth, height, width, out_depth, out_height, out_width,
-            float(eps), BLOCK_ROWS=config.block_rows, **meta)
+    _launch(x, out, weight, bias, sum_tensor, sum_value, float(eps), tuple(x.shape),
+            (kd, kh, kw), approximate, config, channels_last)
     return out

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from kernels import LaunchConfig
 from kernels.add_layernorm_pool_gelu import (
     KERNEL_NAME,
+    compile_config,
     fused_add_layernorm_pool_gelu,
     heuristic_config,
     table_variant,
@@ -93,6 +94,12 @@ class AddLayerNormPoolGelu(KernelSpec):
         kd, kh, kw = POOL_KERNEL
         outputs = batch * channels * (depth // kd) * (height // kh) * (width // kw)
         return (batch * channels * depth * height * width + outputs) * DTYPES[problem.dtype].itemsize
+
+    def compile(self, problem: Problem, config: LaunchConfig) -> None:
+        dtype = DTYPES[problem.dtype]
+        compile_config(problem.shape, dtype, config, pool_kernel=POOL_KERNEL,
+                       approximate=APPROXIMATE, channels_last=self.channels_last,
+                       sum_weight_dtype=dtype)
 
     def heuristic(self, problem: Problem) -> LaunchConfig:
         return heuristic_config(self._pooled_rows(problem), problem.shape[4],

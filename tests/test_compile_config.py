@@ -1,0 +1,81 @@
+"""compile_config compiles exactly what a launch runs: same kernel, grid, scalar arguments,
+constexprs, options and pointer dtypes, so the launch that follows hits Triton's cache."""
+
+import pytest
+import torch
+
+import kernels.add_layernorm as add_layernorm
+import kernels.add_layernorm_pool_gelu as tail
+from kernels import LaunchConfig
+
+
+class Recorder:
+    """Stands in for a @triton.jit kernel: records launches and warm-ups alike."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def _record(self, grid, args, meta):
+        summary = tuple(("tensor", a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+        self.calls.append((self.name, tuple(grid), summary, tuple(sorted(meta.items()))))
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self._record(grid, args, meta)
+
+    def warmup(self, *args, grid, **meta):
+        self._record(grid, args, meta)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    recorded = []
+    for module, name in ((add_layernorm, "_add_layernorm_kernel"),
+                         (tail, "_add_layernorm_pool_gelu_kernel"),
+                         (tail, "_add_layernorm_pool_gelu_cl_kernel")):
+        monkeypatch.setattr(module, name, Recorder(name, recorded))
+    return recorded
+
+
+def compiling(monkeypatch):
+    """compile_config is a no-op under the interpreter; pretend to be on a GPU for it."""
+    monkeypatch.setattr(add_layernorm, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(tail, "interpreter_enabled", lambda: False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,width,config", [
+    (48, 64, LaunchConfig(16, 64, 4, 1, "evict_last")),
+    (5, 300, LaunchConfig(2, 128, 4, 2, "evict_first")),
+])
+def test_add_layernorm_compile_matches_launch(calls, monkeypatch, dtype, rows, width, config):
+    x = torch.randn(rows, width, dtype=dtype)
+    weight, bias = torch.randn(width, dtype=dtype), torch.randn(width, dtype=dtype)
+    add_layernorm.fused_add_layernorm(x, torch.tensor(1.0, dtype=dtype), width, weight, bias,
+                                      config=config)
+    compiling(monkeypatch)
+    add_layernorm.compile_config(rows, width, dtype, config, sum_weight_dtype=dtype, device="cpu")
+    launched, compiled = calls
+    assert launched == compiled
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape,pool,config", [
+    ((2, 3, 4, 6, 8), (2, 2, 2), LaunchConfig(2, 8, 2, 1, "evict_last")),
+    ((1, 4, 5, 7, 9), (1, 1, 3), LaunchConfig(1, 16, 1)),
+])
+def test_tail_compile_matches_launch(calls, monkeypatch, channels_last, shape, pool, config):
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = torch.randn(shape, dtype=torch.bfloat16).contiguous(memory_format=layout)
+    weight, bias = torch.randn(shape[-1], dtype=torch.bfloat16), torch.randn(shape[-1], dtype=torch.bfloat16)
+    tail.fused_add_layernorm_pool_gelu(x, 0.5, weight, bias, 1e-5, pool, "tanh", config=config)
+    compiling(monkeypatch)
+    tail.compile_config(shape, torch.bfloat16, config, pool_kernel=pool, approximate="tanh",
+                        channels_last=channels_last, device="cpu")
+    launched, compiled = calls
+    assert launched[0] == ("_add_layernorm_pool_gelu_cl_kernel" if channels_last
+                           else "_add_layernorm_pool_gelu_kernel")
+    # The Python-number sum_weight is passed by value, so its value differs (0.5 vs 0.0);
+    # values of float arguments are not part of Triton's cache key. Everything else is equal.
+    assert launched[:2] == compiled[:2] and launched[3] == compiled[3]
+    assert [a for i, a in enumerate(launched[2]) if i != 5] == \
+        [a for i, a in enumerate(compiled[2]) if i != 5]

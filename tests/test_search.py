@@ -70,8 +70,8 @@ def test_cli_search_writes_a_table_the_runtime_uses(ray_cluster, tmp_path, monke
     measured = measured_trials(study)
     assert len(measured) == 5
     assert all(trial.state == TrialState.COMPLETE for trial in measured)
-    # The heuristic is measured first, so the search can only improve on it.
-    assert measured[0].user_attrs["config"] == SPEC.heuristic(PROBLEM).key()
+    # The heuristic is proposed first (and so always measured): the search can only improve on it.
+    assert SPEC.heuristic(PROBLEM).key() in {t.user_attrs["config"] for t in measured}
     assert study.user_attrs["result"]["config"] == entry.config.as_dict()
 
     monkeypatch.setenv("TUNER_TABLE", str(tmp_path / "table.json"))
@@ -159,11 +159,11 @@ def test_studyrun_never_proposes_a_measured_config_twice():
     assert run.measured == {good.key(): fake_ms(good.key()), bad.key(): None}
 
     # The sampler proposes both again: the measured value (or the failure) is told, not re-measured.
-    run.study.enqueue_trial(good.as_dict())
-    run.study.enqueue_trial(bad.as_dict())
+    run.sampler.enqueue_trial(good.as_dict())
+    run.sampler.enqueue_trial(bad.as_dict())
     third = measure_next()
     assert third.key() not in (good.key(), bad.key())
-    duplicates = [t for t in run.study.get_trials(deepcopy=False) if t.user_attrs.get("duplicate")]
+    duplicates = [t for t in run.sampler.get_trials(deepcopy=False) if t.user_attrs.get("duplicate")]
     # The two enqueued first; the sampler may have proposed more of them before a new config.
     assert [t.user_attrs["config"] for t in duplicates[:2]] == [good.key(), bad.key()]
     for t in duplicates:
@@ -175,10 +175,10 @@ def test_studyrun_never_proposes_a_measured_config_twice():
 
     # A config in flight is not handed out again either.
     trial, inflight = run.ask()
-    run.study.enqueue_trial(inflight.as_dict())
+    run.sampler.enqueue_trial(inflight.as_dict())
     other_trial, other = run.ask()
     assert other != inflight
-    pruned = [t for t in run.study.get_trials(deepcopy=False)
+    pruned = [t for t in run.sampler.get_trials(deepcopy=False)
               if t.user_attrs.get("duplicate") and t.state == TrialState.PRUNED]
     assert [t.user_attrs["config"] for t in pruned] == [inflight.key()]
     for t, config in ((trial, inflight), (other_trial, other)):
@@ -194,6 +194,8 @@ def test_studyrun_never_proposes_a_measured_config_twice():
     assert run.exhausted and run.search_finished(0.0, None)
     measured = measured_trials(run.study)
     assert sorted(t.user_attrs["config"] for t in measured) == sorted(run.valid)
+    # The storage holds the measurements only: no rejected, duplicate or running proposals.
+    assert len(run.study.trials) == len(measured)
 
     # Resuming from the storage rebuilds the cache: nothing left to measure, the failure included.
     resumed = StudyRun(SPEC, PROBLEM, "interpreter", space, storage, Settings(trials=100))
@@ -202,7 +204,7 @@ def test_studyrun_never_proposes_a_measured_config_twice():
     assert resumed.ask() is None
 
 
-def test_studyrun_resume_fails_trials_left_running_and_proposes_them_again():
+def test_studyrun_resume_proposes_trials_that_were_in_flight_again():
     storage = optuna.storages.InMemoryStorage()
     space = parse_space(small_space())
     run = StudyRun(SPEC, PROBLEM, "interpreter", space, storage, Settings(trials=100))
@@ -211,7 +213,8 @@ def test_studyrun_resume_fails_trials_left_running_and_proposes_them_again():
     lost_trial, lost = run.ask()  # the driver dies with this trial in flight
 
     resumed = StudyRun(SPEC, PROBLEM, "interpreter", space, storage, Settings(trials=100))
-    assert run.study.trials[lost_trial.number].state == TrialState.FAIL
+    # Only the measurement reached the storage; the lost proposal left nothing behind.
+    assert [t.user_attrs["config"] for t in run.study.trials] == [config.key()]
     assert resumed.measured == {config.key(): 1.0}
     keys = []
     while (proposal := resumed.ask()) is not None:
@@ -355,8 +358,8 @@ def test_failed_measurement_fails_only_its_trial_and_is_never_remeasured():
     space = parse_space(small_space())
     bench = ProblemBench(Broken("raise"), PROBLEM, torch.device("cpu"), seed=0)
     run = StudyRun(SPEC, PROBLEM, "interpreter", space, storage, Settings(trials=100))
-    run.study.enqueue_trial(BAD_CONFIG.as_dict())
-    run.study.enqueue_trial(GOOD_CONFIG.as_dict())
+    run.sampler.enqueue_trial(BAD_CONFIG.as_dict())
+    run.sampler.enqueue_trial(GOOD_CONFIG.as_dict())
     for expected in (BAD_CONFIG, GOOD_CONFIG):
         trial, config = run.ask()
         assert config == expected
@@ -368,7 +371,7 @@ def test_failed_measurement_fails_only_its_trial_and_is_never_remeasured():
     assert run.best[1] == GOOD_CONFIG.key()
     assert run.measured[BAD_CONFIG.key()] is None
 
-    run.study.enqueue_trial(BAD_CONFIG.as_dict())
+    run.sampler.enqueue_trial(BAD_CONFIG.as_dict())
     remaining = []
     while (proposal := run.ask()) is not None:
         trial, config = proposal
@@ -534,9 +537,9 @@ def test_ctrl_c_keeps_finished_trials_and_resume_completes(ray_cluster, tmp_path
         study = optuna.load_study(study_name=STUDY, storage=storage_url)
         finished = {t.user_attrs["config"] for t in measured_trials(study)}
         assert len(finished) >= 2  # nothing measured before Ctrl-C is lost
-        interrupted = [t for t in study.get_trials(deepcopy=False) if "interrupted" in t.user_attrs]
-        assert interrupted and all(t.state == TrialState.FAIL for t in interrupted)
-        assert all(t.state != TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+        # The trials in flight were dropped: the storage holds only finished measurements.
+        assert len(study.trials) == len(finished)
+        assert all(t.state == TrialState.COMPLETE for t in study.trials)
         assert not table.exists()
 
         # The same run again completes the budget without measuring a finished config twice.

@@ -92,10 +92,16 @@ class StudyRun:
         self.choices = space.choices(self.table_key)
         self.space = space
         self.valid = {config.key(): config for config in space.candidates(self.table_key)}
-        sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True,
-                                             constant_liar=True)
+        # The storage holds one trial per measured config. Proposals come from an in-memory
+        # twin study, so restriction-rejected, duplicate and abandoned proposals cost no storage
+        # writes (with SQLite they cost ~40 ms each, and TPE makes several per measurement).
         self.study = optuna.create_study(study_name=study_name(problem, device), storage=storage,
-                                         sampler=sampler, direction="minimize", load_if_exists=True)
+                                         direction="minimize", load_if_exists=True)
+        self.sampler = optuna.create_study(
+            direction="minimize", sampler=optuna.samplers.TPESampler(
+                seed=settings.seed, multivariate=True, constant_liar=True))
+        self.distributions = {name: optuna.distributions.CategoricalDistribution(self.choices[name])
+                              for name in PARAMETERS}
         for name, value in (("kernel", problem.kernel), ("device", device),
                             ("dtype", problem.dtype), ("shape", list(problem.shape))):
             self.study.set_user_attr(name, value)
@@ -113,16 +119,20 @@ class StudyRun:
 
     # -- state ---------------------------------------------------------------------------------
     def _load_existing(self) -> None:
-        """Rebuilds the measured cache from storage; trials left running by a dead driver fail."""
+        """Rebuilds the measured cache, and the sampler's history, from storage."""
         for trial in self.study.get_trials(deepcopy=False):
             key = trial.user_attrs.get("config")
-            if trial.state == TrialState.RUNNING:
-                self.study.tell(trial.number, state=TrialState.FAIL)
-            elif key and trial.user_attrs.get("measured"):
-                if trial.state == TrialState.COMPLETE:
-                    self._note(key, trial.value)
-                elif trial.state == TrialState.FAIL and trial.user_attrs.get("error"):
-                    self._note(key, None)
+            if not key or not trial.user_attrs.get("measured"):
+                continue
+            if trial.state == TrialState.COMPLETE:
+                value = trial.value
+            elif trial.state == TrialState.FAIL and trial.user_attrs.get("error"):
+                value = None
+            else:
+                continue
+            self._note(key, value)
+            if key in self.valid:  # configs of an older, different space teach nothing
+                self.sampler.add_trial(self._frozen(self.valid[key], value, {}))
         stored = self.study.user_attrs.get("result")
         # The stored winner counts only if it was confirmed over every measured trial: a run
         # interrupted between its last trial and its confirm stage must confirm on resume.
@@ -130,6 +140,13 @@ class StudyRun:
                 and stored.get("trials", 0) >= self.n_measured:
             self.result = StudyResult.from_json(stored)
             self.stage = "done"
+
+    def _frozen(self, config: LaunchConfig, value: float | None,
+                user_attrs: dict[str, Any]) -> optuna.trial.FrozenTrial:
+        return optuna.trial.create_trial(
+            params=config.as_dict(), distributions=self.distributions, value=value,
+            state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
+            user_attrs=user_attrs)
 
     def _trial_budget(self) -> int:
         return min(self.settings.trials, len(self.valid))
@@ -162,7 +179,7 @@ class StudyRun:
                                  variant=self.table_key.variant)
         for config in seeds:
             if config.key() in self.valid and config.key() not in self.measured:
-                self.study.enqueue_trial(config.as_dict(), skip_if_exists=True)
+                self.sampler.enqueue_trial(config.as_dict(), skip_if_exists=True)
 
     def stopped(self, now: float, deadline: float | None) -> bool:
         """True once the run's time is up or patience ran out: trials not yet started are dropped."""
@@ -189,13 +206,13 @@ class StudyRun:
             if len(self.measured) + len(self.inflight) >= len(self.valid):
                 self.exhausted = True
                 return None
-            trial = self.study.ask()
+            trial = self.sampler.ask()
             params = {name: trial.suggest_categorical(name, self.choices[name]) for name in PARAMETERS}
             key = _key(params)
             config = self.valid.get(key)
             if config is None:
                 trial.set_user_attr("rejected", "restrictions")
-                self.study.tell(trial, state=TrialState.PRUNED)
+                self.sampler.tell(trial, state=TrialState.PRUNED)
                 rejected += 1
                 if rejected >= MAX_REJECTED_PROPOSALS:
                     self._enqueue_random_unmeasured()
@@ -206,14 +223,14 @@ class StudyRun:
                 value = self.measured[key]
                 trial.set_user_attr("duplicate", True)
                 if value is None:
-                    self.study.tell(trial, state=TrialState.FAIL)
+                    self.sampler.tell(trial, state=TrialState.FAIL)
                 else:
-                    self.study.tell(trial, value)
+                    self.sampler.tell(trial, value)
                 self.since_improvement += 1
                 continue
             if key in self.inflight:
                 trial.set_user_attr("duplicate", True)
-                self.study.tell(trial, state=TrialState.PRUNED)
+                self.sampler.tell(trial, state=TrialState.PRUNED)
                 self._enqueue_random_unmeasured()
                 continue
             self.inflight[key] = trial
@@ -222,33 +239,33 @@ class StudyRun:
     def _enqueue_random_unmeasured(self) -> None:
         left = [key for key in self.valid if key not in self.measured and key not in self.inflight]
         if left:
-            self.study.enqueue_trial(self.valid[self.rng.choice(left)].as_dict())
+            self.sampler.enqueue_trial(self.valid[self.rng.choice(left)].as_dict())
 
     def tell(self, trial: Trial, config: LaunchConfig, measurement: Measurement, worker: str) -> None:
-        """Records a measurement (a failed config fails its trial and is never retried)."""
+        """Records a measurement in the storage and the sampler (a failed config fails its trial
+        and is never retried)."""
         self.inflight.pop(config.key(), None)
-        trial.set_user_attr("measured", True)
-        trial.set_user_attr("worker", worker)
+        attrs: dict[str, Any] = {"config": config.key(), "measured": True, "worker": worker}
         for name in ("gbps", "pct_of_copy", "compile_s", "error"):
             value = getattr(measurement, name)
             if value is not None:
-                trial.set_user_attr(name, value)
+                attrs[name] = value
+        self.study.add_trial(self._frozen(config, measurement.ms, attrs))
         if measurement.ms is None:
-            self.study.tell(trial, state=TrialState.FAIL)
-            self._note(config.key(), None)
-            self.since_improvement += 1
-            return
-        self.study.tell(trial, measurement.ms)
+            self.sampler.tell(trial, state=TrialState.FAIL)
+        else:
+            self.sampler.tell(trial, measurement.ms)
         if self._note(config.key(), measurement.ms):
             self.since_improvement = 0
         else:
             self.since_improvement += 1
 
     def abandon(self, trial: Trial, config: LaunchConfig, reason: str) -> None:
-        """Ends a trial that was not measured (interrupted): it will be proposed again later."""
+        """Ends a proposal that was not measured (interrupted): nothing is stored, and the
+        config can be proposed again."""
         self.inflight.pop(config.key(), None)
         trial.set_user_attr("interrupted", reason)
-        self.study.tell(trial, state=TrialState.FAIL)
+        self.sampler.tell(trial, state=TrialState.FAIL)
 
     # -- confirm -------------------------------------------------------------------------------
     def confirm_candidates(self) -> list[LaunchConfig]:

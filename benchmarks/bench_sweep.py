@@ -8,6 +8,7 @@ Results in $OUT/bench_sweep.json; each run's table in $OUT/table_<n>gpu.json.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 from common import out_dir, print_table, versions, write_json
@@ -35,7 +36,9 @@ def main() -> None:
         pool.start()
         table = out_dir() / f"table_{gpus}gpu.json"
         settings = Settings(trials=args.trials or spec.trials or 48, patience=None)
-        driver = Driver(pool, optuna.storages.InMemoryStorage(), settings, lambda device: table,
+        # A fresh SQLite file, as `tuner sweep` uses by default.
+        storage = f"sqlite:///{tempfile.mkdtemp()}/sweep.db"
+        driver = Driver(pool, storage, settings, lambda device: table,
                         progress=Progress(interval=20))
         start = time.perf_counter()
         results = driver.run(list(spec.problems))

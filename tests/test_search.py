@@ -551,3 +551,44 @@ def test_ctrl_c_keeps_finished_trials_and_resume_completes(ray_cluster, tmp_path
     configs = [t.user_attrs["config"] for t in measured]
     assert len(configs) == 6 and len(set(configs)) == 6 and finished <= set(configs)
     assert result.trials == 6 and load_table(table)[0].config == result.config
+
+
+def test_cli_export_rebuilds_a_table_and_show_prints_it(tmp_path, capsys, monkeypatch):
+    url = f"sqlite:///{tmp_path}/export.db"
+    space = parse_space(small_space())
+    for problem in (PROBLEM, SPEC.problem("40x64", "bfloat16")):
+        run = StudyRun(SPEC, problem, "NVIDIA GeForce RTX 4090", space, url, Settings(trials=2))
+        for _ in range(2):
+            trial, config = run.ask()
+            run.tell(trial, config, Measurement(config.key(), ms=fake_ms(config.key())), "test")
+        confirm_all(run)
+    unfinished = StudyRun(SPEC, SPEC.problem("8x64", "float32"), "NVIDIA GeForce RTX 4090", space,
+                          url, Settings(trials=2))
+    trial, config = unfinished.ask()
+    unfinished.tell(trial, config, Measurement(config.key(), ms=1.0), "test")
+
+    out = tmp_path / "exported.json"
+    assert cli.main(["export", "--storage", url, "--out", str(out)]) == 0
+    entries = load_table(out)
+    assert sorted((e.dtype, e.rows) for e in entries) == [("bfloat16", 40), ("float32", 128)]
+    assert all(e.device == "NVIDIA GeForce RTX 4090" and e.trials == 2 for e in entries)
+    assert cli.main(["export", "--storage", url, "--out", str(tmp_path / "none.json"),
+                     "--device", "NVIDIA H100 80GB HBM3"]) == 0
+    assert load_table(tmp_path / "none.json") == []
+
+    capsys.readouterr()
+    assert cli.main(["show", "--table", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "2 entries" in shown and "NVIDIA GeForce RTX 4090" in shown
+    assert all(e.config.key() in shown for e in entries)
+
+    # Without --table: every table the runtime reads, TUNER_TABLE first.
+    monkeypatch.setenv("TUNER_TABLE", str(out))
+    assert cli.main(["show"]) == 0
+    assert capsys.readouterr().out.startswith(f"{out}: 2 entries")
+
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text("{not json")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["show", "--table", str(corrupt)])
+    assert exit_info.value.code == 2 and str(corrupt) in capsys.readouterr().err

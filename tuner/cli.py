@@ -108,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="table file to write (merged atomically)")
     export.add_argument("--device", default=None, help="only studies of this GPU model")
 
-    show = commands.add_parser("show", help="print a table", description="Print a table's entries.")
-    show.add_argument("--table", default=str(user_table_path()), help="table file")
+    show = commands.add_parser("show", help="print tables", description=(
+        "Print a table's entries; without --table, every table the runtime reads, in lookup "
+        "order (TUNER_TABLE, the user's table, the shipped tables)."))
+    show.add_argument("--table", default=None, help="table file")
     return parser
 
 
@@ -208,9 +210,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"exported {count} entries to {args.out}")
             return 0
         if args.command == "show":
+            from kernels import table_paths
+
             from .export import show_table
 
-            show_table(args.table, sys.stdout)
+            paths = [args.table] if args.table else [path for path in table_paths() if path.exists()]
+            if not paths:
+                print("no tables yet: the runtime uses its heuristic everywhere")
+            for path in paths:
+                show_table(path, sys.stdout)
             return 0
     except (UsageError, SpecError, ValueError) as error:
         parser.exit(2, f"tuner: error: {error}\n")

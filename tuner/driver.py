@@ -112,7 +112,8 @@ class Driver:
         """Tunes every problem on every GPU model in the pool; returns the confirmed winners.
 
         Each winner is merged into its GPU model's table as soon as it is confirmed. On Ctrl-C
-        the trials in flight are marked interrupted and every finished trial stays stored.
+        the trials in flight are dropped (they are proposed again on resume) and every finished
+        trial stays stored.
         """
         spaces = {problem.kernel: self._space_for(problem.kernel) for problem in problems}
         self.runs = [StudyRun(get_kernel(problem.kernel), problem, device, spaces[problem.kernel],

@@ -76,7 +76,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from kernels import user_table_path
 
-    parser = argparse.ArgumentParser(prog="python -m tuner", description=__doc__)
+    from .problems import KERNELS
+
+    kernels = ", ".join(sorted(KERNELS))
+    parser = argparse.ArgumentParser(prog="python -m tuner", description=(
+        "Autotune Triton kernel launch configs on Ray GPU workers: search one shape, sweep "
+        "many, export and show the lookup tables the runtime reads."))
     commands = parser.add_subparsers(dest="command", required=True)
 
     search = commands.add_parser("search", help="tune one shape", description=(
@@ -86,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ROWSxWIDTH (128x64) or a full tensor shape (32x64x32x64x64), "
                              "normalised over the last dim")
     search.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
-    search.add_argument("--kernel", default="add_layernorm", help="registered kernel (default add_layernorm)")
+    search.add_argument("--kernel", default="add_layernorm",
+                        help=f"one of {kernels} (default add_layernorm)")
     search.add_argument("--space", default=None, help="search-space YAML (default: the kernel's own)")
     search.add_argument("--table", default=str(user_table_path()),
                         help=f"table to merge the winner into (default {user_table_path()})")
@@ -98,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--spec", default=None, help="sweep spec YAML (see search_spaces/sweeps/)")
     sweep.add_argument("--shapes", default=None, help="comma-separated shapes, instead of --spec")
     sweep.add_argument("--dtypes", default="float32", help="comma-separated dtypes with --shapes")
-    sweep.add_argument("--kernel", default="add_layernorm", help="kernel for --shapes")
+    sweep.add_argument("--kernel", default="add_layernorm",
+                       help=f"kernel for --shapes: one of {kernels} (default add_layernorm)")
     sweep.add_argument("--out", default="tables", help="folder for one table per GPU model (default tables/)")
     _add_run_options(sweep)
 

@@ -592,3 +592,28 @@ def test_cli_export_rebuilds_a_table_and_show_prints_it(tmp_path, capsys, monkey
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["show", "--table", str(corrupt)])
     assert exit_info.value.code == 2 and str(corrupt) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kernel,shape", [("add_layernorm", "37x64"),
+                                          ("add_layernorm_pool_gelu", "3x5x4x6x8"),
+                                          ("add_layernorm_pool_gelu_channels_last", "3x5x4x6x8")])
+def test_reference_computed_in_slices_matches_one_piece(monkeypatch, kernel, shape):
+    import tuner.problems.base as base
+
+    spec = get_kernel(kernel)
+    problem = spec.problem(shape, "float32")
+    inputs = spec.make_inputs(problem, torch.device("cpu"), torch.Generator().manual_seed(3))
+    whole = spec.reference_slice(inputs, torch.float64)
+    monkeypatch.setattr(base, "REFERENCE_SLICE_ELEMENTS", 2 * inputs["x"][0].numel())
+    sliced = spec.reference(inputs, torch.float64)
+    assert sliced.shape == whole.shape
+    torch.testing.assert_close(sliced, whole, rtol=1e-12, atol=1e-12)
+    # And a bench built on it still rejects a wrong output, slice by slice.
+    monkeypatch.setattr("tuner.measure.CHECK_SLICE_ELEMENTS", 2 * inputs["x"][0].numel())
+    bench = ProblemBench(spec, problem, torch.device("cpu"), seed=3)
+    bench.check(spec.heuristic(problem))
+    real_run = spec.run
+    monkeypatch.setattr(spec, "run", lambda inputs, config, out=None:
+                        real_run(inputs, config, out=out).mul_(1.01))
+    with pytest.raises(Exception, match="relative error"):
+        bench.check(spec.heuristic(problem))

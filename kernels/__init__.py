@@ -6,6 +6,7 @@ Needs only torch and triton.
 from .add_layernorm import fused_add_layernorm, heuristic_config, select_config
 from .add_layernorm_pool_gelu import fused_add_layernorm_pool_gelu
 from .config import EVICTION_POLICIES, LaunchConfig
+from .conv_transpose_tail import fused_conv_transpose_tail
 from .device import device_name, interpreter_enabled
 from .model import Model, ModelNew
 from .table import (
@@ -31,6 +32,7 @@ __all__ = [
     "TableError",
     "device_name",
     "fused_add_layernorm",
+    "fused_conv_transpose_tail",
     "fused_add_layernorm_pool_gelu",
     "heuristic_config",
     "interpreter_enabled",

@@ -9,6 +9,13 @@ from torch import nn
 
 from .add_layernorm import fused_add_layernorm
 from .add_layernorm_pool_gelu import APPROXIMATIONS, fused_add_layernorm_pool_gelu
+from .conv_transpose_tail import (
+    KERNEL_SIZE,
+    OUTPUT_PADDING,
+    PADDING,
+    STRIDE,
+    fused_conv_transpose_tail,
+)
 
 # Constructor arguments of the reference problem (shared/reference/README.md).
 REFERENCE_ARGS = dict(in_channels=32, out_channels=64, kernel_size=(3, 3, 3), stride=(2, 2, 2),
@@ -93,8 +100,26 @@ class ModelNew(Model):
                                   conv.stride, conv.padding, conv.output_padding, conv.groups,
                                   conv.dilation)
 
+    #: Run convolution and tail as one Triton kernel (kernels/conv_transpose_tail.py) where the
+    #: configuration allows. Off by default until it is measured on a GPU.
+    conv_in_triton: bool = False
+
+    def _triton_conv_tail_applies(self, x: torch.Tensor) -> bool:
+        conv = self.conv_transpose
+        return (self.conv_in_triton and self.uses_fused_tail and x.dim() == 5
+                and type(conv) is nn.ConvTranspose3d and conv.padding_mode == "zeros"
+                and (conv.kernel_size, conv.stride, conv.padding, conv.output_padding)
+                == (KERNEL_SIZE, STRIDE, PADDING, OUTPUT_PADDING)
+                and conv.dilation == (1, 1, 1) and conv.groups == 1
+                and _triple(self.avg_pool.kernel_size) == (2, 2, 2)
+                and tuple(self.norm.normalized_shape) == (2 * x.shape[-1],))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv_transpose
+        if self._triton_conv_tail_applies(x):
+            return fused_conv_transpose_tail(
+                x, conv.weight, conv.bias, self.sum_weight.to(x.dtype), self.norm.weight,
+                self.norm.bias, self.norm.eps, self.gelu.approximate)
         if not (self.channels_last_conv and self.uses_fused_tail and x.dim() in (4, 5)
                 and type(conv) is nn.ConvTranspose3d and conv.padding_mode == "zeros"):
             return super().forward(x)

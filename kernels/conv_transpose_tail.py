@@ -1,0 +1,193 @@
+"""The reference model in one kernel: ConvTranspose3d (kernel 3, stride 2, padding 1, output
+padding 1) with ``GELU(AvgPool3d_2(LayerNorm_W(conv + sum_weight)))`` as its epilogue.
+
+With stride 2 the transposed convolution splits by output parity: an even output position takes
+the centre tap (k = 1) of input position p / 2, an odd one the taps k = 0 of (p + 1) / 2 and
+k = 2 of (p - 1) / 2. A program owns one pooled ``(n, do, ho)`` and ``BLOCK_CO`` output
+channels, i.e. the four conv rows ``d in {2do, 2do + 1}``, ``h in {2ho, 2ho + 1}``; for each it
+builds the even and odd halves of the row, ``[BLOCK_J, BLOCK_CO]`` each (``j`` the input W
+position), as sums of ``[BLOCK_J, C_in] @ [C_in, BLOCK_CO]`` products (``tl.dot``) over the
+row's 1, 2 or 4 input rows. The LayerNorm over the 2 * W_in positions takes its statistics from
+both halves, the W pooling adds the two halves, and the four rows are averaged in registers.
+The conv output is never written: x and the weight are read, the pooled output is the only
+store. Not yet measured on a GPU: ``ModelNew`` uses it only when asked (``conv_in_triton``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .add_layernorm import _check_param, _dtype_name, check_device, split_sum_weight
+from .add_layernorm_pool_gelu import APPROXIMATIONS, _gelu, _shift
+from .config import LaunchConfig
+from .device import interpreter_enabled
+
+KERNEL_NAME = "conv_transpose_tail"
+# The one convolution this kernel computes (ConvTranspose3d arguments).
+KERNEL_SIZE, STRIDE, PADDING, OUTPUT_PADDING = (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1)
+
+
+@triton.jit
+def _conv_transpose_tail_kernel(
+    x_ptr, weight_ptr, conv_bias_ptr, ln_weight_ptr, ln_bias_ptr, sum_weight_ptr, sum_weight_value,
+    out_ptr, c_in, c_out, in_d, in_h, in_w, co_blocks, eps,
+    BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_J: tl.constexpr,
+    HAS_CONV_BIAS: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
+    SUM_FROM_PTR: tl.constexpr, APPROX_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_IN_FLOAT32: tl.constexpr, EVICTION_POLICY: tl.constexpr,
+):
+    # Program -> (n, do, ho, channel block); the pooled grid is the input grid (stride 2).
+    pid = tl.program_id(0).to(tl.int64)
+    cos = (pid % co_blocks) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    rest = pid // co_blocks
+    ho = rest % in_h
+    rest = rest // in_h
+    do = rest % in_d
+    n = rest // in_d
+    cis = tl.arange(0, BLOCK_CI)
+    js = tl.arange(0, BLOCK_J)
+    co_mask = cos < c_out
+    ci_mask = cis < c_in
+    j_mask = js < in_w
+    shift = _shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR)
+    # weight[ci, co, kd, kh, kw]: the [ci, co] slice of one tap is at ci * c_out * 27 + co * 27.
+    w_offsets = cis[:, None] * (c_out * 27) + cos[None, :] * 27
+    w_mask = ci_mask[:, None] & co_mask[None, :]
+    if HAS_CONV_BIAS:
+        conv_bias = tl.load(conv_bias_ptr + cos, mask=co_mask, other=0.0).to(tl.float32)[None, :]
+    width = 2 * in_w
+    pooled = tl.zeros([BLOCK_J, BLOCK_CO], dtype=tl.float32)
+    for i in tl.static_range(2):          # d = 2 * do + i
+        for k in tl.static_range(2):      # h = 2 * ho + k
+            even = tl.zeros([BLOCK_J, BLOCK_CO], dtype=tl.float32)
+            odd = tl.zeros([BLOCK_J, BLOCK_CO], dtype=tl.float32)
+            for t in tl.static_range(1 + i):
+                for u in tl.static_range(1 + k):
+                    # Tap t of a position of parity i: kernel index 1 (even), else 0 then 2,
+                    # reading input position p // 2 + 1 for kernel index 0, else p // 2.
+                    kd, d_off = 1 - i + 2 * i * t, i * (1 - t)
+                    kh, h_off = 1 - k + 2 * k * u, k * (1 - u)
+                    in_depth = do + d_off
+                    in_row = ho + h_off
+                    # The input row past the last one (only at the far edge) reads as zeros.
+                    row_len = tl.where((in_depth < in_d) & (in_row < in_h), in_w, 0)
+                    # x[n, ci, in_depth, in_row, j] as a [BLOCK_J, BLOCK_CI] tile, and shifted by one.
+                    base = ((n * c_in + cis[None, :]) * in_d + in_depth) * in_h + in_row
+                    offsets = base * in_w + js[:, None]
+                    a = tl.load(x_ptr + offsets, mask=(js[:, None] < row_len) & ci_mask[None, :],
+                                other=0.0, eviction_policy=EVICTION_POLICY)
+                    a_next = tl.load(x_ptr + offsets + 1,
+                                     mask=(js[:, None] + 1 < row_len) & ci_mask[None, :],
+                                     other=0.0, eviction_policy=EVICTION_POLICY)
+                    tap = kd * 9 + kh * 3
+                    w_centre = tl.load(weight_ptr + w_offsets + tap + 1, mask=w_mask, other=0.0)
+                    w_first = tl.load(weight_ptr + w_offsets + tap, mask=w_mask, other=0.0)
+                    w_last = tl.load(weight_ptr + w_offsets + tap + 2, mask=w_mask, other=0.0)
+                    if DOT_IN_FLOAT32:
+                        a, a_next = a.to(tl.float32), a_next.to(tl.float32)
+                        w_centre, w_first, w_last = (w_centre.to(tl.float32), w_first.to(tl.float32),
+                                                     w_last.to(tl.float32))
+                    even += tl.dot(a, w_centre, input_precision=DOT_PRECISION)
+                    odd += tl.dot(a_next, w_first, input_precision=DOT_PRECISION)
+                    odd += tl.dot(a, w_last, input_precision=DOT_PRECISION)
+            if HAS_CONV_BIAS:
+                even += conv_bias
+                odd += conv_bias
+            # LayerNorm over the row's 2 * in_w positions: even ones 2j, odd ones 2j + 1.
+            even = tl.where(j_mask[:, None], even + shift, 0.0)
+            odd = tl.where(j_mask[:, None], odd + shift, 0.0)
+            mean = (tl.sum(even, axis=0) + tl.sum(odd, axis=0)) / width
+            even = tl.where(j_mask[:, None], even - mean[None, :], 0.0)
+            odd = tl.where(j_mask[:, None], odd - mean[None, :], 0.0)
+            rstd = tl.rsqrt((tl.sum(even * even, axis=0) + tl.sum(odd * odd, axis=0)) / width + eps)
+            even = even * rstd[None, :]
+            odd = odd * rstd[None, :]
+            if HAS_LN_WEIGHT:
+                even = even * tl.load(ln_weight_ptr + 2 * js, mask=j_mask, other=0.0).to(tl.float32)[:, None]
+                odd = odd * tl.load(ln_weight_ptr + 2 * js + 1, mask=j_mask, other=0.0).to(tl.float32)[:, None]
+            if HAS_LN_BIAS:
+                even = even + tl.load(ln_bias_ptr + 2 * js, mask=j_mask, other=0.0).to(tl.float32)[:, None]
+                odd = odd + tl.load(ln_bias_ptr + 2 * js + 1, mask=j_mask, other=0.0).to(tl.float32)[:, None]
+            pooled += even + odd          # AvgPool along W: positions 2j and 2j + 1
+    y = _gelu(pooled * 0.125, APPROX_TANH)
+    # out[n, co, do, ho, j], NCDHW.
+    out_offsets = (((n * c_out + cos[None, :]) * in_d + do) * in_h + ho) * in_w + js[:, None]
+    tl.store(out_ptr + out_offsets, y.to(out_ptr.dtype.element_ty),
+             mask=j_mask[:, None] & co_mask[None, :], eviction_policy=EVICTION_POLICY)
+
+
+def heuristic_config(c_out: int, in_w: int) -> LaunchConfig:
+    """All output channels (up to 64) of one pooled row a program, 4 warps. Unmeasured."""
+    return LaunchConfig(block_rows=max(16, min(64, triton.next_power_of_2(c_out))),
+                        block_w=max(16, triton.next_power_of_2(in_w)), num_warps=4)
+
+
+def fused_conv_transpose_tail(
+    x: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    sum_weight: float | torch.Tensor,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    approximate: str = "none",
+    *,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """``gelu(avg_pool3d(layer_norm(conv_transpose3d(x, conv_weight, conv_bias, stride=2,
+    padding=1, output_padding=1) + sum_weight, (W,), ln_weight, ln_bias, eps), 2))``.
+
+    x is ``[N, C_in, D, H, W]`` and ``conv_weight`` ``[C_in, C_out, 3, 3, 3]``; the output is
+    ``[N, C_out, D, H, W]`` (the conv doubles each spatial dim, the pooling halves it).
+    ``config.block_rows`` is the number of output channels per program and ``block_w`` covers
+    the input width (both >= 16, for ``tl.dot``).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        raise ValueError(f"x must be a 5-D tensor [N, C_in, D, H, W], got {getattr(x, 'shape', x)}")
+    _dtype_name(x.dtype)
+    batch, c_in, in_d, in_h, in_w = x.shape
+    if not isinstance(conv_weight, torch.Tensor) or conv_weight.dim() != 5 \
+            or conv_weight.shape[0] != c_in or tuple(conv_weight.shape[2:]) != KERNEL_SIZE:
+        raise ValueError(f"conv_weight must be [C_in={c_in}, C_out, 3, 3, 3], got "
+                         f"{tuple(getattr(conv_weight, 'shape', ()))}")
+    c_out, width = conv_weight.shape[1], 2 * in_w
+    for name, tensor, shape in (("conv_weight", conv_weight, tuple(conv_weight.shape)),
+                                ("conv_bias", conv_bias, (c_out,)),
+                                ("ln_weight", ln_weight, (width,)), ("ln_bias", ln_bias, (width,))):
+        _check_param(name, tensor, x, shape)
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    sum_tensor, sum_value = split_sum_weight(sum_weight, x)
+    check_device(x)
+    config = config or heuristic_config(c_out, in_w)
+    if config.block_w < max(16, in_w) or config.block_rows < 16:
+        raise ValueError(f"config block_w={config.block_w} must be >= max(16, W_in={in_w}) and "
+                         f"block_rows={config.block_rows} (output channels) >= 16")
+    block_ci = max(16, triton.next_power_of_2(c_in))
+    out = torch.empty((batch, c_out, in_d, in_h, in_w), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    x, conv_weight = x.contiguous(), conv_weight.contiguous()
+    co_blocks = triton.cdiv(c_out, config.block_rows)
+    dummy = x
+    _conv_transpose_tail_kernel[(batch * in_d * in_h * co_blocks,)](
+        x, conv_weight,
+        conv_bias.contiguous() if conv_bias is not None else dummy,
+        ln_weight.contiguous() if ln_weight is not None else dummy,
+        ln_bias.contiguous() if ln_bias is not None else dummy,
+        sum_tensor if sum_tensor is not None else dummy, sum_value,
+        out, c_in, c_out, in_d, in_h, in_w, co_blocks, float(eps),
+        BLOCK_CI=block_ci, BLOCK_CO=config.block_rows, BLOCK_J=config.block_w,
+        HAS_CONV_BIAS=conv_bias is not None, HAS_LN_WEIGHT=ln_weight is not None,
+        HAS_LN_BIAS=ln_bias is not None, SUM_FROM_PTR=sum_tensor is not None,
+        APPROX_TANH=approximate == "tanh",
+        # float32: three TF32 products per dot, about float32 accuracy on tensor cores.
+        DOT_PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32",
+        # The interpreter (Triton 3.9) multiplies 16-bit float dots wrongly: upcast there.
+        DOT_IN_FLOAT32=interpreter_enabled() and x.dtype != torch.float32,
+        EVICTION_POLICY=config.eviction_policy,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out

@@ -66,6 +66,9 @@ def main() -> None:
         new.load_state_dict(model.state_dict())
         add_ln = ModelNewAddLayerNorm(**REFERENCE_ARGS).cuda().to(dtype).eval()
         add_ln.load_state_dict(model.state_dict())
+        one_kernel = ModelNew(**REFERENCE_ARGS).cuda().to(dtype).eval()
+        one_kernel.load_state_dict(model.state_dict())
+        one_kernel.conv_in_triton = True
         x = torch.randn(REFERENCE_INPUT_SHAPE, device="cuda", dtype=dtype)
         with torch.no_grad():
             conv_out = model.conv_transpose(x)
@@ -76,7 +79,8 @@ def main() -> None:
             compiled_tail = torch.compile(copy.deepcopy(model).tail)
             compiled_conv = torch.compile(copy.deepcopy(model.conv_transpose))
             expected = model(x).float()
-            for name, candidate in (("ModelNew", new), ("ModelNew add+LN", add_ln), ("compile", compiled)):
+            for name, candidate in (("ModelNew", new), ("ModelNew add+LN", add_ln), ("compile", compiled),
+                                    ("ModelNew conv in Triton", one_kernel)):
                 error = ((candidate(x).float() - expected).norm() / expected.norm()).item()
                 assert error < (1e-3 if dtype == torch.float32 else 2e-2), (name, error)
             tail_bytes = conv_out.numel() * conv_out.element_size() * 9 // 8  # read x, write x/8
@@ -93,6 +97,7 @@ def main() -> None:
                 "torch.compile(Model)": time_ms(lambda: compiled(x)),
                 "ModelNew add+LN": time_ms(lambda: add_ln(x)),
                 "ModelNew fused tail": time_ms(lambda: new(x)),
+                "ModelNew conv + tail in one Triton kernel": time_ms(lambda: one_kernel(x)),
             }
         name = str(dtype).removeprefix("torch.")
         results["dtypes"][name] = {"timings_ms": timings, "tail_bytes": tail_bytes,

@@ -35,10 +35,13 @@ def tune(trials: int, table) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ray.init(num_gpus=1, include_dashboard=False, logging_level="WARNING")
     conv_out = "x".join(map(str, (REFERENCE_INPUT_SHAPE[0], 64, 32, 64, 64)))
+    conv_problem = "x".join(map(str, REFERENCE_INPUT_SHAPE + (64,)))  # conv input, C_out
     problems = [get_kernel(kernel).problem(conv_out, dtype)
                 for kernel in ("add_layernorm", "add_layernorm_pool_gelu",
                                "add_layernorm_pool_gelu_channels_last")
                 for dtype in ("float32", "bfloat16")]
+    problems += [get_kernel("conv_transpose_tail").problem(conv_problem, dtype)
+                 for dtype in ("float32", "bfloat16")]
     pool = WorkerPool(PoolOptions(workers=1))
     pool.start()
     Driver(pool, optuna.storages.InMemoryStorage(), Settings(trials=trials), lambda device: table,

@@ -15,6 +15,9 @@ store. Not yet measured on a GPU: ``ModelNew`` uses it only when asked (``conv_i
 
 from __future__ import annotations
 
+import functools
+from typing import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -22,7 +25,8 @@ import triton.language as tl
 from .add_layernorm import _check_param, _dtype_name, check_device, split_sum_weight
 from .add_layernorm_pool_gelu import APPROXIMATIONS, _gelu, _shift
 from .config import LaunchConfig
-from .device import interpreter_enabled
+from .device import device_name, interpreter_enabled
+from .table import lookup_config
 
 KERNEL_NAME = "conv_transpose_tail"
 # The one convolution this kernel computes (ConvTranspose3d arguments).
@@ -118,10 +122,27 @@ def _conv_transpose_tail_kernel(
              mask=j_mask[:, None] & co_mask[None, :], eviction_policy=EVICTION_POLICY)
 
 
+@functools.lru_cache(maxsize=1024)
 def heuristic_config(c_out: int, in_w: int) -> LaunchConfig:
     """All output channels (up to 64) of one pooled row a program, 4 warps. Unmeasured."""
     return LaunchConfig(block_rows=max(16, min(64, triton.next_power_of_2(c_out))),
                         block_w=max(16, triton.next_power_of_2(in_w)), num_warps=4)
+
+
+def table_variant(c_in: int, c_out: int, in_h: int, approximate: str) -> str:
+    """The lookup table's ``variant`` for this kernel, e.g. ``"ci32_co64_h32_none"``."""
+    return f"ci{c_in}_co{c_out}_h{in_h}_{approximate}"
+
+
+def select_config(x_shape: Sequence[int], c_out: int, dtype: torch.dtype, approximate: str,
+                  device: str | None = None) -> tuple[LaunchConfig, str]:
+    """The launch config for x of ``x_shape`` [N, C_in, D, H, W] and where it came from: the
+    tables (keyed by width W, rows N*D*H and the variant), else :func:`heuristic_config`."""
+    batch, c_in, in_d, in_h, in_w = x_shape
+    return lookup_config(KERNEL_NAME, device if device is not None else device_name(),
+                         _dtype_name(dtype), in_w, batch * in_d * in_h,
+                         variant=table_variant(c_in, c_out, in_h, approximate),
+                         heuristic=lambda: heuristic_config(c_out, in_w))
 
 
 def fused_conv_transpose_tail(
@@ -135,6 +156,7 @@ def fused_conv_transpose_tail(
     approximate: str = "none",
     *,
     config: LaunchConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``gelu(avg_pool3d(layer_norm(conv_transpose3d(x, conv_weight, conv_bias, stride=2,
     padding=1, output_padding=1) + sum_weight, (W,), ln_weight, ln_bias, eps), 2))``.
@@ -142,7 +164,8 @@ def fused_conv_transpose_tail(
     x is ``[N, C_in, D, H, W]`` and ``conv_weight`` ``[C_in, C_out, 3, 3, 3]``; the output is
     ``[N, C_out, D, H, W]`` (the conv doubles each spatial dim, the pooling halves it).
     ``config.block_rows`` is the number of output channels per program and ``block_w`` covers
-    the input width (both >= 16, for ``tl.dot``).
+    the input width (both >= 16, for ``tl.dot``); without ``config`` the tables are asked
+    (:func:`select_config`). ``out`` is an optional contiguous output tensor.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 5:
         raise ValueError(f"x must be a 5-D tensor [N, C_in, D, H, W], got {getattr(x, 'shape', x)}")
@@ -161,12 +184,19 @@ def fused_conv_transpose_tail(
         raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
     sum_tensor, sum_value = split_sum_weight(sum_weight, x)
     check_device(x)
-    config = config or heuristic_config(c_out, in_w)
+    if config is None:
+        config, _ = select_config(tuple(x.shape), c_out, x.dtype, approximate, device_name(x.device))
     if config.block_w < max(16, in_w) or config.block_rows < 16:
         raise ValueError(f"config block_w={config.block_w} must be >= max(16, W_in={in_w}) and "
                          f"block_rows={config.block_rows} (output channels) >= 16")
     block_ci = max(16, triton.next_power_of_2(c_in))
-    out = torch.empty((batch, c_out, in_d, in_h, in_w), dtype=x.dtype, device=x.device)
+    out_shape = (batch, c_out, in_d, in_h, in_w)
+    if out is None:
+        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    elif not isinstance(out, torch.Tensor) or tuple(out.shape) != out_shape \
+            or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous tensor of shape {out_shape} with x's dtype "
+                         "and device")
     if out.numel() == 0:
         return out
     x, conv_weight = x.contiguous(), conv_weight.contiguous()

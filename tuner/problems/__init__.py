@@ -5,9 +5,11 @@ from __future__ import annotations
 from .add_layernorm import AddLayerNorm
 from .add_layernorm_pool_gelu import AddLayerNormPoolGelu, AddLayerNormPoolGeluChannelsLast
 from .base import DTYPES, KernelSpec, Problem, TableKey, parse_dims, parse_dtype
+from .conv_transpose_tail import ConvTransposeTail
 
 KERNELS: dict[str, KernelSpec] = {spec.name: spec for spec in (
-    AddLayerNorm(), AddLayerNormPoolGelu(), AddLayerNormPoolGeluChannelsLast())}
+    AddLayerNorm(), AddLayerNormPoolGelu(), AddLayerNormPoolGeluChannelsLast(),
+    ConvTransposeTail())}
 
 
 def get_kernel(name: str) -> KernelSpec:

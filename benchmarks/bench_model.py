@@ -85,7 +85,8 @@ def main() -> None:
             for name, candidate in (("ModelNew", new), ("ModelNew add+LN", add_ln), ("compile", compiled),
                                     ("ModelNew conv in Triton", one_kernel)):
                 error = ((candidate(x).float() - expected).norm() / expected.norm()).item()
-                assert error < (1e-3 if dtype == torch.float32 else 2e-2), (name, error)
+                # float32: the convolutions run on TF32 tensor cores (cuDNN's default, and ours).
+                assert error < (5e-3 if dtype == torch.float32 else 2e-2), (name, error)
             tail_bytes = conv_out.numel() * conv_out.element_size() * 9 // 8  # read x, write x/8
             timings = {
                 "tail eager": time_ms(lambda: model.tail(conv_out)),

@@ -63,58 +63,63 @@ def _conv_transpose_tail_kernel(
         conv_bias = tl.load(conv_bias_ptr + cos, mask=co_mask, other=0.0).to(tl.float32)[None, :]
     width = 2 * in_w
     pooled = tl.zeros([BLOCK_J, BLOCK_CO], dtype=tl.float32)
-    for i in tl.static_range(2):          # d = 2 * do + i
-        for k in tl.static_range(2):      # h = 2 * ho + k
-            even = tl.zeros([BLOCK_J, BLOCK_CO], dtype=tl.float32)
-            odd = tl.zeros([BLOCK_J, BLOCK_CO], dtype=tl.float32)
-            for t in tl.static_range(1 + i):
-                for u in tl.static_range(1 + k):
-                    # Tap t of a position of parity i: kernel index 1 (even), else 0 then 2,
-                    # reading input position p // 2 + 1 for kernel index 0, else p // 2.
-                    kd, d_off = 1 - i + 2 * i * t, i * (1 - t)
-                    kh, h_off = 1 - k + 2 * k * u, k * (1 - u)
-                    in_depth = do + d_off
-                    in_row = ho + h_off
-                    # The input row past the last one (only at the far edge) reads as zeros.
-                    row_len = tl.where((in_depth < in_d) & (in_row < in_h), in_w, 0)
-                    # x[n, ci, in_depth, in_row, j] as a [BLOCK_J, BLOCK_CI] tile, and shifted by one.
-                    base = ((n * c_in + cis[None, :]) * in_d + in_depth) * in_h + in_row
-                    offsets = base * in_w + js[:, None]
-                    a = tl.load(x_ptr + offsets, mask=(js[:, None] < row_len) & ci_mask[None, :],
-                                other=0.0, eviction_policy=EVICTION_POLICY)
-                    a_next = tl.load(x_ptr + offsets + 1,
-                                     mask=(js[:, None] + 1 < row_len) & ci_mask[None, :],
-                                     other=0.0, eviction_policy=EVICTION_POLICY)
-                    tap = kd * 9 + kh * 3
-                    w_centre = tl.load(weight_ptr + w_offsets + tap + 1, mask=w_mask, other=0.0)
-                    w_first = tl.load(weight_ptr + w_offsets + tap, mask=w_mask, other=0.0)
-                    w_last = tl.load(weight_ptr + w_offsets + tap + 2, mask=w_mask, other=0.0)
-                    if DOT_IN_FLOAT32:
-                        a, a_next = a.to(tl.float32), a_next.to(tl.float32)
-                        w_centre, w_first, w_last = (w_centre.to(tl.float32), w_first.to(tl.float32),
-                                                     w_last.to(tl.float32))
-                    even += tl.dot(a, w_centre, input_precision=DOT_PRECISION)
-                    odd += tl.dot(a_next, w_first, input_precision=DOT_PRECISION)
-                    odd += tl.dot(a, w_last, input_precision=DOT_PRECISION)
-            if HAS_CONV_BIAS:
-                even += conv_bias
-                odd += conv_bias
-            # LayerNorm over the row's 2 * in_w positions: even ones 2j, odd ones 2j + 1.
-            even = tl.where(j_mask[:, None], even + shift, 0.0)
-            odd = tl.where(j_mask[:, None], odd + shift, 0.0)
-            mean = (tl.sum(even, axis=0) + tl.sum(odd, axis=0)) / width
-            even = tl.where(j_mask[:, None], even - mean[None, :], 0.0)
-            odd = tl.where(j_mask[:, None], odd - mean[None, :], 0.0)
-            rstd = tl.rsqrt((tl.sum(even * even, axis=0) + tl.sum(odd * odd, axis=0)) / width + eps)
-            even = even * rstd[None, :]
-            odd = odd * rstd[None, :]
-            if HAS_LN_WEIGHT:
-                even = even * tl.load(ln_weight_ptr + 2 * js, mask=j_mask, other=0.0).to(tl.float32)[:, None]
-                odd = odd * tl.load(ln_weight_ptr + 2 * js + 1, mask=j_mask, other=0.0).to(tl.float32)[:, None]
-            if HAS_LN_BIAS:
-                even = even + tl.load(ln_bias_ptr + 2 * js, mask=j_mask, other=0.0).to(tl.float32)[:, None]
-                odd = odd + tl.load(ln_bias_ptr + 2 * js + 1, mask=j_mask, other=0.0).to(tl.float32)[:, None]
-            pooled += even + odd          # AvgPool along W: positions 2j and 2j + 1
+    # Runtime loops (not unrolled): one conv row, and one input row of it, at a time keeps
+    # the live tiles few; unrolled, the 27 products of a program spill registers.
+    for row in range(4):
+        i = row // 2                      # d = 2 * do + i
+        k = row % 2                       # h = 2 * ho + k
+        even = tl.zeros([BLOCK_J, BLOCK_CO], dtype=tl.float32)
+        odd = tl.zeros([BLOCK_J, BLOCK_CO], dtype=tl.float32)
+        for t in range(1 + i):
+            for u in range(1 + k):
+                # Tap t of a position of parity i: kernel index 1 (even), else 0 then 2,
+                # reading input position p // 2 + 1 for kernel index 0, else p // 2.
+                kd = 1 - i + 2 * i * t
+                d_off = i * (1 - t)
+                kh = 1 - k + 2 * k * u
+                h_off = k * (1 - u)
+                in_depth = do + d_off
+                in_row = ho + h_off
+                # The input row past the last one (only at the far edge) reads as zeros.
+                row_len = tl.where((in_depth < in_d) & (in_row < in_h), in_w, 0)
+                # x[n, ci, in_depth, in_row, j] as a [BLOCK_J, BLOCK_CI] tile, and shifted by one.
+                base = ((n * c_in + cis[None, :]) * in_d + in_depth) * in_h + in_row
+                offsets = base * in_w + js[:, None]
+                a = tl.load(x_ptr + offsets, mask=(js[:, None] < row_len) & ci_mask[None, :],
+                            other=0.0, eviction_policy=EVICTION_POLICY)
+                a_next = tl.load(x_ptr + offsets + 1,
+                                 mask=(js[:, None] + 1 < row_len) & ci_mask[None, :],
+                                 other=0.0, eviction_policy=EVICTION_POLICY)
+                tap = kd * 9 + kh * 3
+                w_centre = tl.load(weight_ptr + w_offsets + tap + 1, mask=w_mask, other=0.0)
+                w_first = tl.load(weight_ptr + w_offsets + tap, mask=w_mask, other=0.0)
+                w_last = tl.load(weight_ptr + w_offsets + tap + 2, mask=w_mask, other=0.0)
+                if DOT_IN_FLOAT32:
+                    a, a_next = a.to(tl.float32), a_next.to(tl.float32)
+                    w_centre, w_first, w_last = (w_centre.to(tl.float32), w_first.to(tl.float32),
+                                                 w_last.to(tl.float32))
+                even += tl.dot(a, w_centre, input_precision=DOT_PRECISION)
+                odd += tl.dot(a_next, w_first, input_precision=DOT_PRECISION)
+                odd += tl.dot(a, w_last, input_precision=DOT_PRECISION)
+        if HAS_CONV_BIAS:
+            even += conv_bias
+            odd += conv_bias
+        # LayerNorm over the row's 2 * in_w positions: even ones 2j, odd ones 2j + 1.
+        even = tl.where(j_mask[:, None], even + shift, 0.0)
+        odd = tl.where(j_mask[:, None], odd + shift, 0.0)
+        mean = (tl.sum(even, axis=0) + tl.sum(odd, axis=0)) / width
+        even = tl.where(j_mask[:, None], even - mean[None, :], 0.0)
+        odd = tl.where(j_mask[:, None], odd - mean[None, :], 0.0)
+        rstd = tl.rsqrt((tl.sum(even * even, axis=0) + tl.sum(odd * odd, axis=0)) / width + eps)
+        even = even * rstd[None, :]
+        odd = odd * rstd[None, :]
+        if HAS_LN_WEIGHT:
+            even = even * tl.load(ln_weight_ptr + 2 * js, mask=j_mask, other=0.0).to(tl.float32)[:, None]
+            odd = odd * tl.load(ln_weight_ptr + 2 * js + 1, mask=j_mask, other=0.0).to(tl.float32)[:, None]
+        if HAS_LN_BIAS:
+            even = even + tl.load(ln_bias_ptr + 2 * js, mask=j_mask, other=0.0).to(tl.float32)[:, None]
+            odd = odd + tl.load(ln_bias_ptr + 2 * js + 1, mask=j_mask, other=0.0).to(tl.float32)[:, None]
+        pooled += even + odd          # AvgPool along W: positions 2j and 2j + 1
     y = _gelu(pooled * 0.125, APPROX_TANH)
     # out[n, co, do, ho, j], NCDHW.
     out_offsets = (((n * c_out + cos[None, :]) * in_d + do) * in_h + ho) * in_w + js[:, None]
@@ -124,9 +129,11 @@ def _conv_transpose_tail_kernel(
 
 @functools.lru_cache(maxsize=1024)
 def heuristic_config(c_out: int, in_w: int) -> LaunchConfig:
-    """All output channels (up to 64) of one pooled row a program, 4 warps. Unmeasured."""
+    """All output channels (up to 64) of one pooled row a program, 8 warps: at W_in=32 the
+    sm_90 build then needs 186 (float32) or 202 (bfloat16) registers and spills nothing
+    (cuobjdump --dump-resource-usage; 4 warps reaches 247-255). Not yet timed."""
     return LaunchConfig(block_rows=max(16, min(64, triton.next_power_of_2(c_out))),
-                        block_w=max(16, triton.next_power_of_2(in_w)), num_warps=4)
+                        block_w=max(16, triton.next_power_of_2(in_w)), num_warps=8)
 
 
 def table_variant(c_in: int, c_out: int, in_h: int, approximate: str) -> str:
@@ -213,8 +220,9 @@ def fused_conv_transpose_tail(
         HAS_CONV_BIAS=conv_bias is not None, HAS_LN_WEIGHT=ln_weight is not None,
         HAS_LN_BIAS=ln_bias is not None, SUM_FROM_PTR=sum_tensor is not None,
         APPROX_TANH=approximate == "tanh",
-        # float32: three TF32 products per dot, about float32 accuracy on tensor cores.
-        DOT_PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32",
+        # float32 on TF32 tensor cores, as PyTorch runs its cuDNN convolutions by default
+        # (torch.backends.cudnn.allow_tf32); "tf32x3" would be near-exact but spills registers.
+        DOT_PRECISION="tf32",
         # The interpreter (Triton 3.9) multiplies 16-bit float dots wrongly: upcast there.
         DOT_IN_FLOAT32=interpreter_enabled() and x.dtype != torch.float32,
         EVICTION_POLICY=config.eviction_policy,

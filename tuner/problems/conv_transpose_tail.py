@@ -29,6 +29,8 @@ class ConvTransposeTail(KernelSpec):
     32x32x16x32x32x64 for the reference model at batch 32."""
 
     name = KERNEL_NAME
+    # float32 runs on TF32 tensor cores (as cuDNN's convolution does by default).
+    tolerance = {"float32": 5e-3, "float16": 5e-3, "bfloat16": 2e-2}
 
     def canonical_shape(self, dims: tuple[int, ...]) -> tuple[int, ...]:
         if len(dims) != 6:

@@ -220,11 +220,19 @@ def compile_config(rows: int, width: int, dtype: torch.dtype, config: LaunchConf
     """
     if interpreter_enabled():
         return
+    x, weight, bias, sum_tensor = stand_in_tensors(dtype, has_weight, has_bias, sum_weight_dtype,
+                                                   device)
+    _launch(x, x, weight, bias, sum_tensor, 0.0, rows, width, 1e-5, config, warmup=True)
+
+
+def stand_in_tensors(dtype: torch.dtype, has_weight: bool, has_bias: bool,
+                     sum_weight_dtype: torch.dtype | None, device: torch.device | str):
+    """Tiny tensors that specialise a kernel as real inputs of these dtypes would (for compiling
+    without launching): x (also the output), weight or None, bias or None, sum_weight or None."""
     _dtype_name(dtype)
-    tiny = torch.empty(16, dtype=dtype, device=device)
+    tiny = torch.empty(16, dtype=dtype, device=device)  # 16-byte aligned, like any allocation
     sum_tensor = None if sum_weight_dtype is None else torch.empty(1, dtype=sum_weight_dtype, device=device)
-    _launch(tiny, tiny, tiny if has_weight else None, tiny if has_bias else None, sum_tensor, 0.0,
-            rows, width, 1e-5, config, warmup=True)
+    return tiny, tiny if has_weight else None, tiny if has_bias else None, sum_tensor
 
 
 def fused_add_layernorm(

@@ -40,7 +40,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .add_layernorm import _check_param, _dtype_name, check_device, split_sum_weight
+from .add_layernorm import (
+    _check_param,
+    _dtype_name,
+    check_device,
+    split_sum_weight,
+    stand_in_tensors,
+)
 from .config import MAX_TILE_ELEMENTS, LaunchConfig
 from .device import device_name, interpreter_enabled
 from .table import lookup_config
@@ -470,12 +476,10 @@ def compile_config(shape: Sequence[int], dtype: torch.dtype, config: LaunchConfi
     """
     if interpreter_enabled():
         return
-    _dtype_name(dtype)
-    tiny = torch.empty(16, dtype=dtype, device=device)
-    sum_tensor = None if sum_weight_dtype is None else torch.empty(1, dtype=sum_weight_dtype, device=device)
-    _launch(tiny, tiny, tiny if has_weight else None, tiny if has_bias else None, sum_tensor, 0.0,
-            1e-5, tuple(shape), _pool_kernel_tuple(pool_kernel), approximate, config,
-            channels_last, warmup=True)
+    x, weight, bias, sum_tensor = stand_in_tensors(dtype, has_weight, has_bias, sum_weight_dtype,
+                                                   device)
+    _launch(x, x, weight, bias, sum_tensor, 0.0, 1e-5, tuple(shape),
+            _pool_kernel_tuple(pool_kernel), approximate, config, channels_last, warmup=True)
 
 
 def fused_add_layernorm_pool_gelu(

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed (see BENCHMARKS.md), in one device call each:
+#   one GPU:   bash benchmarks/run_pending.sh model
+#   two GPUs:  bash benchmarks/run_pending.sh sweep2      (nvidia-h200-x2 / nvidia-h100-x2)
+#   four GPUs: bash benchmarks/run_pending.sh sweep4      (nvidia-h200-x4 / nvidia-h100-x4)
+# Results land in $OUT; copy them to benchmarks/results/ and BENCHMARKS.md.
+set -euo pipefail
+source .gpu/activate.sh >/dev/null
+cd benchmarks
+case "${1:-model}" in
+  model)  python bench_model.py --trials 24 2>&1 | tee "$OUT/model.log" ;;
+  sweep2) python bench_sweep.py --gpus 1,2 --spec ../search_spaces/sweeps/reference_model.yaml 2>&1 | tee "$OUT/sweep.log" ;;
+  sweep4) python bench_sweep.py --gpus 1,2,4 --spec ../search_spaces/sweeps/reference_model.yaml 2>&1 | tee "$OUT/sweep.log" ;;
+  *) echo "usage: $0 model|sweep2|sweep4" >&2; exit 2 ;;
+esac

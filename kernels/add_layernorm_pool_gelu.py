@@ -26,8 +26,7 @@ taken along axis 0 and the rest mirrors the row kernel (W pooled by a reshape to
 ``[BLOCK_WO, KW, BLOCK_C]``, or a ``[BLOCK_WO, KW_PAD, BLOCK_C]`` tile for other ``KW``). The
 output is written channels-last too: its ``[Wo, BLOCK_C]`` tile is contiguous, one store.
 Both kernels share the small ``@triton.jit`` helpers for sum_weight, the normalisation, the
-affine step and GELU; the row kernel's code is instruction-for-instruction what it was before
-the helpers (PTX for sm_90 compared, Triton 3.9).
+affine step and GELU.
 """
 
 from __future__ import annotations
@@ -357,9 +356,9 @@ def heuristic_config(pooled_rows: int, width: int, dtype: torch.dtype,
     per thread per load), 1 to 16 warps. Rows of 2 KiB or more get a program per pooled row
     and a warp per KiB (4 to 16).
 
-    Measured on an H100 (triton 3.6) at the reference shape [32, 64, 32, 64, 64], pool 2x2x2:
-    float32 8 pooled rows / 2 warps 0.405 ms (best of 60 configs 0.399 ms, 3025 GB/s);
-    bfloat16 16 rows / 2 warps 0.220 ms, the best; 16 bytes per thread (4 warps) 0.240 ms.
+    At the reference shape [32, 64, 32, 64, 64] the tuned H100 winners (bench_model.py, shipped
+    in kernels/tables/) are 2 rows / 1 warp in float32 (0.400 ms) and 16 rows / 1 warp in
+    bfloat16 (0.222 ms); this heuristic picks 8 rows / 2 warps and 16 rows / 2 warps there.
 
     Channels-last x (``channels_last=True``; ``channels`` = C): ``block_rows`` is the number
     of channels per program: up to 16, fewer where a ``[block_w, block_rows]`` tile would pass

@@ -22,7 +22,7 @@ import dataclasses
 import itertools
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import triton
 import yaml
@@ -40,21 +40,17 @@ class SpaceError(ValueError):
     """A search-space file that cannot be used; the message names the file and key."""
 
 
-def _tile(config: LaunchConfig) -> int:
-    return config.block_rows * config.block_w
-
-
 def _threads(config: LaunchConfig) -> int:
     return 32 * config.num_warps
 
 
 # Restrictions: name -> (type of its argument, predicate(config, table key, argument)).
 RESTRICTIONS: dict[str, tuple[type, Callable[[LaunchConfig, TableKey, Any], bool]]] = {
-    "max_tile_elements": (int, lambda c, key, limit: _tile(c) <= limit),
-    "min_tile_elements": (int, lambda c, key, limit: _tile(c) >= min(limit, key.rows * key.width)),
+    "max_tile_elements": (int, lambda c, key, limit: c.tile_elements <= limit),
+    "min_tile_elements": (int, lambda c, key, limit: c.tile_elements >= min(limit, key.rows * key.width)),
     # A single warp is always allowed: tiny problems have fewer elements than threads.
-    "min_elements_per_thread": (int, lambda c, key, n: c.num_warps == 1 or _tile(c) >= n * _threads(c)),
-    "max_elements_per_thread": (int, lambda c, key, n: _tile(c) <= n * _threads(c)),
+    "min_elements_per_thread": (int, lambda c, key, n: c.num_warps == 1 or c.tile_elements >= n * _threads(c)),
+    "max_elements_per_thread": (int, lambda c, key, n: c.tile_elements <= n * _threads(c)),
     # No tile taller than the (power-of-two rounded) number of rows.
     "block_rows_within_rows": (bool, lambda c, key, on: not on or
                                c.block_rows <= triton.next_power_of_2(key.rows)),
@@ -149,11 +145,7 @@ def _check_parameter(path: str, name: str, spec: Any) -> Any:
 
 def parse_space(data: Any, path: str = "<memory>") -> SearchSpace:
     """Validates a space already read from YAML; errors name ``path`` and the key."""
-    if not isinstance(data, dict):
-        raise SpaceError(f"{path}: expected a mapping with keys {list(_TOP_LEVEL)}")
-    unknown = set(data) - set(_TOP_LEVEL)
-    if unknown:
-        raise SpaceError(f"{path}: unknown keys {sorted(unknown)}; accepted: {list(_TOP_LEVEL)}")
+    check_keys(data, _TOP_LEVEL, SpaceError, path)
     if not isinstance(data.get("kernel"), str):
         raise SpaceError(f"{path}: kernel: must name the kernel, e.g. 'kernel: add_layernorm'")
     parameters = data.get("parameters")
@@ -176,6 +168,16 @@ def parse_space(data: Any, path: str = "<memory>") -> SearchSpace:
         if not isinstance(argument, kind) or (kind is int and isinstance(argument, bool)):
             raise SpaceError(f"{path}: restrictions.{name}: expected {kind.__name__}, got {argument!r}")
     return SearchSpace(data["kernel"], checked, dict(restrictions), path)
+
+
+def check_keys(data: Any, accepted: Iterable[str], error: type[ValueError], path: str) -> None:
+    """``data`` must be a mapping whose keys are among ``accepted``; else ``error`` naming them."""
+    accepted = sorted(accepted)
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping with keys {accepted}")
+    unknown = set(data) - set(accepted)
+    if unknown:
+        raise error(f"{path}: unknown keys {sorted(unknown)}; accepted: {accepted}")
 
 
 def read_yaml(path: str | os.PathLike, error: type[ValueError], what: str) -> Any:

@@ -90,7 +90,6 @@ class StudyRun:
         self.spec, self.problem, self.device, self.settings = spec, problem, device, settings
         self.table_key = spec.table_key(problem)
         self.choices = space.choices(self.table_key)
-        self.space = space
         self.valid = {config.key(): config for config in space.candidates(self.table_key)}
         # The storage holds one trial per measured config. Proposals come from an in-memory
         # twin study, so restriction-rejected, duplicate and abandoned proposals cost no storage

@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from .problems import Problem, get_kernel
-from .space import read_yaml
+from .space import check_keys, read_yaml
 
 _KEYS = {"kernels": list, "shapes": list, "dtypes": list, "trials": int, "patience": int,
          "timeout": (int, float)}
@@ -52,11 +52,7 @@ def build_problems(kernels: list[str], shapes: list[str], dtypes: list[str],
 
 def parse_spec(data: Any, path: str = "<memory>") -> SweepSpec:
     """Validates a spec already read from YAML."""
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: expected a mapping with keys {sorted(_KEYS)}")
-    unknown = set(data) - set(_KEYS)
-    if unknown:
-        raise SpecError(f"{path}: unknown keys {sorted(unknown)}; accepted: {sorted(_KEYS)}")
+    check_keys(data, _KEYS, SpecError, path)
     for key, kind in _KEYS.items():
         value = data.get(key)
         if value is None:

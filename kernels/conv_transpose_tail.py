@@ -3,14 +3,15 @@ padding 1) with ``GELU(AvgPool3d_2(LayerNorm_W(conv + sum_weight)))`` as its epi
 
 With stride 2 the transposed convolution splits by output parity: an even output position takes
 the centre tap (k = 1) of input position p / 2, an odd one the taps k = 0 of (p + 1) / 2 and
-k = 2 of (p - 1) / 2. A program owns one pooled ``(n, do, ho)`` and ``BLOCK_CO`` output
-channels, i.e. the four conv rows ``d in {2do, 2do + 1}``, ``h in {2ho, 2ho + 1}``; for each it
-builds the even and odd halves of the row, ``[BLOCK_J, BLOCK_CO]`` each (``j`` the input W
-position), as sums of ``[BLOCK_J, C_in] @ [C_in, BLOCK_CO]`` products (``tl.dot``) over the
-row's 1, 2 or 4 input rows. The LayerNorm over the 2 * W_in positions takes its statistics from
-both halves, the W pooling adds the two halves, and the four rows are averaged in registers.
-The conv output is never written: x and the weight are read, the pooled output is the only
-store. Not yet measured on a GPU: ``ModelNew`` uses it only when asked (``conv_in_triton``).
+k = 2 of (p - 1) / 2. A program owns ``BLOCK_CO`` output channels of ``ROWS`` pooled rows
+``(n, do, ho)``, ``ho`` consecutive, i.e. for each of them the four conv rows
+``d in {2do, 2do + 1}``, ``h in {2ho, 2ho + 1}``. For each of the four it builds the even and odd
+halves of the rows, ``[BLOCK_M, BLOCK_CO]`` each (``BLOCK_M = ROWS x ROW_W`` input W positions),
+as sums of ``[BLOCK_M, C_in] @ [C_in, BLOCK_CO]`` products (``tl.dot``) over the rows' 1, 2 or 4
+input rows; more rows per program read each weight tile for more outputs. The LayerNorm over a
+row's 2 * W_in positions takes its statistics from both halves, the W pooling adds the two
+halves, and the four conv rows are averaged in registers. The conv output is never written: x
+and the weight are read, the pooled output is the only store.
 """
 
 from __future__ import annotations
@@ -36,64 +37,76 @@ KERNEL_SIZE, STRIDE, PADDING, OUTPUT_PADDING = (3, 3, 3), (2, 2, 2), (1, 1, 1), 
 @triton.jit
 def _conv_transpose_tail_kernel(
     x_ptr, weight_ptr, conv_bias_ptr, ln_weight_ptr, ln_bias_ptr, sum_weight_ptr, sum_weight_value,
-    out_ptr, c_in, c_out, in_d, in_h, in_w, co_blocks, eps,
-    BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_J: tl.constexpr,
+    out_ptr, c_in, c_out, in_d, in_h, in_w, co_blocks, h_blocks, eps,
+    BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_M: tl.constexpr, ROW_W: tl.constexpr,
     HAS_CONV_BIAS: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
     SUM_FROM_PTR: tl.constexpr, APPROX_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_IN_FLOAT32: tl.constexpr, EVICTION_POLICY: tl.constexpr,
 ):
-    # Program -> (n, do, ho, channel block); the pooled grid is the input grid (stride 2).
+    # Program -> (n, do, block of pooled rows ho, channel block); the pooled grid is the input
+    # grid (stride 2). The M axis of the products is ROWS pooled rows of ROW_W positions each.
+    ROWS: tl.constexpr = BLOCK_M // ROW_W
     pid = tl.program_id(0).to(tl.int64)
     cos = (pid % co_blocks) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     rest = pid // co_blocks
-    ho = rest % in_h
-    rest = rest // in_h
+    ho_first = (rest % h_blocks) * ROWS
+    rest = rest // h_blocks
     do = rest % in_d
     n = rest // in_d
     cis = tl.arange(0, BLOCK_CI)
-    js = tl.arange(0, BLOCK_J)
+    ms = tl.arange(0, BLOCK_M)
+    hos = ho_first + ms // ROW_W          # pooled (= input) row of each M position
+    js = ms % ROW_W                       # input W position of each M position
     co_mask = cos < c_out
     ci_mask = cis < c_in
-    j_mask = js < in_w
     shift = _shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR)
-    # weight[ci, co, kd, kh, kw]: the [ci, co] slice of one tap is at ci * c_out * 27 + co * 27.
-    w_offsets = cis[:, None] * (c_out * 27) + cos[None, :] * 27
+    # The weight comes tap-major, [3, 3, 3, C_in, C_out]: a tap's [ci, co] slice is contiguous.
+    w_offsets = cis[:, None] * c_out + cos[None, :]
     w_mask = ci_mask[:, None] & co_mask[None, :]
+    tap_stride = c_in * c_out
     if HAS_CONV_BIAS:
         conv_bias = tl.load(conv_bias_ptr + cos, mask=co_mask, other=0.0).to(tl.float32)[None, :]
+    # The epilogue works on [ROWS, ROW_W, BLOCK_CO] views of the [BLOCK_M, BLOCK_CO] products.
+    js3 = tl.arange(0, ROW_W)[None, :, None]
+    hos3 = ho_first + tl.arange(0, ROWS)[:, None, None]
+    valid3 = (js3 < in_w) & (hos3 < in_h)
+    if HAS_LN_WEIGHT:
+        ln_w_even = tl.load(ln_weight_ptr + 2 * js3, mask=js3 < in_w, other=0.0).to(tl.float32)
+        ln_w_odd = tl.load(ln_weight_ptr + 2 * js3 + 1, mask=js3 < in_w, other=0.0).to(tl.float32)
+    if HAS_LN_BIAS:
+        ln_b_even = tl.load(ln_bias_ptr + 2 * js3, mask=js3 < in_w, other=0.0).to(tl.float32)
+        ln_b_odd = tl.load(ln_bias_ptr + 2 * js3 + 1, mask=js3 < in_w, other=0.0).to(tl.float32)
     width = 2 * in_w
-    pooled = tl.zeros([BLOCK_J, BLOCK_CO], dtype=tl.float32)
+    pooled = tl.zeros([ROWS, ROW_W, BLOCK_CO], dtype=tl.float32)
     # Runtime loops (not unrolled): one conv row, and one input row of it, at a time keeps
     # the live tiles few; unrolled, the 27 products of a program spill registers.
     for row in range(4):
         i = row // 2                      # d = 2 * do + i
         k = row % 2                       # h = 2 * ho + k
-        even = tl.zeros([BLOCK_J, BLOCK_CO], dtype=tl.float32)
-        odd = tl.zeros([BLOCK_J, BLOCK_CO], dtype=tl.float32)
+        even = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32)
+        odd = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32)
         for t in range(1 + i):
             for u in range(1 + k):
                 # Tap t of a position of parity i: kernel index 1 (even), else 0 then 2,
                 # reading input position p // 2 + 1 for kernel index 0, else p // 2.
                 kd = 1 - i + 2 * i * t
-                d_off = i * (1 - t)
+                in_depth = do + i * (1 - t)
                 kh = 1 - k + 2 * k * u
-                h_off = k * (1 - u)
-                in_depth = do + d_off
-                in_row = ho + h_off
-                # The input row past the last one (only at the far edge) reads as zeros.
-                row_len = tl.where((in_depth < in_d) & (in_row < in_h), in_w, 0)
-                # x[n, ci, in_depth, in_row, j] as a [BLOCK_J, BLOCK_CI] tile, and shifted by one.
-                base = ((n * c_in + cis[None, :]) * in_d + in_depth) * in_h + in_row
+                in_rows = hos + k * (1 - u)
+                # Input rows past the last one (only at the far edge) read as zeros.
+                row_len = tl.where((in_depth < in_d) & (in_rows < in_h), in_w, 0)[:, None]
+                # x[n, ci, in_depth, in_row, j] as a [BLOCK_M, BLOCK_CI] tile, and shifted by one.
+                base = ((n * c_in + cis[None, :]) * in_d + in_depth) * in_h + in_rows[:, None]
                 offsets = base * in_w + js[:, None]
                 a = tl.load(x_ptr + offsets, mask=(js[:, None] < row_len) & ci_mask[None, :],
                             other=0.0, eviction_policy=EVICTION_POLICY)
                 a_next = tl.load(x_ptr + offsets + 1,
                                  mask=(js[:, None] + 1 < row_len) & ci_mask[None, :],
                                  other=0.0, eviction_policy=EVICTION_POLICY)
-                tap = kd * 9 + kh * 3
-                w_centre = tl.load(weight_ptr + w_offsets + tap + 1, mask=w_mask, other=0.0)
-                w_first = tl.load(weight_ptr + w_offsets + tap, mask=w_mask, other=0.0)
-                w_last = tl.load(weight_ptr + w_offsets + tap + 2, mask=w_mask, other=0.0)
+                tap = weight_ptr + (kd * 9 + kh * 3) * tap_stride + w_offsets
+                w_first = tl.load(tap, mask=w_mask, other=0.0)
+                w_centre = tl.load(tap + tap_stride, mask=w_mask, other=0.0)
+                w_last = tl.load(tap + 2 * tap_stride, mask=w_mask, other=0.0)
                 if DOT_IN_FLOAT32:
                     a, a_next = a.to(tl.float32), a_next.to(tl.float32)
                     w_centre, w_first, w_last = (w_centre.to(tl.float32), w_first.to(tl.float32),
@@ -104,36 +117,38 @@ def _conv_transpose_tail_kernel(
         if HAS_CONV_BIAS:
             even += conv_bias
             odd += conv_bias
-        # LayerNorm over the row's 2 * in_w positions: even ones 2j, odd ones 2j + 1.
-        even = tl.where(j_mask[:, None], even + shift, 0.0)
-        odd = tl.where(j_mask[:, None], odd + shift, 0.0)
-        mean = (tl.sum(even, axis=0) + tl.sum(odd, axis=0)) / width
-        even = tl.where(j_mask[:, None], even - mean[None, :], 0.0)
-        odd = tl.where(j_mask[:, None], odd - mean[None, :], 0.0)
-        rstd = tl.rsqrt((tl.sum(even * even, axis=0) + tl.sum(odd * odd, axis=0)) / width + eps)
-        even = even * rstd[None, :]
-        odd = odd * rstd[None, :]
+        # LayerNorm over each row's 2 * in_w positions: even ones 2j, odd ones 2j + 1.
+        even3 = tl.where(valid3, tl.reshape(even, [ROWS, ROW_W, BLOCK_CO]) + shift, 0.0)
+        odd3 = tl.where(valid3, tl.reshape(odd, [ROWS, ROW_W, BLOCK_CO]) + shift, 0.0)
+        mean = ((tl.sum(even3, axis=1) + tl.sum(odd3, axis=1)) / width)[:, None, :]
+        even3 = tl.where(valid3, even3 - mean, 0.0)
+        odd3 = tl.where(valid3, odd3 - mean, 0.0)
+        variance = (tl.sum(even3 * even3, axis=1) + tl.sum(odd3 * odd3, axis=1)) / width
+        rstd = tl.rsqrt(variance + eps)[:, None, :]
+        even3 = even3 * rstd
+        odd3 = odd3 * rstd
         if HAS_LN_WEIGHT:
-            even = even * tl.load(ln_weight_ptr + 2 * js, mask=j_mask, other=0.0).to(tl.float32)[:, None]
-            odd = odd * tl.load(ln_weight_ptr + 2 * js + 1, mask=j_mask, other=0.0).to(tl.float32)[:, None]
+            even3 = even3 * ln_w_even
+            odd3 = odd3 * ln_w_odd
         if HAS_LN_BIAS:
-            even = even + tl.load(ln_bias_ptr + 2 * js, mask=j_mask, other=0.0).to(tl.float32)[:, None]
-            odd = odd + tl.load(ln_bias_ptr + 2 * js + 1, mask=j_mask, other=0.0).to(tl.float32)[:, None]
-        pooled += even + odd          # AvgPool along W: positions 2j and 2j + 1
+            even3 = even3 + ln_b_even
+            odd3 = odd3 + ln_b_odd
+        pooled += even3 + odd3        # AvgPool along W: positions 2j and 2j + 1
     y = _gelu(pooled * 0.125, APPROX_TANH)
     # out[n, co, do, ho, j], NCDHW.
-    out_offsets = (((n * c_out + cos[None, :]) * in_d + do) * in_h + ho) * in_w + js[:, None]
+    cos3 = cos[None, None, :]
+    out_offsets = (((n * c_out + cos3) * in_d + do) * in_h + hos3) * in_w + js3
     tl.store(out_ptr + out_offsets, y.to(out_ptr.dtype.element_ty),
-             mask=j_mask[:, None] & co_mask[None, :], eviction_policy=EVICTION_POLICY)
+             mask=valid3 & (cos3 < c_out), eviction_policy=EVICTION_POLICY)
 
 
 @functools.lru_cache(maxsize=1024)
 def heuristic_config(c_out: int, in_w: int) -> LaunchConfig:
-    """All output channels (up to 64) of one pooled row a program, 8 warps: at W_in=32 the
-    sm_90 build then needs 186 (float32) or 202 (bfloat16) registers and spills nothing
-    (cuobjdump --dump-resource-usage; 4 warps reaches 247-255). Not yet timed."""
+    """All output channels (up to 64) of one pooled row a program, 2 warps: the best of a
+    36-config grid for both float32 and bfloat16 at the reference shape on an H100
+    (``benchmarks/bench_conv_tail.py``)."""
     return LaunchConfig(block_rows=max(16, min(64, triton.next_power_of_2(c_out))),
-                        block_w=max(16, triton.next_power_of_2(in_w)), num_warps=8)
+                        block_w=max(16, triton.next_power_of_2(in_w)), num_warps=2)
 
 
 def table_variant(c_in: int, c_out: int, in_h: int, approximate: str) -> str:
@@ -170,8 +185,9 @@ def fused_conv_transpose_tail(
 
     x is ``[N, C_in, D, H, W]`` and ``conv_weight`` ``[C_in, C_out, 3, 3, 3]``; the output is
     ``[N, C_out, D, H, W]`` (the conv doubles each spatial dim, the pooling halves it).
-    ``config.block_rows`` is the number of output channels per program and ``block_w`` covers
-    the input width (both >= 16, for ``tl.dot``); without ``config`` the tables are asked
+    ``config.block_rows`` is the number of output channels per program and ``block_w`` the
+    input W positions, ``block_w / next_power_of_2(W)`` whole rows (both >= 16, for
+    ``tl.dot``); without ``config`` the tables are asked
     (:func:`select_config`). ``out`` is an optional contiguous output tensor.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 5:
@@ -193,9 +209,11 @@ def fused_conv_transpose_tail(
     check_device(x)
     if config is None:
         config, _ = select_config(tuple(x.shape), c_out, x.dtype, approximate, device_name(x.device))
-    if config.block_w < max(16, in_w) or config.block_rows < 16:
-        raise ValueError(f"config block_w={config.block_w} must be >= max(16, W_in={in_w}) and "
-                         f"block_rows={config.block_rows} (output channels) >= 16")
+    row_w = triton.next_power_of_2(in_w)
+    if config.block_w < max(16, row_w) or config.block_rows < 16:
+        raise ValueError(f"config block_w={config.block_w} must be >= max(16, W_in={in_w} rounded "
+                         f"up to a power of 2) and block_rows={config.block_rows} (output "
+                         "channels) >= 16")
     block_ci = max(16, triton.next_power_of_2(c_in))
     out_shape = (batch, c_out, in_d, in_h, in_w)
     if out is None:
@@ -206,23 +224,25 @@ def fused_conv_transpose_tail(
                          "and device")
     if out.numel() == 0:
         return out
-    x, conv_weight = x.contiguous(), conv_weight.contiguous()
+    # Tap-major weight, [3, 3, 3, C_in, C_out]: each tap's [C_in, C_out] slice loads coalesced.
+    x, tap_major_weight = x.contiguous(), conv_weight.permute(2, 3, 4, 0, 1).contiguous()
     co_blocks = triton.cdiv(c_out, config.block_rows)
+    h_blocks = triton.cdiv(in_h, config.block_w // row_w)
     dummy = x
-    _conv_transpose_tail_kernel[(batch * in_d * in_h * co_blocks,)](
-        x, conv_weight,
+    _conv_transpose_tail_kernel[(batch * in_d * h_blocks * co_blocks,)](
+        x, tap_major_weight,
         conv_bias.contiguous() if conv_bias is not None else dummy,
         ln_weight.contiguous() if ln_weight is not None else dummy,
         ln_bias.contiguous() if ln_bias is not None else dummy,
         sum_tensor if sum_tensor is not None else dummy, sum_value,
-        out, c_in, c_out, in_d, in_h, in_w, co_blocks, float(eps),
-        BLOCK_CI=block_ci, BLOCK_CO=config.block_rows, BLOCK_J=config.block_w,
+        out, c_in, c_out, in_d, in_h, in_w, co_blocks, h_blocks, float(eps),
+        BLOCK_CI=block_ci, BLOCK_CO=config.block_rows, BLOCK_M=config.block_w, ROW_W=row_w,
         HAS_CONV_BIAS=conv_bias is not None, HAS_LN_WEIGHT=ln_weight is not None,
         HAS_LN_BIAS=ln_bias is not None, SUM_FROM_PTR=sum_tensor is not None,
         APPROX_TANH=approximate == "tanh",
-        # float32 on TF32 tensor cores, as PyTorch runs its cuDNN convolutions by default
-        # (torch.backends.cudnn.allow_tf32); "tf32x3" would be near-exact but spills registers.
-        DOT_PRECISION="tf32",
+        # float32 on TF32 tensor cores where PyTorch lets its cuDNN convolutions use them (the
+        # default, torch.backends.cudnn.allow_tf32); "tf32x3" would be near-exact but spills.
+        DOT_PRECISION="tf32" if torch.backends.cudnn.allow_tf32 else "ieee",
         # The interpreter (Triton 3.9) multiplies 16-bit float dots wrongly: upcast there.
         DOT_IN_FLOAT32=interpreter_enabled() and x.dtype != torch.float32,
         EVICTION_POLICY=config.eviction_policy,

@@ -40,11 +40,13 @@ def test_matches_float64_reference(dtype, dims, approximate):
     assert ((y.double() - expected).norm() / expected.norm()).item() < TOLERANCE[dtype]
 
 
+# block_w / 8 (W=6 rounded up) pooled rows a program: 2, 4 and 8 of H=5, the last block partial.
 @pytest.mark.parametrize("config", [LaunchConfig(16, 16, 1, 1, "evict_first"),
-                                    LaunchConfig(32, 16, 4, 2, "evict_last")])
+                                    LaunchConfig(32, 32, 4, 2, "evict_last"),
+                                    LaunchConfig(16, 64, 2, 1)])
 def test_configs_and_optional_parameters(config):
     g = torch.Generator().manual_seed(7)
-    x = rand(2, 3, 2, 2, 6, dtype=torch.float32, generator=g)
+    x = rand(2, 3, 2, 5, 6, dtype=torch.float32, generator=g)
     weight = rand(3, 20, 3, 3, 3, dtype=torch.float32, generator=g, scale=0.3)
     s = torch.tensor(-0.4)
     y = fused_conv_transpose_tail(x, weight, None, s, None, None, 1e-5, config=config)

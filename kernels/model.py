@@ -104,13 +104,17 @@ class ModelNew(Model):
                                   conv.dilation)
 
     #: Run convolution and tail as one Triton kernel (kernels/conv_transpose_tail.py) where the
-    #: configuration allows: on an H100 at batch 32, 2.1x (bfloat16) and 1.9x (float32) faster
-    #: than the channels-last cuDNN convolution plus the fused tail (BENCHMARKS.md).
+    #: configuration allows: on an H100 at batch 32, 2.1x faster in float32 (TF32 dots, as
+    #: cuDNN's default) and bfloat16 than the channels-last cuDNN convolution plus the fused
+    #: tail (BENCHMARKS.md). float32 with ``torch.backends.cudnn.allow_tf32 = False`` keeps cuDNN.
     conv_in_triton: bool = True
 
     def _triton_conv_tail_applies(self, x: torch.Tensor) -> bool:
         conv = self.conv_transpose
-        return (self.conv_in_triton and self.uses_fused_tail and x.dim() == 5
+        # Without TF32 the kernel's float32 dots run on CUDA cores: 46.5 ms against cuDNN's
+        # 12.1 ms (H100, batch 32), so float32 then takes cuDNN and the fused tail.
+        exact_float32 = x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
+        return (self.conv_in_triton and self.uses_fused_tail and x.dim() == 5 and not exact_float32
                 and type(conv) is nn.ConvTranspose3d and conv.padding_mode == "zeros"
                 and (conv.kernel_size, conv.stride, conv.padding, conv.output_padding)
                 == (KERNEL_SIZE, STRIDE, PADDING, OUTPUT_PADDING)

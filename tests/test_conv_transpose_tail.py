@@ -87,6 +87,12 @@ def test_model_new_with_the_conv_in_triton_matches_model(dtype):
         expected.load_state_dict({k: v.to(dtype).double() for k, v in model.state_dict().items()})
         expected = expected(x.to(dtype).double())
     assert ((y.double() - expected).norm() / expected.norm()).item() < TOLERANCE[dtype]
+    # float32 without TF32 keeps cuDNN (the kernel's exact-float32 dots are 4x slower).
+    torch.backends.cudnn.allow_tf32, allow_tf32 = False, torch.backends.cudnn.allow_tf32
+    try:
+        assert new._triton_conv_tail_applies(x.to(dtype)) == (dtype != torch.float32)
+    finally:
+        torch.backends.cudnn.allow_tf32 = allow_tf32
     # A configuration the kernel does not cover falls back to the other paths.
     other = ModelNew(**{**args, "stride": 1, "padding": 1, "output_padding": 0, "norm_shape": (4,)})
     other.conv_in_triton = True

@@ -32,7 +32,8 @@ def resources(dtype: str, warps: int, block_co: int, block_m: int) -> list:
     fn = conv_tail._conv_transpose_tail_kernel
     constants = dict(BLOCK_CI=32, BLOCK_CO=block_co, BLOCK_M=block_m, ROW_W=32, HAS_CONV_BIAS=True,
                      HAS_LN_WEIGHT=True, HAS_LN_BIAS=True, SUM_FROM_PTR=True, APPROX_TANH=False,
-                     DOT_PRECISION="tf32", DOT_IN_FLOAT32=False, EVICTION_POLICY="")
+                     DOT_PRECISION="tf32", DOT_IN_FLOAT32=False, EVICTION_POLICY="", INDEX_64=False,
+                     EXACT_CHANNELS=True)
     signature = {name: SCALARS.get(name, f"*{dtype}") for name in fn.arg_names}
     signature.update({name: "constexpr" for name in constants})
     source = ASTSource(fn=fn, signature=signature,

@@ -41,12 +41,15 @@ def _conv_transpose_tail_kernel(
     BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_M: tl.constexpr, ROW_W: tl.constexpr,
     HAS_CONV_BIAS: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
     SUM_FROM_PTR: tl.constexpr, APPROX_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_IN_FLOAT32: tl.constexpr, EVICTION_POLICY: tl.constexpr,
+    DOT_IN_FLOAT32: tl.constexpr, EVICTION_POLICY: tl.constexpr, INDEX_64: tl.constexpr,
+    EXACT_CHANNELS: tl.constexpr,
 ):
     # Program -> (n, do, block of pooled rows ho, channel block); the pooled grid is the input
     # grid (stride 2). The M axis of the products is ROWS pooled rows of ROW_W positions each.
     ROWS: tl.constexpr = BLOCK_M // ROW_W
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
+    if INDEX_64:  # int32 offsets otherwise: half the registers for addresses
+        pid = pid.to(tl.int64)
     cos = (pid % co_blocks) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     rest = pid // co_blocks
     ho_first = (rest % h_blocks) * ROWS
@@ -70,12 +73,6 @@ def _conv_transpose_tail_kernel(
     js3 = tl.arange(0, ROW_W)[None, :, None]
     hos3 = ho_first + tl.arange(0, ROWS)[:, None, None]
     valid3 = (js3 < in_w) & (hos3 < in_h)
-    if HAS_LN_WEIGHT:
-        ln_w_even = tl.load(ln_weight_ptr + 2 * js3, mask=js3 < in_w, other=0.0).to(tl.float32)
-        ln_w_odd = tl.load(ln_weight_ptr + 2 * js3 + 1, mask=js3 < in_w, other=0.0).to(tl.float32)
-    if HAS_LN_BIAS:
-        ln_b_even = tl.load(ln_bias_ptr + 2 * js3, mask=js3 < in_w, other=0.0).to(tl.float32)
-        ln_b_odd = tl.load(ln_bias_ptr + 2 * js3 + 1, mask=js3 < in_w, other=0.0).to(tl.float32)
     width = 2 * in_w
     pooled = tl.zeros([ROWS, ROW_W, BLOCK_CO], dtype=tl.float32)
     # Runtime loops (not unrolled): one conv row, and one input row of it, at a time keeps
@@ -98,15 +95,26 @@ def _conv_transpose_tail_kernel(
                 # x[n, ci, in_depth, in_row, j] as a [BLOCK_M, BLOCK_CI] tile, and shifted by one.
                 base = ((n * c_in + cis[None, :]) * in_d + in_depth) * in_h + in_rows[:, None]
                 offsets = base * in_w + js[:, None]
-                a = tl.load(x_ptr + offsets, mask=(js[:, None] < row_len) & ci_mask[None, :],
-                            other=0.0, eviction_policy=EVICTION_POLICY)
-                a_next = tl.load(x_ptr + offsets + 1,
-                                 mask=(js[:, None] + 1 < row_len) & ci_mask[None, :],
-                                 other=0.0, eviction_policy=EVICTION_POLICY)
                 tap = weight_ptr + (kd * 9 + kh * 3) * tap_stride + w_offsets
-                w_first = tl.load(tap, mask=w_mask, other=0.0)
-                w_centre = tl.load(tap + tap_stride, mask=w_mask, other=0.0)
-                w_last = tl.load(tap + 2 * tap_stride, mask=w_mask, other=0.0)
+                # Channel masks only where the blocks overhang: masks held across the loop
+                # take registers the products need.
+                if EXACT_CHANNELS:
+                    a = tl.load(x_ptr + offsets, mask=js[:, None] < row_len, other=0.0,
+                                eviction_policy=EVICTION_POLICY)
+                    a_next = tl.load(x_ptr + offsets + 1, mask=js[:, None] + 1 < row_len,
+                                     other=0.0, eviction_policy=EVICTION_POLICY)
+                    w_first = tl.load(tap)
+                    w_centre = tl.load(tap + tap_stride)
+                    w_last = tl.load(tap + 2 * tap_stride)
+                else:
+                    a = tl.load(x_ptr + offsets, mask=(js[:, None] < row_len) & ci_mask[None, :],
+                                other=0.0, eviction_policy=EVICTION_POLICY)
+                    a_next = tl.load(x_ptr + offsets + 1,
+                                     mask=(js[:, None] + 1 < row_len) & ci_mask[None, :],
+                                     other=0.0, eviction_policy=EVICTION_POLICY)
+                    w_first = tl.load(tap, mask=w_mask, other=0.0)
+                    w_centre = tl.load(tap + tap_stride, mask=w_mask, other=0.0)
+                    w_last = tl.load(tap + 2 * tap_stride, mask=w_mask, other=0.0)
                 if DOT_IN_FLOAT32:
                     a, a_next = a.to(tl.float32), a_next.to(tl.float32)
                     w_centre, w_first, w_last = (w_centre.to(tl.float32), w_first.to(tl.float32),
@@ -127,12 +135,14 @@ def _conv_transpose_tail_kernel(
         rstd = tl.rsqrt(variance + eps)[:, None, :]
         even3 = even3 * rstd
         odd3 = odd3 * rstd
+        # LayerNorm weight and bias at even and odd positions: loaded per conv row (L1 hits),
+        # since holding them across the loop costs registers the products need.
         if HAS_LN_WEIGHT:
-            even3 = even3 * ln_w_even
-            odd3 = odd3 * ln_w_odd
+            even3 *= tl.load(ln_weight_ptr + 2 * js3, mask=js3 < in_w, other=0.0).to(tl.float32)
+            odd3 *= tl.load(ln_weight_ptr + 2 * js3 + 1, mask=js3 < in_w, other=0.0).to(tl.float32)
         if HAS_LN_BIAS:
-            even3 = even3 + ln_b_even
-            odd3 = odd3 + ln_b_odd
+            even3 += tl.load(ln_bias_ptr + 2 * js3, mask=js3 < in_w, other=0.0).to(tl.float32)
+            odd3 += tl.load(ln_bias_ptr + 2 * js3 + 1, mask=js3 < in_w, other=0.0).to(tl.float32)
         pooled += even3 + odd3        # AvgPool along W: positions 2j and 2j + 1
     y = _gelu(pooled * 0.125, APPROX_TANH)
     # out[n, co, do, ho, j], NCDHW.
@@ -246,6 +256,9 @@ def fused_conv_transpose_tail(
         # The interpreter (Triton 3.9) multiplies 16-bit float dots wrongly: upcast there.
         DOT_IN_FLOAT32=interpreter_enabled() and x.dtype != torch.float32,
         EVICTION_POLICY=config.eviction_policy,
+        # Masked reads past the far edge compute offsets up to a plane beyond x's end.
+        INDEX_64=max(x.numel() + x.stride(0), out.numel()) >= 2**31,
+        EXACT_CHANNELS=c_in == block_ci and c_out % config.block_rows == 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -24,7 +24,9 @@ def rand(*shape, dtype, generator, scale=1.0, shift=0.0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("dims", [(1, 3, 5, 2, 3, 4), (2, 4, 16, 3, 2, 5), (1, 2, 20, 1, 1, 17)])
+# (n, c_in, c_out, d, h, w); the last has channel blocks that fit exactly (no channel masks).
+@pytest.mark.parametrize("dims", [(1, 3, 5, 2, 3, 4), (2, 4, 16, 3, 2, 5), (1, 2, 20, 1, 1, 17),
+                                  (1, 16, 32, 2, 3, 8)])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_matches_float64_reference(dtype, dims, approximate):
     n, c_in, c_out, d, h, w = dims

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements still owed (see BENCHMARKS.md), in one device call each:
+# GPU runs behind BENCHMARKS.md, one device call each (sweep2 and sweep4 are still owed):
 #   one GPU:   bash benchmarks/run_pending.sh model
 #   one GPU:   bash benchmarks/run_pending.sh tables      (the reference sweeps -> $OUT/tables/)
 #   two GPUs:  bash benchmarks/run_pending.sh sweep2      (nvidia-h200-x2 / nvidia-h100-x2)

@@ -56,13 +56,13 @@ class ModelNew(Model):
     When the convolution is the reference one (kernel 3, stride 2, padding 1, output padding 1)
     and the tail pools 2x2x2 with LayerNorm over the last dim, the whole forward pass is one
     Triton kernel (:attr:`conv_in_triton`, ``kernels/conv_transpose_tail.py``): the conv output
-    is never written. Otherwise, when the configuration allows it (LayerNorm over the last dim only, AvgPool3d with stride
-    equal to its kernel, no padding, floor mode and no divisor override, GELU ``"none"`` or
-    ``"tanh"``), add, LayerNorm, pooling and GELU run as one kernel that reads the convolution's
-    output once (:attr:`uses_fused_tail`). Otherwise x + sum_weight and the LayerNorm are fused
-    and PyTorch pools and applies GELU.
+    is never written. Otherwise, when the tail allows it (LayerNorm over the last dim only,
+    AvgPool3d with stride equal to its kernel, no padding, floor mode and no divisor override,
+    GELU ``"none"`` or ``"tanh"``), add, LayerNorm, pooling and GELU run as one kernel that reads
+    the convolution's output once (:attr:`uses_fused_tail`). Otherwise x + sum_weight and the
+    LayerNorm are fused and PyTorch pools and applies GELU.
 
-    With the fused tail, the transposed convolution runs in ``torch.channels_last_3d`` (input
+    Without the one-kernel path but with the fused tail, the transposed convolution runs in ``torch.channels_last_3d`` (input
     and weight converted per call; the module's parameters, hence the state_dict, are left
     as they are) and the tail kernel reads its channels-last output in place, so the result
     is ``channels_last_3d`` strided (same shape and values; should PyTorch return the

@@ -62,6 +62,11 @@ def _conv_transpose_tail_kernel(
     js = ms % ROW_W                       # input W position of each M position
     co_mask = cos < c_out
     ci_mask = cis < c_in
+    if EXACT_CHANNELS:
+        # The blocks fit the channels exactly: constant all-true masks, which the compiler
+        # drops (masks held across the loop take registers the products need).
+        co_mask = tl.full([BLOCK_CO], 1, tl.int1)
+        ci_mask = tl.full([BLOCK_CI], 1, tl.int1)
     shift = _shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR)
     # The weight comes tap-major, [3, 3, 3, C_in, C_out]: a tap's [ci, co] slice is contiguous.
     w_offsets = cis[:, None] * c_out + cos[None, :]
@@ -96,25 +101,14 @@ def _conv_transpose_tail_kernel(
                 base = ((n * c_in + cis[None, :]) * in_d + in_depth) * in_h + in_rows[:, None]
                 offsets = base * in_w + js[:, None]
                 tap = weight_ptr + (kd * 9 + kh * 3) * tap_stride + w_offsets
-                # Channel masks only where the blocks overhang: masks held across the loop
-                # take registers the products need.
-                if EXACT_CHANNELS:
-                    a = tl.load(x_ptr + offsets, mask=js[:, None] < row_len, other=0.0,
-                                eviction_policy=EVICTION_POLICY)
-                    a_next = tl.load(x_ptr + offsets + 1, mask=js[:, None] + 1 < row_len,
-                                     other=0.0, eviction_policy=EVICTION_POLICY)
-                    w_first = tl.load(tap)
-                    w_centre = tl.load(tap + tap_stride)
-                    w_last = tl.load(tap + 2 * tap_stride)
-                else:
-                    a = tl.load(x_ptr + offsets, mask=(js[:, None] < row_len) & ci_mask[None, :],
-                                other=0.0, eviction_policy=EVICTION_POLICY)
-                    a_next = tl.load(x_ptr + offsets + 1,
-                                     mask=(js[:, None] + 1 < row_len) & ci_mask[None, :],
-                                     other=0.0, eviction_policy=EVICTION_POLICY)
-                    w_first = tl.load(tap, mask=w_mask, other=0.0)
-                    w_centre = tl.load(tap + tap_stride, mask=w_mask, other=0.0)
-                    w_last = tl.load(tap + 2 * tap_stride, mask=w_mask, other=0.0)
+                a = tl.load(x_ptr + offsets, mask=(js[:, None] < row_len) & ci_mask[None, :],
+                            other=0.0, eviction_policy=EVICTION_POLICY)
+                a_next = tl.load(x_ptr + offsets + 1,
+                                 mask=(js[:, None] + 1 < row_len) & ci_mask[None, :],
+                                 other=0.0, eviction_policy=EVICTION_POLICY)
+                w_first = tl.load(tap, mask=w_mask, other=0.0)
+                w_centre = tl.load(tap + tap_stride, mask=w_mask, other=0.0)
+                w_last = tl.load(tap + 2 * tap_stride, mask=w_mask, other=0.0)
                 if DOT_IN_FLOAT32:
                     a, a_next = a.to(tl.float32), a_next.to(tl.float32)
                     w_centre, w_first, w_last = (w_centre.to(tl.float32), w_first.to(tl.float32),

@@ -32,3 +32,34 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture
+def no_tables(monkeypatch, tmp_path):
+    """No tuned table may leak in: configs come from the heuristic unless a test passes one."""
+    from kernels import reload_tables
+
+    monkeypatch.delenv("TUNER_TABLE", raising=False)
+    monkeypatch.delenv("TUNER_DEVICE_NAME", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setattr("kernels.table.SHIPPED_TABLES_DIR", tmp_path / "shipped")
+    reload_tables()
+    yield
+    reload_tables()
+
+
+@pytest.fixture
+def launch_grids(monkeypatch):
+    """``launch_grids(module, name)`` wraps the ``@triton.jit`` kernel ``module.name`` so that
+    each launch still runs and its grid is appended to the returned list."""
+    def spy(module, name: str) -> list:
+        grids, kernel = [], getattr(module, name)
+
+        class Spy:
+            def __getitem__(self, grid):
+                grids.append(grid)
+                return kernel[grid]
+
+        monkeypatch.setattr(module, name, Spy())
+        return grids
+    return spy

@@ -19,7 +19,6 @@ from kernels import (
     LaunchConfig,
     fused_add_layernorm,
     heuristic_config,
-    reload_tables,
     select_config,
 )
 from kernels.config import MAX_TILE_ELEMENTS, NUM_WARPS
@@ -31,16 +30,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _no_tables(monkeypatch, tmp_path):
-    """No tuned table may leak in: configs come from the heuristic unless a test passes one."""
-    monkeypatch.delenv("TUNER_TABLE", raising=False)
-    monkeypatch.delenv("TUNER_DEVICE_NAME", raising=False)
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    monkeypatch.setattr("kernels.table.SHIPPED_TABLES_DIR", tmp_path / "shipped")
-    reload_tables()
-    yield
-    reload_tables()
+# No tuned table may leak in: configs come from the heuristic unless a test passes one.
+pytestmark = pytest.mark.usefixtures("no_tables")
 
 
 def make_inputs(shape, normalized_shape, dtype, seed, *, shift=1.3, scale=2.5):
@@ -540,17 +531,9 @@ def test_select_config_rejects_unsupported_dtype():
         select_config(16, 64, torch.float64)
 
 
-def test_launcher_uses_selected_config(monkeypatch):
+def test_launcher_uses_selected_config(launch_grids):
     """The grid is cdiv(rows, block_rows) of the selected config."""
-    grids = []
-    kernel = add_layernorm_module._add_layernorm_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(add_layernorm_module, "_add_layernorm_kernel", Spy())
+    grids = launch_grids(add_layernorm_module, "_add_layernorm_kernel")
     x, weight, bias = make_inputs((37, 100), (100,), torch.float32, seed=73)
     fused_add_layernorm(x, 0.5, 100, weight, bias)
     expected = heuristic_config(37, 100, torch.float32)

@@ -341,15 +341,7 @@ def test_channels_last_other_pool_widths(pool_kernel, dtype, no_row_kernel):
     _check_cl(out, _reference(x, -0.3, weight, bias, 1e-5, pool_kernel, "none"), dtype)
 
 
-CL_CONFIGS = [
-    LaunchConfig(block_rows=1, block_w=16, num_warps=1),
-    LaunchConfig(block_rows=2, block_w=16, num_warps=2, eviction_policy="evict_first"),
-    LaunchConfig(block_rows=4, block_w=32, num_warps=4, num_stages=2, eviction_policy="evict_last"),
-    LaunchConfig(block_rows=8, block_w=16, num_warps=4),
-]
-
-
-@pytest.mark.parametrize("config", CL_CONFIGS, ids=lambda config: config.key())
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda config: config.key())
 @pytest.mark.parametrize("channels", [3, 6])
 @pytest.mark.parametrize("pool_kernel", [(2, 2, 2), (1, 1, 3)])
 def test_channels_last_configs(config, channels, pool_kernel, no_row_kernel):

@@ -80,9 +80,8 @@ def test_model_new_with_the_conv_in_triton_matches_model(dtype):
     new = ModelNew(**args)
     new.load_state_dict(model.state_dict())
     new = new.to(dtype)
-    new.conv_in_triton = True
     x = torch.randn(2, 3, 2, 3, 4, dtype=torch.float64)
-    assert new._triton_conv_tail_applies(x.to(dtype))
+    assert new._triton_conv_tail_applies(x.to(dtype))  # on by default
     with torch.no_grad():
         y = new(x.to(dtype))
         expected = Model(**args).double()
@@ -97,7 +96,6 @@ def test_model_new_with_the_conv_in_triton_matches_model(dtype):
         torch.backends.cudnn.allow_tf32 = allow_tf32
     # A configuration the kernel does not cover falls back to the other paths.
     other = ModelNew(**{**args, "stride": 1, "padding": 1, "output_padding": 0, "norm_shape": (4,)})
-    other.conv_in_triton = True
     assert not other._triton_conv_tail_applies(x.float())
 
 

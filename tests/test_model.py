@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import reload_tables
 from kernels.model import REFERENCE_ARGS, Model, ModelNew
 
 # Input [N, C_in, D, H, W] = [2, 3, 2, 4, 4]: the transposed convolution (stride 2, padding 1,
@@ -30,14 +29,7 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _no_tables(monkeypatch, tmp_path):
-    monkeypatch.delenv("TUNER_TABLE", raising=False)
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    monkeypatch.setattr("kernels.table.SHIPPED_TABLES_DIR", tmp_path / "shipped")
-    reload_tables()
-    yield
-    reload_tables()
+pytestmark = pytest.mark.usefixtures("no_tables")
 
 
 def make_models(seed=0, **changes):

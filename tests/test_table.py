@@ -143,20 +143,12 @@ def test_exact_match(tables):
     assert select_config(4096, 64, torch.float32, device=INTERPRETER) == (CONFIG_C, "table")
 
 
-def test_launcher_uses_table_config(tables, monkeypatch):
+def test_launcher_uses_table_config(tables, launch_grids):
     """fused_add_layernorm launches with the table's config: grid = cdiv(rows, block_rows)."""
     merge_entries(tables, [entry(rows=10, width=64, config=CONFIG_A)])  # block_rows 2
     reload_tables()
     assert heuristic_config(10, 64, torch.float32).block_rows != CONFIG_A.block_rows
-    grids = []
-    kernel = add_layernorm_module._add_layernorm_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(add_layernorm_module, "_add_layernorm_kernel", Spy())
+    grids = launch_grids(add_layernorm_module, "_add_layernorm_kernel")
     x = torch.randn(10, 64, generator=torch.Generator().manual_seed(1)) * 2 + 1
     out = fused_add_layernorm(x, 0.5, 64)
     assert grids == [(5,)]

@@ -1,20 +1,42 @@
-"""The tuning service: Optuna proposes launch configs, Ray workers (one per GPU) compile,
-check and time them, and the winners are merged into the runtime's lookup tables."""
+"""The tuning service: Optuna proposes launch configs, workers (one per GPU: local processes or
+Ray actors) compile, check and time them, and the winners are merged into the runtime's lookup
+tables.
 
-from .driver import Driver, Progress, entry_from_result
-from .export import export_storage, results_in_storage, show_table
-from .measure import Measurement, ProblemBench, copy_bandwidth_gbps
-from .problems import KERNELS, KernelSpec, Problem, TableKey, get_kernel, parse_dims, parse_dtype
-from .space import RESTRICTIONS, SearchSpace, SpaceError, load_space, parse_space
-from .study import Settings, StudyResult, StudyRun, study_name
-from .sweep import SpecError, SweepSpec, load_spec, parse_spec
-from .workers import NoGPUError, PoolOptions, TuningWorker, WorkerPool
+The public names below are imported on first use, so that ``python -m tuner`` starts its GPU
+workers before it pays for torch, Optuna or Ray.
+"""
 
-__all__ = [
-    "Driver", "KERNELS", "KernelSpec", "Measurement", "NoGPUError", "PoolOptions", "Problem",
-    "ProblemBench", "Progress", "RESTRICTIONS", "SearchSpace", "Settings", "SpaceError",
-    "SpecError", "StudyResult", "StudyRun", "SweepSpec", "TableKey", "TuningWorker", "WorkerPool",
-    "copy_bandwidth_gbps", "entry_from_result", "export_storage", "get_kernel", "load_space",
-    "load_spec", "parse_dims", "parse_dtype", "parse_space", "parse_spec", "results_in_storage",
-    "show_table", "study_name",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Driver": "driver", "Progress": "driver", "entry_from_result": "driver",
+    "export_storage": "export", "results_in_storage": "export", "show_table": "export",
+    "LocalPool": "local",
+    "Measurement": "measure", "ProblemBench": "measure", "copy_bandwidth_gbps": "measure",
+    "NoGPUError": "pools", "PoolOptions": "pools",
+    "KERNELS": "problems", "KernelSpec": "problems", "Problem": "problems", "TableKey": "problems",
+    "get_kernel": "problems", "parse_dims": "problems", "parse_dtype": "problems",
+    "RESTRICTIONS": "space", "SearchSpace": "space", "SpaceError": "space", "load_space": "space",
+    "parse_space": "space",
+    "Settings": "study", "StudyResult": "study", "StudyRun": "study", "study_name": "study",
+    "SpecError": "sweep", "SweepSpec": "sweep", "load_spec": "sweep", "parse_spec": "sweep",
+    "TuningWorker": "tuning_worker",
+    "WorkerPool": "workers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tuner' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

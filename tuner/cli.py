@@ -1,15 +1,24 @@
-"""``python -m tuner``: search one shape, sweep many, export and show tables."""
+"""``python -m tuner``: search one shape, sweep many, serve a warm worker pool, export and show
+tables.
+
+Imports are deferred: ``search`` and ``sweep`` start their GPU workers first, so the workers'
+own start (torch, CUDA) overlaps this process's imports of Optuna, torch and the kernels.
+"""
 
 from __future__ import annotations
 
-import argparse
-import os
-import re
-import sys
-from pathlib import Path
-from typing import Sequence
+import time
 
-from .sweep import SpecError, build_problems, load_spec
+_STARTED = time.perf_counter()
+
+import argparse  # noqa: E402  (after the clock: everything below counts as start-up)
+import os  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Sequence  # noqa: E402
+
+from .pools import NoGPUError, PoolOptions  # noqa: E402
 
 DEFAULT_STORAGE = "sqlite:///tuner.db"
 _URL = re.compile(r"^[a-z][a-z0-9+]*://")
@@ -27,9 +36,30 @@ def make_storage(url: str):
         raise UsageError(f"bad --storage {url!r}: expected an Optuna storage URL such as "
                          "sqlite:///tuner.db, postgresql://user:pass@host/db or mysql://...")
     try:
+        if url.startswith("sqlite:"):
+            _sqlite_write_ahead_log()
         return optuna.storages.get_storage(url)
     except Exception as error:
         raise UsageError(f"cannot open --storage {url!r}: {type(error).__name__}: {error}") from None
+
+
+def _sqlite_write_ahead_log() -> None:
+    """SQLite storages journal ahead (WAL) and sync at checkpoints: a trial's commit costs a
+    third as much, and a committed trial still survives the process being killed."""
+    import sqlalchemy
+
+    if getattr(_sqlite_write_ahead_log, "installed", False):
+        return
+
+    @sqlalchemy.event.listens_for(sqlalchemy.engine.Engine, "connect")
+    def _pragmas(connection, _record) -> None:
+        if type(connection).__module__.startswith("sqlite3"):
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+    _sqlite_write_ahead_log.installed = True
 
 
 def _positive(kind):
@@ -52,10 +82,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=_positive(int), default=None,
                         help="stop a study after this many trials in a row without improvement")
     parser.add_argument("--workers", type=_positive(int), default=None,
-                        help="number of GPU workers (default: one per GPU in the cluster)")
+                        help="number of GPU workers (default: one per GPU of this host, or of the "
+                             "cluster with --address)")
     parser.add_argument("--address", default=None,
-                        help="Ray cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS, else "
-                             "start a local one)")
+                        help="Ray cluster to run on: auto or HOST:PORT; its warm pool (tuner serve) "
+                             "if it has one (default: $RAY_ADDRESS, else a process per local GPU, "
+                             "no Ray)")
     parser.add_argument("--accelerator-type", default=None,
                         help="only use GPUs of this Ray accelerator type (e.g. H100)")
     parser.add_argument("--resource", default=None,
@@ -68,17 +100,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trial-timeout", type=_positive(float), default=300.0,
                         help="seconds before a hung trial's worker is replaced (default 300)")
     parser.add_argument("--seed", type=int, default=0, help="sampler and input seed (default 0)")
-    parser.add_argument("--compile-processes", type=int, default=2,
+    parser.add_argument("--compile-processes", type=int, default=None,
                         help="processes per worker compiling upcoming configs while the GPU "
-                             "times the current one (default 2; 0 compiles inline)")
+                             "times the current one (default: the host's cores shared by its "
+                             "GPUs, at most 6; 0 compiles inline)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print where the time went: start-up phases, first trial, shutdown")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kernels import user_table_path
-
-    from .problems import KERNELS
-
-    kernels = ", ".join(sorted(KERNELS))
+    kernels = "a registered kernel (an unknown name lists them)"
     parser = argparse.ArgumentParser(prog="python -m tuner", description=(
         "Autotune Triton kernel launch configs on Ray GPU workers: search one shape, sweep "
         "many, export and show the lookup tables the runtime reads."))
@@ -92,10 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "normalised over the last dim")
     search.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
     search.add_argument("--kernel", default="add_layernorm",
-                        help=f"one of {kernels} (default add_layernorm)")
+                        help=f"{kernels} (default add_layernorm)")
     search.add_argument("--space", default=None, help="search-space YAML (default: the kernel's own)")
-    search.add_argument("--table", default=str(user_table_path()),
-                        help=f"table to merge the winner into (default {user_table_path()})")
+    search.add_argument("--table", default=None,
+                        help="table to merge the winner into (default: the user's table, "
+                             "$XDG_DATA_HOME/tuner/table.json)")
     _add_run_options(search)
 
     sweep = commands.add_parser("sweep", help="tune many shapes across a cluster", description=(
@@ -105,9 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--shapes", default=None, help="comma-separated shapes, instead of --spec")
     sweep.add_argument("--dtypes", default="float32", help="comma-separated dtypes with --shapes")
     sweep.add_argument("--kernel", default="add_layernorm",
-                       help=f"kernel for --shapes: one of {kernels} (default add_layernorm)")
+                       help=f"kernel for --shapes: {kernels} (default add_layernorm)")
     sweep.add_argument("--out", default="tables", help="folder for one table per GPU model (default tables/)")
     _add_run_options(sweep)
+
+    serve = commands.add_parser("serve", help="keep a warm worker pool on a Ray cluster", description=(
+        "Start one worker per GPU of a Ray cluster as named detached actors, compiled and warm, "
+        "for later `search`/`sweep --address` runs to share; --stop ends them (and the local "
+        "cluster that serve started)."))
+    serve.add_argument("--address", default=None,
+                       help="Ray cluster (auto or HOST:PORT; default: start a local one and keep it)")
+    serve.add_argument("--workers", type=_positive(int), default=None,
+                       help="number of GPU workers (default: one per GPU in the cluster)")
+    serve.add_argument("--interpret", action="store_true", help="CPU workers (Triton interpreter)")
+    serve.add_argument("--compile-processes", type=int, default=None,
+                       help="compile processes per worker (default: cores shared by the GPUs)")
+    serve.add_argument("--stop", action="store_true", help="end the warm pool")
 
     export = commands.add_parser("export", help="rebuild a table from a storage", description=(
         "Merge the confirmed winner of every finished study in a storage into a table."))
@@ -127,51 +172,100 @@ def device_file_name(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") + ".json"
 
 
-def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
+def _use_ray(args: argparse.Namespace) -> bool:
+    """Ray when a cluster is named (or this process already runs one); else local processes."""
+    ray = sys.modules.get("ray")
+    return bool(getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
+                or (ray is not None and ray.is_initialized()))
+
+
+def _pool_options(args: argparse.Namespace) -> PoolOptions:
+    return PoolOptions(workers=args.workers, interpret=args.interpret,
+                       accelerator_type=getattr(args, "accelerator_type", None),
+                       resource=getattr(args, "resource", None), seed=getattr(args, "seed", 0),
+                       compile_processes=args.compile_processes)
+
+
+class Timeline:
+    """Seconds from the command's start to each phase, for ``--verbose``."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float]] = []
+
+    def mark(self, name: str, monotonic: float | None = None) -> None:
+        """Now, or a ``time.monotonic()`` stamp taken elsewhere."""
+        if monotonic is not None:
+            self.marks.append((name, time.perf_counter() - (time.monotonic() - monotonic)))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def report(self) -> str:
+        marks = sorted(self.marks, key=lambda mark: mark[1])
+        return "seconds since the command started: " + ", ".join(
+            f"{name} {stamp - _STARTED:.2f}" for name, stamp in marks)
+
+
+def _run(args: argparse.Namespace, problems: Callable[[], list],
+         table_for_device: Callable[[str], Path], defaults: Callable[[], dict]) -> int:
+    """Tunes ``problems()`` on a pool of workers and merges the winners into the tables.
+
+    Local workers are launched before anything heavy is imported here, so their start overlaps
+    this process's imports, the problems' validation and the storage's opening.
+    """
+    clock = Timeline()
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
-    from .driver import Driver, Progress
-    from .report import print_summary
-    from .space import load_space
-    from .study import Settings
-    from .workers import NoGPUError, PoolOptions, WorkerPool
-    import optuna
-    import ray
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it all
-    storage = make_storage(args.storage)
-    space = load_space(args.space) if getattr(args, "space", None) else None
-    settings = Settings(trials=args.trials or defaults.get("trials") or 48,
-                        timeout=args.timeout or defaults.get("timeout"),
-                        patience=args.patience or defaults.get("patience"),
-                        trial_timeout=args.trial_timeout, seed=args.seed)
-    if not ray.is_initialized():
-        # Without an address Ray would join any cluster already running on this machine;
-        # "local" starts our own, as --help promises (RAY_ADDRESS, as set by Ray Jobs, still wins).
-        address = args.address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, include_dashboard=False, log_to_driver=True,
-                 logging_level="WARNING")
-    pool = WorkerPool(PoolOptions(workers=args.workers, interpret=args.interpret,
-                                  accelerator_type=args.accelerator_type,
-                                  resource=args.resource, seed=args.seed,
-                                  compile_processes=args.compile_processes))
+    pool = None
     try:
+        if not _use_ray(args):
+            from .local import LocalPool
+
+            pool = LocalPool(_pool_options(args))
+            pool.launch()
+            clock.mark("workers launched")
+        import optuna
+
+        from .driver import Driver, Progress
+        from .report import print_summary
+        from .space import load_space
+        from .study import Settings
+
+        problem_list, run_defaults = problems(), defaults()
+        clock.mark("imports")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it all
+        storage = make_storage(args.storage)
+        space = load_space(args.space) if getattr(args, "space", None) else None
+        settings = Settings(trials=args.trials or run_defaults.get("trials") or 48,
+                            timeout=args.timeout or run_defaults.get("timeout"),
+                            patience=args.patience or run_defaults.get("patience"),
+                            trial_timeout=args.trial_timeout, seed=args.seed)
+        clock.mark("storage open")
+        if pool is None:
+            pool = _ray_pool(args)
         workers = pool.start()
+        clock.mark("workers ready")
+        devices = sorted({worker.device for worker in workers})
+        print(f"{len(workers)} workers on {', '.join(devices)}; {len(problem_list)} problems; "
+              f"storage {args.storage}", file=sys.stderr)
+        driver = Driver(pool, storage, settings, table_for_device, space=space, progress=Progress())
+        try:
+            results = driver.run(list(problem_list))
+        except KeyboardInterrupt:
+            print("\ninterrupted: finished trials are stored; run the same command to resume",
+                  file=sys.stderr)
+            return 130
+        clock.mark("first trial sent", driver.first_dispatch)
+        clock.mark("first result", driver.first_result)
+        clock.mark("done")
     except NoGPUError as error:
         print(f"tuner: {error}", file=sys.stderr)
         return 2
-    devices = sorted({worker.device for worker in workers})
-    print(f"{len(workers)} workers on {', '.join(devices)}; {len(problems)} problems; "
-          f"storage {args.storage}", file=sys.stderr)
-    driver = Driver(pool, storage, settings, table_for_device, space=space, progress=Progress())
-    try:
-        results = driver.run(list(problems))
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished trials are stored; run the same command to resume",
-              file=sys.stderr)
-        return 130
     finally:
-        pool.shutdown()
+        if pool is not None:
+            pool.shutdown()
+            clock.mark("shutdown")
+        if args.verbose:
+            print(clock.report(), file=sys.stderr)
     print_summary(results, sys.stdout)
     unfinished = [run for run in driver.runs if run.result is None]
     for run in unfinished:
@@ -186,30 +280,78 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
     return 1 if unfinished else 0
 
 
+def _connect_ray(address: str | None) -> None:
+    from .pools import resolve_address
+
+    address = resolve_address(address or os.environ.get("RAY_ADDRESS"))
+    import ray
+
+    if not ray.is_initialized():
+        # Without an address Ray would join any cluster already running on this machine;
+        # "local" starts our own (RAY_ADDRESS, as set by Ray Jobs, still wins).
+        ray.init(address=address or "local",
+                 include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+
+
+def _ray_pool(args: argparse.Namespace):
+    """The warm pool of ``tuner serve`` on the cluster if it has one, else new actors."""
+    _connect_ray(args.address)
+    from .serve import attach
+    from .workers import WorkerPool
+
+    options = _pool_options(args)
+    return attach(options) or WorkerPool(options)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.address is None:  # serve's own local cluster keeps Ray's token authentication on
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from . import serve
+
+    if args.stop:
+        print(serve.stop(args.address), file=sys.stderr)
+        return 0
+    print(serve.start(args.address, _pool_options(args)), file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "search":
-            from .problems import get_kernel
+            def problems() -> list:
+                from .problems import get_kernel
 
-            problem = get_kernel(args.kernel).problem(args.shape, args.dtype)
-            table = Path(args.table)
-            return _run(args, [problem], lambda device: table, {})
+                return [get_kernel(args.kernel).problem(args.shape, args.dtype)]
+
+            def table(device: str) -> Path:
+                from kernels import user_table_path
+
+                return Path(args.table) if args.table else user_table_path()
+
+            return _run(args, problems, table, dict)
         if args.command == "sweep":
             if bool(args.spec) == bool(args.shapes):
                 raise UsageError("give either --spec FILE or --shapes A,B (with --dtypes)")
-            if args.spec:
-                spec = load_spec(args.spec)
-                problems = spec.problems
-                defaults = {"trials": spec.trials, "patience": spec.patience, "timeout": spec.timeout}
-            else:
-                problems = build_problems([args.kernel], args.shapes.split(","),
-                                          args.dtypes.split(","))
-                defaults = {}
+            spec: dict[str, Any] = {}
+
+            def sweep_problems() -> list:
+                from .sweep import build_problems, load_spec
+
+                if args.spec:
+                    loaded = load_spec(args.spec)
+                    spec.update(trials=loaded.trials, patience=loaded.patience,
+                                timeout=loaded.timeout)
+                    return loaded.problems
+                return build_problems([args.kernel], args.shapes.split(","), args.dtypes.split(","))
+
             out = Path(args.out)
-            return _run(args, problems, lambda device: out / device_file_name(device), defaults)
+            return _run(args, sweep_problems, lambda device: out / device_file_name(device),
+                        lambda: spec)
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "export":
             from .export import export_storage
 
@@ -227,6 +369,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in paths:
                 show_table(path, sys.stdout)
             return 0
-    except (UsageError, SpecError, ValueError) as error:
+    except ValueError as error:  # UsageError, SpecError, SpaceError and bad shapes or dtypes
         parser.exit(2, f"tuner: error: {error}\n")
     return 2

@@ -8,6 +8,7 @@ arrives, so no GPU waits for the slowest of a batch. ``search`` is this loop wit
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import sys
 import time
@@ -15,8 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 import optuna
-import ray
-from ray.exceptions import RayActorError, WorkerCrashedError
 
 from kernels import LaunchConfig, TableEntry, merge_entries
 
@@ -24,7 +23,6 @@ from .measure import Measurement
 from .problems import Problem, get_kernel
 from .space import SearchSpace, load_space
 from .study import Settings, StudyResult, StudyRun
-from .workers import Worker, WorkerPool
 
 # A trial whose worker died is re-run elsewhere this many times before it fails.
 MAX_ATTEMPTS = 2
@@ -35,7 +33,7 @@ class Job:
     """Work in flight on one worker: a trial's measurement or a study's confirm stage."""
 
     run: StudyRun
-    worker: Worker
+    worker: Any  # a worker of the pool: tuner.workers.Worker or tuner.local.LocalWorker
     started: float
     trial: Any = None
     config: LaunchConfig | None = None
@@ -83,22 +81,25 @@ def entry_from_result(result: StudyResult) -> TableEntry:
 class Driver:
     """Runs the studies of many problems on every GPU model of a worker pool."""
 
-    def __init__(self, pool: WorkerPool, storage: optuna.storages.BaseStorage | str,
+    def __init__(self, pool: Any, storage: optuna.storages.BaseStorage | str,
                  settings: Settings, table_for_device: Callable[[str], Path],
                  space: SearchSpace | None = None, progress: Progress | None = None) -> None:
         self.pool, self.storage, self.settings = pool, storage, settings
         self.table_for_device = table_for_device
         self.space = space
         self.progress = progress or Progress()
-        self.inflight: dict[ray.ObjectRef, Job] = {}
+        self.inflight: dict[concurrent.futures.Future, Job] = {}
         self.retries: list[Job] = []
         # Trials asked ahead for each worker slot: the worker compiles them while it times.
         self.ahead: dict[int, collections.deque[Job]] = {}
-        self.prefetch = 0 if pool.options.interpret else pool.options.compile_processes
+        self.prefetch = pool.compile_processes
         self.runs: list[StudyRun] = []
         # Seconds each worker slot spent on jobs, and the loop's own wall time: GPU busy fractions.
         self.busy_seconds: dict[int, float] = {}
         self.wall_seconds = 0.0
+        # When the first trial was sent and its result came back (time.monotonic), for --verbose.
+        self.first_dispatch: float | None = None
+        self.first_result: float | None = None
 
     def _space_for(self, kernel: str) -> SearchSpace:
         if self.space is not None:
@@ -152,16 +153,14 @@ class Driver:
                         f"{run.problem} on {run.device}" for run in stranded))
                 continue
             idle_rounds = 0
-            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
-            for ref in ready:
-                self._handle(ref, self.inflight.pop(ref))
+            ready, _ = concurrent.futures.wait(list(self.inflight), timeout=0.5,
+                                               return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in ready:
+                self._handle(future, self.inflight.pop(future))
             self._check_timeouts()
             self.progress.update(self.runs, len(self.inflight), len(self.pool.workers))
 
-    def _workers_for(self, run: StudyRun) -> list[Worker]:
-        return [worker for worker in self.pool.workers if worker.device == run.device]
-
-    def _dispatch(self, worker: Worker, deadline: float | None) -> None:
+    def _dispatch(self, worker: Any, deadline: float | None) -> None:
         for index, job in enumerate(self.retries):
             if job.run.device == worker.device:
                 del self.retries[index]
@@ -189,7 +188,7 @@ class Driver:
                 self._submit(Job(run, worker, now))
                 return
 
-    def _ask(self, worker: Worker, now: float, deadline: float | None) -> Job | None:
+    def _ask(self, worker: Any, now: float, deadline: float | None) -> Job | None:
         """A new trial for the worker's GPU model, from the study with the fewest in flight."""
         searching = sorted((run for run in self.runs if run.device == worker.device
                             and not run.search_finished(now, deadline)),
@@ -212,14 +211,16 @@ class Driver:
         job.started = time.monotonic()
         if job.is_confirm:
             configs = [config.as_dict() for config in job.run.confirm_candidates()]
-            ref = job.worker.actor.confirm.remote(problem, configs, self.settings.confirm_rounds)
+            future = job.worker.call("confirm", problem, configs, self.settings.confirm_rounds)
         else:
             upcoming = [(queued.run.problem, queued.config.as_dict())
                         for queued in self.ahead.get(job.worker.slot, ())]
-            ref = job.worker.actor.measure.remote(problem, job.config.as_dict(), upcoming)
-        self.inflight[ref] = job
+            future = job.worker.call("measure", problem, job.config.as_dict(), upcoming)
+            if self.first_dispatch is None:
+                self.first_dispatch = job.started
+        self.inflight[future] = job
 
-    def _replace_worker(self, worker: Worker) -> None:
+    def _replace_worker(self, worker: Any) -> None:
         """A fresh worker takes the GPU; trials queued for the old one go to whichever is free."""
         self.retries.extend(self.ahead.pop(worker.slot, ()))
         if worker in self.pool.workers:
@@ -229,12 +230,12 @@ class Driver:
         """Per worker slot, the share of the run's wall time it spent on jobs."""
         return {slot: busy / max(self.wall_seconds, 1e-9) for slot, busy in self.busy_seconds.items()}
 
-    def _handle(self, ref: ray.ObjectRef, job: Job) -> None:
+    def _handle(self, future: concurrent.futures.Future, job: Job) -> None:
         self.busy_seconds[job.worker.slot] = (self.busy_seconds.get(job.worker.slot, 0.0)
                                               + time.monotonic() - job.started)
         try:
-            result = ray.get(ref)
-        except (RayActorError, WorkerCrashedError) as error:
+            result = future.result()
+        except self.pool.lost_errors as error:
             self._worker_lost(job, f"worker died: {type(error).__name__}")
             return
         except Exception as error:  # the confirm stage raised: re-run it elsewhere
@@ -247,6 +248,8 @@ class Driver:
             self._export(job.run.finish(result, job.worker.info))
             return
         measurement = Measurement(**result)
+        if self.first_result is None:
+            self.first_result = time.monotonic()
         job.run.tell(job.trial, job.config, measurement, job.worker.info.get("node", ""))
         self.progress.measured += 1
         if measurement.fatal:  # the CUDA context is gone: a fresh process takes the GPU
@@ -267,10 +270,10 @@ class Driver:
 
     def _check_timeouts(self) -> None:
         now = time.monotonic()
-        for ref, job in list(self.inflight.items()):
+        for future, job in list(self.inflight.items()):
             if now - job.started <= self.settings.trial_timeout:
                 continue
-            del self.inflight[ref]
+            del self.inflight[future]
             self._replace_worker(job.worker)
             reason = f"timed out after {self.settings.trial_timeout:g} s"
             if job.is_confirm:

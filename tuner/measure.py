@@ -75,7 +75,7 @@ def copy_bandwidth_gbps(device: torch.device, n_bytes: int = 1 << 30) -> float:
         n_bytes = 1 << 24
     source = torch.rand(n_bytes // 4, device=device)
     target = torch.empty_like(source)
-    return 2 * n_bytes / time_ms(lambda: target.copy_(source), device) / 1e6
+    return 2 * n_bytes / time_ms(lambda: target.copy_(source), device, quick=True) / 1e6
 
 
 class ProblemBench:
@@ -117,8 +117,11 @@ class ProblemBench:
     def gbps(self, ms: float) -> float:
         return self.n_bytes / ms / 1e6
 
-    def measure(self, config: LaunchConfig, copy_gbps: float) -> Measurement:
-        """Compiles (timed separately), checks and times one config; never raises."""
+    def measure(self, config: LaunchConfig, copy_gbps: float, quick: bool = False) -> Measurement:
+        """Compiles (timed separately), checks and times one config; never raises.
+
+        ``quick`` times with a short ``do_bench`` (a search trial; its best few are re-timed).
+        """
         result = Measurement(config.key())
         try:
             self._sync()
@@ -126,7 +129,7 @@ class ProblemBench:
             self.check(config)  # the first launch compiles
             self._sync()
             result.compile_s = time.perf_counter() - start
-            result.ms = self.time(config)
+            result.ms = self.time(config, quick)
             result.gbps = self.gbps(result.ms)
             result.pct_of_copy = 100 * result.gbps / copy_gbps
         except Exception as error:  # any failure fails this trial only

@@ -1,0 +1,161 @@
+"""A pool of local worker processes, one per GPU of this host.
+
+Without a cluster address there is nothing for Ray to schedule across, and starting it costs
+more than a whole search: each GPU gets a plain spawned process instead (the same
+``TuningWorker``), started before the driver has finished its own imports.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import multiprocessing
+import os
+import signal
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+from .pools import NoGPUError, PoolOptions
+from .tuning_worker import TuningWorker, default_compile_processes
+
+_worker: TuningWorker | None = None  # the TuningWorker of this process, once started
+
+
+def _start_worker(gpu: str | None, seed: int, compile_processes: int,
+                  env_vars: dict[str, str]) -> None:
+    """Initialiser of a worker process: pins the GPU before CUDA starts, builds the worker."""
+    global _worker
+    os.environ.update(env_vars)
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    _worker = TuningWorker(seed, compile_processes)
+
+
+def _invoke(method: str, args: tuple) -> Any:
+    return getattr(_worker, method)(*args)
+
+
+def visible_gpus() -> list[str]:
+    """This host's GPUs as CUDA_VISIBLE_DEVICES entries, found without starting CUDA here."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [entry.strip() for entry in visible.split(",") if entry.strip() and entry.strip() != "-1"]
+    proc = Path("/proc/driver/nvidia/gpus")
+    if proc.is_dir():
+        return [str(index) for index in range(len(list(proc.iterdir())))]
+    import torch
+
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+@dataclasses.dataclass
+class LocalWorker:
+    """A worker process and what it said about its device."""
+
+    executor: concurrent.futures.ProcessPoolExecutor
+    info: dict[str, Any]
+    slot: int
+    gpu: str | None
+
+    @property
+    def device(self) -> str:
+        return self.info["device"]
+
+    def call(self, method: str, *args: Any) -> concurrent.futures.Future:
+        """Runs ``TuningWorker.<method>(*args)`` in the worker process."""
+        return self.executor.submit(_invoke, method, args)
+
+    def kill(self) -> None:
+        pid = self.info.get("pid")
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class LocalPool:
+    """One TuningWorker process per GPU of this host; replaces workers that die or hang."""
+
+    #: what ``Future.result()`` raises when the worker behind it died
+    lost_errors: tuple[type[BaseException], ...] = (BrokenProcessPool,)
+
+    def __init__(self, options: PoolOptions) -> None:
+        if options.resource or options.accelerator_type:
+            raise ValueError("--resource and --accelerator-type choose nodes of a Ray cluster: "
+                             "give --address too")
+        self.options = options
+        self.workers: list[LocalWorker] = []
+        self._slots = itertools.count()
+        self._pending: list[tuple[concurrent.futures.ProcessPoolExecutor, str | None,
+                                  concurrent.futures.Future]] = []
+        self._gpus: list[str | None] = ([None] * (options.workers or 1) if options.interpret
+                                        else visible_gpus()[:options.workers or None])
+        self.compile_processes = 0 if options.interpret else (
+            options.compile_processes if options.compile_processes is not None
+            else default_compile_processes(len(self._gpus)))
+
+    def launch(self) -> None:
+        """Starts every worker process and returns at once; ``start`` waits for them."""
+        if not self._gpus:
+            raise NoGPUError("no GPU on this host (CUDA_VISIBLE_DEVICES / the NVIDIA driver show "
+                             "none). Run on a machine with a GPU, pass --address of a Ray "
+                             "cluster that has them, or use --interpret to run the whole "
+                             "pipeline on the CPU through the Triton interpreter.")
+        self._pending = [self._spawn(gpu) for gpu in self._gpus]
+
+    def _spawn(self, gpu: str | None):
+        env_vars = dict(self.options.env_vars)
+        if self.options.interpret:
+            env_vars["TRITON_INTERPRET"] = "1"
+        executor = concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+            initargs=(gpu, self.options.seed, self.compile_processes, env_vars))
+        return executor, gpu, executor.submit(_invoke, "info", ())
+
+    def start(self, timeout: float = 600.0) -> list[LocalWorker]:
+        """Starts the workers (if ``launch`` has not) and waits until each reported its device."""
+        if not self._pending and not self.workers:
+            self.launch()
+        for executor, gpu, info in self._pending:
+            try:
+                self.workers.append(LocalWorker(executor, info.result(timeout), next(self._slots), gpu))
+            except concurrent.futures.TimeoutError:
+                self.shutdown()
+                executor.shutdown(wait=False, cancel_futures=True)
+                raise NoGPUError(f"a worker did not start within {timeout:g} s") from None
+            except BrokenProcessPool as error:
+                raise NoGPUError(f"a worker process died while starting: {error}") from None
+        self._pending = []
+        return self.workers
+
+    def replace(self, worker: LocalWorker) -> LocalWorker | None:
+        """Kills ``worker`` and starts another on its GPU; None if none can start."""
+        worker.kill()
+        self.workers.remove(worker)
+        executor, gpu, info = self._spawn(worker.gpu)
+        try:
+            replacement = LocalWorker(executor, info.result(300), next(self._slots), gpu)
+        except Exception:
+            executor.shutdown(wait=False, cancel_futures=True)
+            return None
+        self.workers.append(replacement)
+        return replacement
+
+    def devices(self) -> dict[str, list[LocalWorker]]:
+        """Workers grouped by the GPU model their CUDA driver reported."""
+        groups: dict[str, list[LocalWorker]] = {}
+        for worker in self.workers:
+            groups.setdefault(worker.device, []).append(worker)
+        return groups
+
+    def shutdown(self) -> None:
+        """Ends every worker process and its compile processes now (nothing in them to save)."""
+        closing = [worker.call("close") for worker in self.workers]
+        concurrent.futures.wait(closing, timeout=5)
+        for worker in self.workers:
+            worker.kill()
+        self.workers = []

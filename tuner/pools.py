@@ -1,0 +1,56 @@
+"""What every worker pool shares: its options, and the error when no GPU is there to use.
+
+Two pools implement the same interface for the driver (``workers``, ``start``, ``replace``,
+``devices``, ``shutdown``, ``lost_errors``, ``compile_processes``; each worker has ``info``,
+``slot``, ``device``, ``call(method, *args) -> Future`` and ``kill()``):
+``tuner.local.LocalPool`` (a process per GPU of this host, no cluster to start) and
+``tuner.workers.WorkerPool`` (Ray actors on a cluster, or the warm pool of ``tuner serve``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+# Where `tuner serve` notes the local cluster it started (address, head pid), so that
+# `--address auto` and `serve --stop` find that cluster and not another one on the machine.
+SERVE_FILE = Path(tempfile.gettempdir()) / f"tuner-serve-{os.getuid()}.json"
+
+
+@dataclasses.dataclass
+class PoolOptions:
+    """Where workers go: how many, and which GPUs they may take."""
+
+    workers: int | None = None  # None: one per GPU the cluster (or host) has
+    interpret: bool = False
+    accelerator_type: str | None = None
+    resource: str | None = None
+    seed: int = 0
+    # Per worker, compiling upcoming configs; None: the host's cores shared by its GPUs; 0: inline.
+    compile_processes: int | None = None
+    env_vars: dict[str, str] = dataclasses.field(default_factory=dict)  # for the worker processes
+
+
+class NoGPUError(RuntimeError):
+    """The cluster has no GPU the workers could use."""
+
+
+def resolve_address(address: str | None) -> str | None:
+    """``auto`` (or None) means the cluster `tuner serve` started here, if it still runs.
+
+    That cluster keeps Ray's token authentication on (as ``ray start`` sets it up, with the
+    token in ``~/.ray/auth_token``), so its clients must say so: this sets ``RAY_AUTH_MODE``,
+    which Ray reads when it is imported, so call it before importing Ray.
+    """
+    if address not in (None, "auto"):
+        return address
+    try:
+        noted = json.loads(SERVE_FILE.read_text())
+        os.kill(noted["head_pid"], 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return address
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    return noted["address"]

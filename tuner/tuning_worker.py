@@ -1,0 +1,197 @@
+"""The process that measures configs on one GPU, whichever pool (local processes or Ray actors)
+runs it. Imports neither Ray nor Optuna, so a local worker starts as fast as torch does."""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # a local worker imports torch and the kernels once it has started
+    from .problems import Problem
+
+
+def _warm_up_compiler() -> None:
+    """Runs once in each compile process: the imports and the CUDA context a compile needs."""
+    import torch
+
+    import tuner.problems  # noqa: F401  (imports kernels, triton)
+
+    torch.cuda.init()
+
+
+def _precompile(problem: Problem, config: dict[str, Any]) -> float:
+    """Runs in a compile process: compiles one config into Triton's disk cache; returns seconds."""
+    from kernels import LaunchConfig
+
+    from .problems import get_kernel
+
+    start = time.perf_counter()
+    get_kernel(problem.kernel).compile(problem, LaunchConfig(**config))
+    return time.perf_counter() - start
+
+
+def default_compile_processes(workers_on_host: int) -> int:
+    """Compile processes per worker: the host's cores shared by its GPUs, one left for each
+    worker itself, at most 6 each (more only queue behind the GPU)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(6, cores // max(1, workers_on_host) - 1))
+
+
+class TuningWorker:
+    """Measures configs on the one GPU it was given (or on the CPU under the interpreter).
+
+    Inputs and references are built once per problem and kept for the next trial of it.
+    With ``compile_processes`` > 0, configs the driver says come next are compiled in that many
+    processes (same GPU, shared Triton cache) while the current one is checked and timed, so
+    compilation leaves the GPU's critical path. Trials are timed quickly (a short
+    ``do_bench``); the confirm stage re-times the best few properly.
+    """
+
+    def __init__(self, seed: int = 0, compile_processes: int = 0) -> None:
+        import torch
+
+        from kernels import interpreter_enabled
+
+        # The pool makes the GPU given to this worker device 0 (CUDA_VISIBLE_DEVICES).
+        self.device = torch.device("cpu") if interpreter_enabled() else torch.device("cuda", 0)
+        self.seed = seed
+        self._benches: dict[Problem, Any] = {}
+        self._copy_gbps: float | None = None
+        self._compile_processes = 0 if interpreter_enabled() else compile_processes
+        self._compiling: dict[tuple[Problem, str], Any] = {}
+        self._compiler = None
+        if self._compile_processes:
+            import concurrent.futures
+            import multiprocessing
+
+            # Started now, and warmed up (imports, CUDA context) without waiting for them:
+            # the first trials compile inline while these come up.
+            self._compiler = concurrent.futures.ProcessPoolExecutor(
+                self._compile_processes, mp_context=multiprocessing.get_context("spawn"))
+            for _ in range(self._compile_processes):
+                self._compiler.submit(_warm_up_compiler)
+
+    def _prefetch(self, upcoming: list[tuple[Problem, dict[str, Any]]]) -> None:
+        if self._compiler is None:
+            return
+        from kernels import LaunchConfig
+
+        for problem, config in upcoming:
+            key = (problem, LaunchConfig(**config).key())
+            if key not in self._compiling:
+                self._compiling[key] = self._compiler.submit(_precompile, problem, config)
+
+    def _wait_compiled(self, problem: Problem, key: str) -> float | None:
+        """Waits for a prefetched compile of this config; its seconds, or None if there was none."""
+        future = self._compiling.pop((problem, key), None)
+        if future is None:
+            return None
+        try:
+            return future.result(timeout=600)
+        except Exception:  # the measurement compiles again and reports the error
+            return None
+
+    def info(self) -> dict[str, Any]:
+        """Device name (from the CUDA driver), compute capability, versions, node and pid."""
+        import torch
+        import triton
+
+        from kernels.device import compute_capability, device_name
+
+        cuda = self.device if self.device.type == "cuda" else None
+        return {"device": device_name(cuda), "compute_capability": compute_capability(cuda),
+                "torch": torch.__version__.split("+")[0], "triton": triton.__version__,
+                "node": _node_id(), "pid": os.getpid()}
+
+    def copy_gbps(self) -> float:
+        """Device-to-device copy bandwidth, measured once per worker (on first use)."""
+        from .measure import copy_bandwidth_gbps
+
+        if self._copy_gbps is None:
+            self._copy_gbps = copy_bandwidth_gbps(self.device)
+        return self._copy_gbps
+
+    def _bench(self, problem: Problem):
+        from .measure import ProblemBench
+        from .problems import get_kernel
+
+        if problem not in self._benches:
+            self._benches.clear()  # one problem's buffers at a time bounds GPU memory
+            self._benches[problem] = ProblemBench(get_kernel(problem.kernel), problem,
+                                                  self.device, self.seed)
+        return self._benches[problem]
+
+    def measure(self, problem: Problem, config: dict[str, Any],
+                upcoming: list[tuple[Problem, dict[str, Any]]] = ()) -> dict[str, Any]:
+        """Compile, check and time one config; failures come back in the result.
+
+        ``upcoming`` are the configs this worker will measure next: they start compiling now.
+        """
+        from kernels import LaunchConfig
+
+        from .measure import Measurement, is_fatal
+
+        launch_config = LaunchConfig(**config)
+        self._prefetch(list(upcoming))
+        compiled_s = self._wait_compiled(problem, launch_config.key())
+        try:
+            bench = self._bench(problem)
+            copy_gbps = self.copy_gbps()
+        except Exception as error:
+            return Measurement(launch_config.key(), error=f"setup failed: {error}",
+                               fatal=is_fatal(error)).as_dict()
+        result = bench.measure(launch_config, copy_gbps, quick=True)
+        if compiled_s is not None and result.compile_s is not None:
+            result.compile_s += compiled_s  # compiled elsewhere, then loaded from the cache
+        return result.as_dict()
+
+    def confirm(self, problem: Problem, configs: list[dict[str, Any]], rounds: int = 5) -> dict[str, Any]:
+        """Re-times configs interleaved over several rounds (and torch eager once).
+
+        Returns each config's median over rounds, so drift in clocks or temperature affects
+        every config alike.
+        """
+        from kernels import LaunchConfig
+
+        bench = self._bench(problem)
+        parsed = [LaunchConfig(**config) for config in configs]
+        samples: dict[str, list[float]] = {config.key(): [] for config in parsed}
+        for config in parsed:
+            bench.check(config)
+        for _ in range(rounds):
+            for config in parsed:
+                samples[config.key()].append(bench.time(config))
+        try:
+            eager_ms = bench.time_eager()
+        except Exception:  # PyTorch itself may lack the op (e.g. bfloat16 avg_pool3d on CPU)
+            eager_ms = None
+        return {"ms": {key: statistics.median(values) for key, values in samples.items()},
+                "eager_ms": eager_ms, "n_bytes": bench.n_bytes, "copy_gbps": self.copy_gbps()}
+
+    def close(self) -> None:
+        """Ends the compile processes now: killed with their parent, they would linger."""
+        import multiprocessing
+
+        for child in multiprocessing.active_children():
+            child.kill()
+        self._compiler = None
+
+    def ping(self) -> int:
+        """The worker's pid: answers as soon as the worker is idle."""
+        return os.getpid()
+
+    def crash(self) -> None:
+        """Ends the worker process abruptly (tests use it to simulate a lost GPU or node)."""
+        os._exit(1)
+
+
+def _node_id() -> str:
+    """The Ray node id where this runs under Ray, else the host name."""
+    ray = sys.modules.get("ray")  # a Ray worker has imported it; a local one never pays for it
+    if ray is not None and ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
+    return socket.gethostname()

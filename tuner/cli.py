@@ -245,8 +245,9 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
         workers = pool.start()
         clock.mark("workers ready")
         devices = sorted({worker.device for worker in workers})
-        print(f"{len(workers)} workers on {', '.join(devices)}; {len(problem_list)} problems; "
-              f"storage {args.storage}", file=sys.stderr)
+        warm = " (the warm pool of tuner serve)" if getattr(pool, "served", False) else ""
+        print(f"{len(workers)} workers on {', '.join(devices)}{warm}; {len(problem_list)} "
+              f"problems; storage {args.storage}", file=sys.stderr)
         driver = Driver(pool, storage, settings, table_for_device, space=space, progress=Progress())
         try:
             results = driver.run(list(problem_list))

@@ -250,8 +250,7 @@ class Driver:
         measurement = Measurement(**result)
         if self.first_result is None:
             self.first_result = time.monotonic()
-        info = job.worker.info
-        job.run.tell(job.trial, job.config, measurement, f"{info.get('node', '')}/{info.get('pid', '')}")
+        job.run.tell(job.trial, job.config, measurement, job.worker.info.get("node", ""))
         self.progress.measured += 1
         if measurement.fatal:  # the CUDA context is gone: a fresh process takes the GPU
             self._replace_worker(job.worker)

@@ -32,6 +32,8 @@ ACTOR_PREFIX = "tuner-worker-"
 class ServedPool(WorkerPool):
     """The workers of ``tuner serve``, shared with other clients: never shut down by one."""
 
+    served = True
+
     def __init__(self, options: PoolOptions, workers: list[Worker], compile_processes: int) -> None:
         super().__init__(options)
         self.workers = workers

@@ -71,19 +71,18 @@ def test_shipped_space_candidates_satisfy_restrictions(rows, width):
         assert config.num_stages == 1 or config.block_w < width
 
 
-@pytest.mark.parametrize("width,expected", [
-    (64, [32, 64]),          # the row's power of two and half of it
-    (100, [64, 128]),        # rounded up to the next power of two
-    (20, [16, 32]),
-    (16, [16]),              # min 16: no 8-wide chunks
-    (8, [8]),                # narrower than min: the row itself
-    (1, [1]),
+@pytest.mark.parametrize("width,values,kept", [
+    (64, [16, 32, 64], {64}),      # powers of two down to a sixteenth, min 16; no small chunks
+    (100, [16, 32, 64, 128], {128}),  # rounded up to the next power of two
+    (16, [16], {16}),              # min 16: no 8-wide chunks
+    (8, [8], {8}),                 # narrower than min: the row itself
+    (1, [1], {1}),
+    (20000, [2048, 4096, 8192, 16384, 32768], {4096, 8192, 16384, 32768}),
 ])
-def test_block_w_relative_to_width(width, expected):
+def test_block_w_relative_to_width(width, values, kept):
     space = load_space(SPACE)
-    assert space.values("block_w", TableKey(width=width, rows=128)) == expected
-    assert {config.block_w for config in space.candidates(TableKey(width=width, rows=128))} \
-        == set(expected)
+    assert space.values("block_w", TableKey(width=width, rows=128)) == values
+    assert {config.block_w for config in space.candidates(TableKey(width=width, rows=128))} == kept
 
 
 def test_block_w_clamped_to_max_for_wide_rows():
@@ -399,8 +398,19 @@ def test_cli_bad_spec_exits_2(tmp_path, capsys, no_ray):
     assert f"{path}: trials: must be positive" in err
 
 
+def test_cli_without_an_address_runs_no_ray(monkeypatch):
+    """No cluster named: local worker processes, not a Ray cluster of our own."""
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    args = cli.build_parser().parse_args(["search", "--shape", "128x64"])
+    assert not cli._use_ray(args)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    assert cli._use_ray(args)
+
+
 @pytest.mark.parametrize("argv,env,address", [
-    ([], None, "local"),               # our own cluster, never one already running here
     (["--address", "auto"], None, "auto"),
     (["--address", "10.0.0.1:6379"], "ignored:1", "10.0.0.1:6379"),
     ([], "10.0.0.2:6379", "10.0.0.2:6379"),  # set by Ray Jobs
@@ -427,3 +437,18 @@ def test_cli_ray_address(argv, env, address, tmp_path, monkeypatch):
         cli.main(["search", "--shape", "128x64", "--interpret",
                   "--storage", f"sqlite:///{tmp_path}/t.db", *argv])
     assert calls[0]["address"] == address
+
+
+def test_shipped_space_chunks_wide_rows_in_large_steps_only():
+    """Rows too wide for registers are walked in chunks of 4096 or more elements, down to a
+    sixteenth of the row; narrower rows are never chunked into small steps."""
+    from tuner import get_kernel
+
+    spec = get_kernel("add_layernorm")
+    space = load_space(spec.space_file)
+    wide = {c.block_w for c in space.candidates(spec.table_key(spec.problem("64x45288", "float32")))}
+    assert wide == {4096, 8192, 16384, 32768, 65536}
+    mid = {c.block_w for c in space.candidates(spec.table_key(spec.problem("64x3077", "float32")))}
+    assert mid == {4096}
+    assert all(c.tile_elements >= 4 * 32 * c.num_warps or c.num_warps == 1 for c in
+               space.candidates(spec.table_key(spec.problem("4096x423", "bfloat16"))))

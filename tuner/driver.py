@@ -92,7 +92,11 @@ class Driver:
         self.retries: list[Job] = []
         # Trials asked ahead for each worker slot: the worker compiles them while it times.
         self.ahead: dict[int, collections.deque[Job]] = {}
-        self.prefetch = pool.compile_processes
+        # One trial asked ahead per worker, so it compiles while the current one is timed; the
+        # workers' other compile processes compile the studies' configs speculatively, which
+        # keeps the GPUs fed without asking the sampler far ahead of what it has learnt.
+        self.prefetch = min(1, pool.compile_processes)
+        self._speculated: set[tuple[int, str]] = set()
         self.runs: list[StudyRun] = []
         # Seconds each worker slot spent on jobs, and the loop's own wall time: GPU busy fractions.
         self.busy_seconds: dict[int, float] = {}
@@ -215,10 +219,23 @@ class Driver:
         else:
             upcoming = [(queued.run.problem, queued.config.as_dict())
                         for queued in self.ahead.get(job.worker.slot, ())]
-            future = job.worker.call("measure", problem, job.config.as_dict(), upcoming)
+            future = job.worker.call("measure", problem, job.config.as_dict(), upcoming,
+                                     self._speculative_for(job))
             if self.first_dispatch is None:
                 self.first_dispatch = job.started
         self.inflight[future] = job
+
+    def _speculative_for(self, job: Job) -> list[tuple[Problem, dict[str, Any]]]:
+        """Once per worker and study: the worker's share of the study's likely configs, to
+        compile whenever its compile processes are free (shares split the device's workers)."""
+        marker = (job.worker.slot, job.run.study.study_name)
+        if not self.pool.compile_processes or marker in self._speculated:
+            return []
+        self._speculated.add(marker)
+        peers = sorted(worker.slot for worker in self.pool.workers if worker.device == job.run.device)
+        index = peers.index(job.worker.slot) if job.worker.slot in peers else 0
+        share = job.run.likely_configs()[index::max(1, len(peers))]
+        return [(job.run.problem, config.as_dict()) for config in share]
 
     def _replace_worker(self, worker: Any) -> None:
         """A fresh worker takes the GPU; trials queued for the old one go to whichever is free."""

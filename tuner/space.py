@@ -58,6 +58,8 @@ RESTRICTIONS: dict[str, tuple[type, Callable[[LaunchConfig, TableKey, Any], bool
     "stages_only_when_chunked": (bool, lambda c, key, on: not on or c.num_stages == 1 or
                                  c.block_w < key.width),
     "whole_rows_only": (bool, lambda c, key, on: not on or c.block_w >= key.width),
+    # A chunked loop reads x twice: it pays only in steps large enough to keep memory busy.
+    "min_chunk_elements": (int, lambda c, key, n: c.block_w >= key.width or c.block_w >= n),
 }
 
 _VALUE_TYPES = {"block_rows": int, "block_w": int, "num_warps": int, "num_stages": int,

@@ -3,6 +3,7 @@ runs it. Imports neither Ray nor Optuna, so a local worker starts as fast as tor
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import statistics
@@ -36,19 +37,22 @@ def _precompile(problem: Problem, config: dict[str, Any]) -> float:
 
 def default_compile_processes(workers_on_host: int) -> int:
     """Compile processes per worker: the host's cores shared by its GPUs, one left for each
-    worker itself, at most 6 each (more only queue behind the GPU)."""
+    worker itself, at most 12 each (each holds a CUDA context on the worker's GPU)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(6, cores // max(1, workers_on_host) - 1))
+    return max(1, min(12, cores // max(1, workers_on_host) - 1))
 
 
 class TuningWorker:
     """Measures configs on the one GPU it was given (or on the CPU under the interpreter).
 
     Inputs and references are built once per problem and kept for the next trial of it.
-    With ``compile_processes`` > 0, configs the driver says come next are compiled in that many
-    processes (same GPU, shared Triton cache) while the current one is checked and timed, so
-    compilation leaves the GPU's critical path. Trials are timed quickly (a short
-    ``do_bench``); the confirm stage re-times the best few properly.
+    With ``compile_processes`` > 0, configs are compiled ahead in that many processes (same
+    GPU, shared Triton cache) while the GPU checks and times others: first the configs the
+    driver says come next, then, whenever a process is free, the study's other valid configs
+    (speculatively: a space holds a few hundred, a host compiles dozens a second), so that
+    compilation leaves the GPU's critical path without the driver asking far ahead of what it
+    has learnt. Trials are timed quickly (a short ``do_bench``); the confirm stage re-times
+    the best few properly.
     """
 
     def __init__(self, seed: int = 0, compile_processes: int = 0) -> None:
@@ -63,6 +67,7 @@ class TuningWorker:
         self._copy_gbps: float | None = None
         self._compile_processes = 0 if interpreter_enabled() else compile_processes
         self._compiling: dict[tuple[Problem, str], Any] = {}
+        self._speculative: collections.deque[tuple[Problem, dict[str, Any]]] = collections.deque()
         self._compiler = None
         if self._compile_processes:
             import concurrent.futures
@@ -75,20 +80,37 @@ class TuningWorker:
             for _ in range(self._compile_processes):
                 self._compiler.submit(_warm_up_compiler)
 
-    def _prefetch(self, upcoming: list[tuple[Problem, dict[str, Any]]]) -> None:
-        if self._compiler is None:
-            return
+    def _compile(self, problem: Problem, config: dict[str, Any]) -> None:
         from kernels import LaunchConfig
 
+        key = (problem, LaunchConfig(**config).key())
+        if key not in self._compiling:
+            self._compiling[key] = self._compiler.submit(_precompile, problem, config)
+
+    def _prefetch(self, upcoming: list[tuple[Problem, dict[str, Any]]],
+                  speculative: list[tuple[Problem, dict[str, Any]]] = ()) -> None:
+        """Compiles ``upcoming`` now, and queues ``speculative`` for when processes are free."""
+        if self._compiler is None:
+            return
         for problem, config in upcoming:
-            key = (problem, LaunchConfig(**config).key())
-            if key not in self._compiling:
-                self._compiling[key] = self._compiler.submit(_precompile, problem, config)
+            self._compile(problem, config)
+        self._speculative.extend(speculative)
+        self._top_up()
+
+    def _top_up(self) -> None:
+        """Keeps every compile process busy from the speculative queue (no deeper: a config the
+        driver asks for must not wait behind speculative ones)."""
+        pending = sum(not future.done() for future in self._compiling.values())
+        while self._speculative and pending < self._compile_processes:
+            problem, config = self._speculative.popleft()
+            before = len(self._compiling)
+            self._compile(problem, config)
+            pending += len(self._compiling) - before
 
     def _wait_compiled(self, problem: Problem, key: str) -> float | None:
         """Waits for a prefetched compile of this config; its seconds, or None if there was none."""
         future = self._compiling.pop((problem, key), None)
-        if future is None:
+        if future is None or future.cancel():  # not started: compiling inline is sooner
             return None
         try:
             return future.result(timeout=600)
@@ -126,17 +148,19 @@ class TuningWorker:
         return self._benches[problem]
 
     def measure(self, problem: Problem, config: dict[str, Any],
-                upcoming: list[tuple[Problem, dict[str, Any]]] = ()) -> dict[str, Any]:
+                upcoming: list[tuple[Problem, dict[str, Any]]] = (),
+                speculative: list[tuple[Problem, dict[str, Any]]] = ()) -> dict[str, Any]:
         """Compile, check and time one config; failures come back in the result.
 
-        ``upcoming`` are the configs this worker will measure next: they start compiling now.
+        ``upcoming`` are the configs this worker will measure next: they start compiling now;
+        ``speculative`` ones compile whenever a compile process is free.
         """
         from kernels import LaunchConfig
 
         from .measure import Measurement, is_fatal
 
         launch_config = LaunchConfig(**config)
-        self._prefetch(list(upcoming))
+        self._prefetch(list(upcoming), list(speculative))
         compiled_s = self._wait_compiled(problem, launch_config.key())
         try:
             bench = self._bench(problem)
@@ -147,6 +171,7 @@ class TuningWorker:
         result = bench.measure(launch_config, copy_gbps, quick=True)
         if compiled_s is not None and result.compile_s is not None:
             result.compile_s += compiled_s  # compiled elsewhere, then loaded from the cache
+        self._top_up()
         return result.as_dict()
 
     def confirm(self, problem: Problem, configs: list[dict[str, Any]], rounds: int = 5) -> dict[str, Any]:
@@ -176,6 +201,7 @@ class TuningWorker:
         """Ends the compile processes now: killed with their parent, they would linger."""
         import multiprocessing
 
+        self._speculative.clear()
         for child in multiprocessing.active_children():
             child.kill()
         self._compiler = None

@@ -42,10 +42,14 @@ import triton.language as tl
 from .add_layernorm import (
     _check_param,
     _dtype_name,
+    _store_stats,
     check_device,
+    gradients_required,
     split_sum_weight,
     stand_in_tensors,
 )
+from .add_layernorm_pool_gelu_backward import KERNEL_NAME as BACKWARD_KERNEL_NAME
+from .add_layernorm_pool_gelu_backward import add_layernorm_pool_gelu_backward
 from .config import MAX_TILE_ELEMENTS, LaunchConfig
 from .device import device_name, interpreter_enabled
 from .table import lookup_config
@@ -83,7 +87,8 @@ def _unreduce(v, AXIS: tl.constexpr, AXIS2: tl.constexpr):
 
 @triton.jit
 def _normalized(x, mask, shift, width, eps, AXIS: tl.constexpr, AXIS2: tl.constexpr):
-    """LayerNorm (no affine) of the rows of one loaded tile, in float32, zero where masked.
+    """LayerNorm (no affine) of the rows of one loaded tile, in float32, zero where masked,
+    and the rows' mean (of ``x + shift``) and rstd.
 
     A row's ``width`` elements lie along ``AXIS`` (and ``AXIS2`` when ``>= 0``, numbered after
     ``AXIS`` is summed away): the statistics are taken over those axes, every other axis
@@ -93,7 +98,7 @@ def _normalized(x, mask, shift, width, eps, AXIS: tl.constexpr, AXIS2: tl.conste
     mean = _row_sum(x, AXIS, AXIS2) / width
     centered = tl.where(mask, x - _unreduce(mean, AXIS, AXIS2), 0.0)
     rstd = tl.rsqrt(_row_sum(centered * centered, AXIS, AXIS2) / width + eps)
-    return centered * _unreduce(rstd, AXIS, AXIS2)
+    return centered * _unreduce(rstd, AXIS, AXIS2), mean, rstd
 
 
 @triton.jit
@@ -131,6 +136,8 @@ def _add_layernorm_pool_gelu_kernel(
     bias_ptr,
     sum_weight_ptr,
     sum_weight_value,
+    mean_ptr,
+    rstd_ptr,
     pooled_rows,
     depth,
     height,
@@ -152,8 +159,12 @@ def _add_layernorm_pool_gelu_kernel(
     SUM_FROM_PTR: tl.constexpr,
     APPROX_TANH: tl.constexpr,
     EVICTION_POLICY: tl.constexpr,
+    STORE_STATS: tl.constexpr,
 ):
-    """x contiguous ``[N, C, D, H, W]``: ``BLOCK_ROWS`` pooled rows ``(n, c, do, ho)`` a program."""
+    """x contiguous ``[N, C, D, H, W]``: ``BLOCK_ROWS`` pooled rows ``(n, c, do, ho)`` a program.
+
+    With ``STORE_STATS`` the float32 mean and rstd of each input row ``(n, c, d, h)`` it reads
+    go to ``mean_ptr`` and ``rstd_ptr`` (for the backward)."""
     # Pooled row p = ((n * C + c) * Do + do) * Ho + ho; 64-bit, as rows * width may pass 2**31.
     pooled = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = pooled < pooled_rows
@@ -177,7 +188,11 @@ def _add_layernorm_pool_gelu_kernel(
                 row_starts = (first_row + (i * height + j)) * width
                 x = tl.load(x_ptr + row_starts[:, None] + cols[None, :], mask=mask, other=0.0,
                             eviction_policy=EVICTION_POLICY)
-                acc += _normalized(x, mask, shift, width, eps, 1, -1)
+                normalized, mean, rstd = _normalized(x, mask, shift, width, eps, 1, -1)
+                acc += normalized
+                if STORE_STATS:
+                    _store_stats(mean_ptr, rstd_ptr, first_row + (i * height + j), mean, rstd,
+                                 row_mask)
         acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 0, HAS_WEIGHT, HAS_BIAS,
                       KD * KH)
         if KW == 1:
@@ -197,7 +212,11 @@ def _add_layernorm_pool_gelu_kernel(
                 row_starts = (first_row + (i * height + j)) * width
                 x = tl.load(x_ptr + row_starts[:, None, None] + cols[None, :, :], mask=mask,
                             other=0.0, eviction_policy=EVICTION_POLICY)
-                acc += _normalized(x, mask, shift, width, eps, 2, 1)
+                normalized, mean, rstd = _normalized(x, mask, shift, width, eps, 2, 1)
+                acc += normalized
+                if STORE_STATS:
+                    _store_stats(mean_ptr, rstd_ptr, first_row + (i * height + j), mean, rstd,
+                                 row_mask)
         acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 0, HAS_WEIGHT, HAS_BIAS,
                       KD * KH)
         total = tl.sum(acc, axis=2)
@@ -271,7 +290,8 @@ def _add_layernorm_pool_gelu_cl_kernel(
                 slab_start = (first_row + (i * height + j)) * width * channels
                 x = tl.load(x_ptr + slab_start + offsets, mask=mask, other=0.0,
                             eviction_policy=EVICTION_POLICY)
-                acc += _normalized(x, mask, shift, width, eps, 0, -1)
+                normalized, _, _ = _normalized(x, mask, shift, width, eps, 0, -1)
+                acc += normalized
         acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 1, HAS_WEIGHT, HAS_BIAS,
                       KD * KH)
         if KW == 1:
@@ -292,7 +312,8 @@ def _add_layernorm_pool_gelu_cl_kernel(
                 slab_start = (first_row + (i * height + j)) * width * channels
                 x = tl.load(x_ptr + slab_start + offsets, mask=mask, other=0.0,
                             eviction_policy=EVICTION_POLICY)
-                acc += _normalized(x, mask, shift, width, eps, 1, 0)
+                normalized, _, _ = _normalized(x, mask, shift, width, eps, 1, 0)
+                acc += normalized
         acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 2, HAS_WEIGHT, HAS_BIAS,
                       KD * KH)
         total = tl.sum(acc, axis=1)
@@ -413,12 +434,27 @@ def select_config(
                                                             channels_last, channels))
 
 
+def select_backward_config(pooled_rows: int, width: int, dtype: torch.dtype,
+                           pool_kernel: tuple[int, int, int], height: int, approximate: str,
+                           device: str) -> LaunchConfig:
+    """The backward's launch config: the tables under its own kernel name and this kernel's
+    variant, else the forward's heuristic for contiguous x (same tile of pooled rows)."""
+    variant = table_variant(height, pool_kernel, approximate)
+    config, _ = lookup_config(BACKWARD_KERNEL_NAME, device, _dtype_name(dtype), width, pooled_rows,
+                              variant=variant,
+                              heuristic=lambda: heuristic_config(pooled_rows, width, dtype,
+                                                                 pool_kernel))
+    return config
+
+
 def _launch(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,
             bias: torch.Tensor | None, sum_tensor: torch.Tensor | None, sum_value: float,
             eps: float, dims: tuple[int, ...], pool_kernel: tuple[int, int, int], approximate: str,
-            config: LaunchConfig, channels_last: bool, warmup: bool = False) -> None:
+            config: LaunchConfig, channels_last: bool, warmup: bool = False,
+            stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Launches the row or channels-last kernel for x of shape ``dims`` (or, with ``warmup``,
-    only compiles it)."""
+    only compiles it). ``stats``, float32 ``(mean, rstd)`` of ``N * C * D * H`` elements each
+    (row kernel only), receive the statistics of the input rows."""
     batch, channels, depth, height, width = dims
     kd, kh, kw = pool_kernel
     out_depth, out_height, out_width = depth // kd, height // kh, width // kw
@@ -453,13 +489,57 @@ def _launch(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,
     else:
         kernel = _add_layernorm_pool_gelu_kernel
         grid = (triton.cdiv(batch * channels * out_depth * out_height, config.block_rows),)
+        args += (stats if stats is not None else (x, x))
         args += (batch * channels * out_depth * out_height,)
         meta["BLOCK_ROWS"] = config.block_rows
+        meta["STORE_STATS"] = stats is not None
     args += (depth, height, width, out_depth, out_height, out_width, eps)
     if warmup:
         kernel.warmup(*args, grid=grid, **meta)
     else:
         kernel[grid](*args, **meta)
+
+
+class _AddLayerNormPoolGeluFunction(torch.autograd.Function):
+    """The fused tail on contiguous x with a Triton backward
+    (``kernels/add_layernorm_pool_gelu_backward.py``); the forward also saves the float32 mean
+    and rstd of the input rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sum_tensor: torch.Tensor | None, sum_value: float,
+                weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                pool_kernel: tuple[int, int, int], approximate: str,
+                config: LaunchConfig) -> torch.Tensor:
+        batch, channels, depth, height, width = x.shape
+        kd, kh, kw = pool_kernel
+        out = torch.empty((batch, channels, depth // kd, height // kh, width // kw),
+                          dtype=x.dtype, device=x.device)
+        mean = torch.empty(batch * channels * depth * height, dtype=torch.float32, device=x.device)
+        rstd = torch.empty_like(mean)
+        if out.numel():
+            _launch(x, out, weight, bias, sum_tensor, sum_value, eps, tuple(x.shape), pool_kernel,
+                    approximate, config, channels_last=False, stats=(mean, rstd))
+        ctx.save_for_backward(x, weight, bias, mean, rstd, sum_tensor)
+        ctx.sum_value, ctx.pool_kernel, ctx.approximate = sum_value, pool_kernel, approximate
+        return out
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, bias, mean, rstd, sum_tensor = ctx.saved_tensors
+        need_dx, need_dsum, _, need_dweight, need_dbias = ctx.needs_input_grad[:5]
+        dims = tuple(x.shape)
+        kd, kh, kw = ctx.pool_kernel
+        config = select_backward_config(dims[0] * dims[1] * (dims[2] // kd) * (dims[3] // kh),
+                                        dims[4], x.dtype, ctx.pool_kernel, dims[3],
+                                        ctx.approximate, device_name(x.device))
+        grads = add_layernorm_pool_gelu_backward(
+            dy.contiguous(), x, weight, bias, mean, rstd,
+            sum_tensor if sum_tensor is not None else ctx.sum_value, ctx.pool_kernel,
+            ctx.approximate, config, needs=(need_dx, need_dweight, need_dbias, need_dsum))
+        dsum = grads.dsum_weight
+        if dsum is not None:
+            dsum = dsum.to(sum_tensor.dtype).reshape(sum_tensor.shape)
+        return grads.dx, dsum, None, grads.dweight, grads.dbias, None, None, None, None
 
 
 def compile_config(shape: Sequence[int], dtype: torch.dtype, config: LaunchConfig, *,
@@ -509,6 +589,12 @@ def fused_add_layernorm_pool_gelu(
     of channels per program. ``out`` is an optional output tensor of the pooled shape, x's
     dtype and device, in the output's layout (contiguous, or ``channels_last_3d`` for
     channels-last x).
+
+    Differentiable in x, a tensor ``sum_weight``, weight and bias: when grad mode is on and
+    one of them requires grad, x is taken contiguous (a channels-last x is copied, and the
+    output is contiguous), the forward also saves the float32 mean and rstd of the input rows
+    and the backward runs the Triton kernel of ``kernels/add_layernorm_pool_gelu_backward.py``.
+    ``out`` cannot be given then.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -529,14 +615,21 @@ def fused_add_layernorm_pool_gelu(
         raise TypeError(f"eps must be a number, got {type(eps).__name__}")
     check_device(x)
 
+    track = gradients_required(x, sum_weight, weight, bias)
+    if out is not None and track:
+        raise ValueError("out= cannot be used while gradients are required (autograd needs an "
+                         "output of its own): drop out=, or call under torch.no_grad()")
     # A tensor both contiguous and channels-last (C == 1, or size-1 spatial dims) takes the
-    # row kernel: the two layouts coincide there.
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+    # row kernel: the two layouts coincide there. The backward exists for the row kernel only.
+    channels_last = not track and not x.is_contiguous() \
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     out_depth, out_height, out_width = depth // kd, height // kh, width // kw
     out_shape = (batch, channels, out_depth, out_height, out_width)
     if out is None:
-        out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=memory_format)
+        if not track:  # the autograd path allocates its own
+            out = torch.empty(out_shape, dtype=x.dtype, device=x.device,
+                              memory_format=memory_format)
     else:
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != out_shape \
                 or out.dtype != x.dtype or out.device != x.device:
@@ -552,7 +645,7 @@ def fused_add_layernorm_pool_gelu(
             raise ValueError("out must be a contiguous tensor (out.is_contiguous()) because x "
                              "is contiguous or not channels-last and the output is written in "
                              f"the contiguous NCDHW layout; got strides {out.stride()}")
-    if out.numel() == 0:
+    if not track and out.numel() == 0:
         return out
     pooled_rows = batch * channels * out_depth * out_height
     if config is None:
@@ -570,6 +663,9 @@ def fused_add_layernorm_pool_gelu(
     # The kernels index weight and bias as flat contiguous arrays of ``width`` elements.
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
+    if track:
+        return _AddLayerNormPoolGeluFunction.apply(x, sum_tensor, sum_value, weight, bias,
+                                                   float(eps), (kd, kh, kw), approximate, config)
     _launch(x, out, weight, bias, sum_tensor, sum_value, float(eps), tuple(x.shape),
             (kd, kh, kw), approximate, config, channels_last)
     return out

@@ -145,15 +145,19 @@ def backward_grid(dy, x, weight, mean, rstd, sum_weight, want_dx) -> list[tuple[
 
 
 def model_training_step(dtype: torch.dtype) -> tuple[dict, list[list]]:
-    """Forward + ``.sum().backward()`` of ModelNew, Model and torch.compile(Model)."""
+    """Forward + ``.sum().backward()`` of ModelNew (its default channels-last convolution, and
+    NCDHW), Model and torch.compile(Model)."""
     torch.manual_seed(0)
     model = Model(**REFERENCE_ARGS).cuda().to(dtype).train()
     new = ModelNew(**REFERENCE_ARGS).cuda().to(dtype).train()
     new.load_state_dict(model.state_dict())
+    new_ncdhw = copy.deepcopy(new)
+    new_ncdhw.channels_last_conv = False
     compiled_model = copy.deepcopy(model)
     compiled = torch.compile(compiled_model, dynamic=False)
     x = torch.randn(REFERENCE_INPUT_SHAPE, device="cuda", dtype=dtype)
-    candidates = {"ModelNew": new, "Model eager": model, "torch.compile(Model)": compiled}
+    candidates = {"ModelNew": new, "ModelNew, NCDHW conv": new_ncdhw, "Model eager": model,
+                  "torch.compile(Model)": compiled}
 
     def step(module):
         module(x).sum().backward()
@@ -161,13 +165,14 @@ def model_training_step(dtype: torch.dtype) -> tuple[dict, list[list]]:
     # The gradients agree before anything is timed (conv weight: every gradient path passes
     # through it). Loose bounds: float32 convolutions run on TF32 tensor cores (cuDNN's
     # default) on every side, and bfloat16 rounds differently on each.
-    conv_weights = {"ModelNew": new.conv_transpose.weight, "Model eager": model.conv_transpose.weight,
-                    "torch.compile(Model)": compiled_model.conv_transpose.weight}
+    conv_weights = {name: module.conv_transpose.weight for name, module in
+                    (("ModelNew", new), ("ModelNew, NCDHW conv", new_ncdhw),
+                     ("Model eager", model), ("torch.compile(Model)", compiled_model))}
     for name, module in candidates.items():
         module.zero_grad(set_to_none=True)
         step(module)
     errors = {name: relative_error(conv_weights[name].grad, conv_weights["Model eager"].grad)
-              for name in ("ModelNew", "torch.compile(Model)")}
+              for name in conv_weights if name != "Model eager"}
     for name, error in errors.items():
         assert error <= (1e-2 if dtype == torch.float32 else 1e-1), (name, error)
     timings = {name: time_ms(lambda module=module: step(module))

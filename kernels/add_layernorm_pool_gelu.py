@@ -235,6 +235,8 @@ def _add_layernorm_pool_gelu_cl_kernel(
     bias_ptr,
     sum_weight_ptr,
     sum_weight_value,
+    mean_ptr,
+    rstd_ptr,
     channels,
     channel_blocks,
     depth,
@@ -257,9 +259,13 @@ def _add_layernorm_pool_gelu_cl_kernel(
     SUM_FROM_PTR: tl.constexpr,
     APPROX_TANH: tl.constexpr,
     EVICTION_POLICY: tl.constexpr,
+    STORE_STATS: tl.constexpr,
 ):
     """x channels-last (memory order N, D, H, W, C): one ``(n, do, ho)`` and ``BLOCK_C``
-    channels a program; a LayerNorm row is one channel's column of a ``[W, C]`` slab."""
+    channels a program; a LayerNorm row is one channel's column of a ``[W, C]`` slab.
+
+    With ``STORE_STATS`` the float32 mean and rstd of each input row go to ``mean_ptr`` and
+    ``rstd_ptr`` at ``(n, d, h, c)`` (channels fastest, as x)."""
     # Program -> (group, channel block), channel block fastest so that neighbouring programs
     # read neighbouring memory; group = (n * Do + do) * Ho + ho is also the output's (n, do, ho)
     # slab index. 64-bit, as offsets may pass 2**31.
@@ -290,8 +296,11 @@ def _add_layernorm_pool_gelu_cl_kernel(
                 slab_start = (first_row + (i * height + j)) * width * channels
                 x = tl.load(x_ptr + slab_start + offsets, mask=mask, other=0.0,
                             eviction_policy=EVICTION_POLICY)
-                normalized, _, _ = _normalized(x, mask, shift, width, eps, 0, -1)
+                normalized, mean, rstd = _normalized(x, mask, shift, width, eps, 0, -1)
                 acc += normalized
+                if STORE_STATS:
+                    _store_stats(mean_ptr, rstd_ptr, (first_row + (i * height + j)) * channels
+                                 + chans, mean, rstd, chan_mask)
         acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 1, HAS_WEIGHT, HAS_BIAS,
                       KD * KH)
         if KW == 1:
@@ -312,8 +321,11 @@ def _add_layernorm_pool_gelu_cl_kernel(
                 slab_start = (first_row + (i * height + j)) * width * channels
                 x = tl.load(x_ptr + slab_start + offsets, mask=mask, other=0.0,
                             eviction_policy=EVICTION_POLICY)
-                normalized, _, _ = _normalized(x, mask, shift, width, eps, 1, 0)
+                normalized, mean, rstd = _normalized(x, mask, shift, width, eps, 1, 0)
                 acc += normalized
+                if STORE_STATS:
+                    _store_stats(mean_ptr, rstd_ptr, (first_row + (i * height + j)) * channels
+                                 + chans, mean, rstd, chan_mask)
         acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 2, HAS_WEIGHT, HAS_BIAS,
                       KD * KH)
         total = tl.sum(acc, axis=1)
@@ -436,14 +448,17 @@ def select_config(
 
 def select_backward_config(pooled_rows: int, width: int, dtype: torch.dtype,
                            pool_kernel: tuple[int, int, int], height: int, approximate: str,
-                           device: str) -> LaunchConfig:
+                           device: str, *, channels_last: bool = False,
+                           channels: int | None = None) -> LaunchConfig:
     """The backward's launch config: the tables under its own kernel name and this kernel's
-    variant, else the forward's heuristic for contiguous x (same tile of pooled rows)."""
-    variant = table_variant(height, pool_kernel, approximate)
+    variant (:func:`table_variant`), else the forward's heuristic for the same layout."""
+    variant = table_variant(height, pool_kernel, approximate, channels_last=channels_last,
+                            channels=channels)
     config, _ = lookup_config(BACKWARD_KERNEL_NAME, device, _dtype_name(dtype), width, pooled_rows,
                               variant=variant,
                               heuristic=lambda: heuristic_config(pooled_rows, width, dtype,
-                                                                 pool_kernel))
+                                                                 pool_kernel, channels_last,
+                                                                 channels))
     return config
 
 
@@ -453,8 +468,9 @@ def _launch(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,
             config: LaunchConfig, channels_last: bool, warmup: bool = False,
             stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Launches the row or channels-last kernel for x of shape ``dims`` (or, with ``warmup``,
-    only compiles it). ``stats``, float32 ``(mean, rstd)`` of ``N * C * D * H`` elements each
-    (row kernel only), receive the statistics of the input rows."""
+    only compiles it). ``stats``, float32 ``(mean, rstd)`` of ``N * C * D * H`` elements each,
+    receive the statistics of the input rows (in x's layout: channels fastest when
+    channels-last)."""
     batch, channels, depth, height, width = dims
     kd, kh, kw = pool_kernel
     out_depth, out_height, out_width = depth // kd, height // kh, width // kw
@@ -473,12 +489,13 @@ def _launch(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,
             weight if weight is not None else x,
             bias if bias is not None else x,
             sum_tensor if sum_tensor is not None else x,
-            sum_value)
+            sum_value) + (stats if stats is not None else (x, x))
     meta = dict(BLOCK_W=config.block_w, BLOCK_WO=block_wo, KD=kd, KH=kh, KW=kw, KW_PAD=kw_pad,
                 POOL_BY_RESHAPE=pool_by_reshape, HAS_WEIGHT=weight is not None,
                 HAS_BIAS=bias is not None, SUM_FROM_PTR=sum_tensor is not None,
                 APPROX_TANH=approximate == "tanh", EVICTION_POLICY=config.eviction_policy,
-                num_warps=config.num_warps, num_stages=config.num_stages)
+                STORE_STATS=stats is not None, num_warps=config.num_warps,
+                num_stages=config.num_stages)
     if channels_last:
         # One program per (n, do, ho) and block of block_rows channels.
         channel_blocks = triton.cdiv(channels, config.block_rows)
@@ -489,10 +506,8 @@ def _launch(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,
     else:
         kernel = _add_layernorm_pool_gelu_kernel
         grid = (triton.cdiv(batch * channels * out_depth * out_height, config.block_rows),)
-        args += (stats if stats is not None else (x, x))
         args += (batch * channels * out_depth * out_height,)
         meta["BLOCK_ROWS"] = config.block_rows
-        meta["STORE_STATS"] = stats is not None
     args += (depth, height, width, out_depth, out_height, out_width, eps)
     if warmup:
         kernel.warmup(*args, grid=grid, **meta)
@@ -501,45 +516,49 @@ def _launch(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,
 
 
 class _AddLayerNormPoolGeluFunction(torch.autograd.Function):
-    """The fused tail on contiguous x with a Triton backward
-    (``kernels/add_layernorm_pool_gelu_backward.py``); the forward also saves the float32 mean
-    and rstd of the input rows."""
+    """The fused tail with a Triton backward (``kernels/add_layernorm_pool_gelu_backward.py``);
+    the forward also saves the float32 mean and rstd of the input rows."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, sum_tensor: torch.Tensor | None, sum_value: float,
                 weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                pool_kernel: tuple[int, int, int], approximate: str,
-                config: LaunchConfig) -> torch.Tensor:
+                pool_kernel: tuple[int, int, int], approximate: str, config: LaunchConfig,
+                channels_last: bool) -> torch.Tensor:
         batch, channels, depth, height, width = x.shape
         kd, kh, kw = pool_kernel
+        memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         out = torch.empty((batch, channels, depth // kd, height // kh, width // kw),
-                          dtype=x.dtype, device=x.device)
+                          dtype=x.dtype, device=x.device, memory_format=memory_format)
         mean = torch.empty(batch * channels * depth * height, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
         if out.numel():
             _launch(x, out, weight, bias, sum_tensor, sum_value, eps, tuple(x.shape), pool_kernel,
-                    approximate, config, channels_last=False, stats=(mean, rstd))
+                    approximate, config, channels_last, stats=(mean, rstd))
         ctx.save_for_backward(x, weight, bias, mean, rstd, sum_tensor)
         ctx.sum_value, ctx.pool_kernel, ctx.approximate = sum_value, pool_kernel, approximate
+        ctx.channels_last = channels_last
         return out
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, weight, bias, mean, rstd, sum_tensor = ctx.saved_tensors
         need_dx, need_dsum, _, need_dweight, need_dbias = ctx.needs_input_grad[:5]
-        dims = tuple(x.shape)
-        kd, kh, kw = ctx.pool_kernel
-        config = select_backward_config(dims[0] * dims[1] * (dims[2] // kd) * (dims[3] // kh),
-                                        dims[4], x.dtype, ctx.pool_kernel, dims[3],
-                                        ctx.approximate, device_name(x.device))
+        batch, channels, depth, height, width = x.shape
+        kd, kh, _ = ctx.pool_kernel
+        config = select_backward_config(
+            batch * channels * (depth // kd) * (height // kh), width, x.dtype, ctx.pool_kernel,
+            height, ctx.approximate, device_name(x.device), channels_last=ctx.channels_last,
+            channels=channels)
+        memory_format = torch.channels_last_3d if ctx.channels_last else torch.contiguous_format
         grads = add_layernorm_pool_gelu_backward(
-            dy.contiguous(), x, weight, bias, mean, rstd,
+            dy.contiguous(memory_format=memory_format), x, weight, bias, mean, rstd,
             sum_tensor if sum_tensor is not None else ctx.sum_value, ctx.pool_kernel,
-            ctx.approximate, config, needs=(need_dx, need_dweight, need_dbias, need_dsum))
+            ctx.approximate, config, channels_last=ctx.channels_last,
+            needs=(need_dx, need_dweight, need_dbias, need_dsum))
         dsum = grads.dsum_weight
         if dsum is not None:
             dsum = dsum.to(sum_tensor.dtype).reshape(sum_tensor.shape)
-        return grads.dx, dsum, None, grads.dweight, grads.dbias, None, None, None, None
+        return grads.dx, dsum, None, grads.dweight, grads.dbias, None, None, None, None, None
 
 
 def compile_config(shape: Sequence[int], dtype: torch.dtype, config: LaunchConfig, *,
@@ -591,10 +610,10 @@ def fused_add_layernorm_pool_gelu(
     channels-last x).
 
     Differentiable in x, a tensor ``sum_weight``, weight and bias: when grad mode is on and
-    one of them requires grad, x is taken contiguous (a channels-last x is copied, and the
-    output is contiguous), the forward also saves the float32 mean and rstd of the input rows
-    and the backward runs the Triton kernel of ``kernels/add_layernorm_pool_gelu_backward.py``.
-    ``out`` cannot be given then.
+    one of them requires grad, the forward also saves the float32 mean and rstd of the input
+    rows and the backward runs the Triton kernels of
+    ``kernels/add_layernorm_pool_gelu_backward.py`` (either layout; dx in x's layout). ``out``
+    cannot be given then.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -620,9 +639,8 @@ def fused_add_layernorm_pool_gelu(
         raise ValueError("out= cannot be used while gradients are required (autograd needs an "
                          "output of its own): drop out=, or call under torch.no_grad()")
     # A tensor both contiguous and channels-last (C == 1, or size-1 spatial dims) takes the
-    # row kernel: the two layouts coincide there. The backward exists for the row kernel only.
-    channels_last = not track and not x.is_contiguous() \
-        and x.is_contiguous(memory_format=torch.channels_last_3d)
+    # row kernel: the two layouts coincide there.
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     out_depth, out_height, out_width = depth // kd, height // kh, width // kw
     out_shape = (batch, channels, out_depth, out_height, out_width)
@@ -665,7 +683,8 @@ def fused_add_layernorm_pool_gelu(
     bias = bias.contiguous() if bias is not None else None
     if track:
         return _AddLayerNormPoolGeluFunction.apply(x, sum_tensor, sum_value, weight, bias,
-                                                   float(eps), (kd, kh, kw), approximate, config)
+                                                   float(eps), (kd, kh, kw), approximate, config,
+                                                   channels_last)
     _launch(x, out, weight, bias, sum_tensor, sum_value, float(eps), tuple(x.shape),
             (kd, kh, kw), approximate, config, channels_last)
     return out

@@ -175,6 +175,150 @@ def _add_layernorm_pool_gelu_backward_kernel(
         tl.store(dsum_partial_ptr + pid, tl.sum(dsum_acc, axis=0))
 
 
+@triton.jit
+def _xhat_cl(x_ptr, mean_ptr, rstd_ptr, row, chans, chan_mask, offsets, mask, shift, width,
+             channels, EVICTION_POLICY: tl.constexpr):
+    """The normalised ``[BLOCK_WO, KW_PAD, BLOCK_C]`` tile of channels-last input row ``row``
+    (one ``(n, d, h)``; zero where masked) and the channels' rstd."""
+    x = tl.load(x_ptr + row * width * channels + offsets, mask=mask, other=0.0,
+                eviction_policy=EVICTION_POLICY)
+    mean = tl.load(mean_ptr + row * channels + chans, mask=chan_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + row * channels + chans, mask=chan_mask, other=0.0)
+    xhat = tl.where(mask, (x.to(tl.float32) + shift - mean[None, None, :]) * rstd[None, None, :],
+                    0.0)
+    return xhat, rstd
+
+
+@triton.jit
+def _add_layernorm_pool_gelu_backward_cl_kernel(
+    x_ptr,
+    dy_ptr,
+    dx_ptr,
+    weight_ptr,
+    bias_ptr,
+    mean_ptr,
+    rstd_ptr,
+    sum_weight_ptr,
+    sum_weight_value,
+    dweight_partial_ptr,
+    dbias_partial_ptr,
+    dsum_partial_ptr,
+    channels,
+    channel_blocks,
+    groups,
+    depth,
+    height,
+    width,
+    out_depth,
+    out_height,
+    out_width,
+    tiles_per_program,
+    BLOCK_C: tl.constexpr,
+    BLOCK_WO: tl.constexpr,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    KW_PAD: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SUM_FROM_PTR: tl.constexpr,
+    APPROX_TANH: tl.constexpr,
+    STORE_DX: tl.constexpr,
+    COMPUTE_DWEIGHT: tl.constexpr,
+    COMPUTE_DBIAS: tl.constexpr,
+    COMPUTE_DSUM: tl.constexpr,
+    EVICTION_POLICY: tl.constexpr,
+):
+    """The row kernel's mirror for channels-last x, dy and dx (memory order N, D, H, W, C):
+    a tile is one ``(n, do, ho)`` group and ``BLOCK_C`` channels (channel block fastest), as
+    in the channels-last forward; a LayerNorm row is one channel's column of a ``[W, C]``
+    slab, so its sums run over the tile's first two axes."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    wo = tl.arange(0, BLOCK_WO)
+    ks = tl.arange(0, KW_PAD)
+    cols = wo[:, None] * KW + ks[None, :]
+    col_mask = (ks < KW)[None, :] & (cols < width)
+    in_window = (ks < KW)[None, :] & (wo < out_width)[:, None]
+    if SUM_FROM_PTR:
+        shift = tl.load(sum_weight_ptr).to(tl.float32)
+    else:
+        shift = sum_weight_value
+    if HAS_WEIGHT:
+        weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, :, None]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, :, None]
+    scale = 1.0 / (KD * KH * KW)
+    dweight_acc = tl.zeros([BLOCK_WO, KW_PAD], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_WO, KW_PAD], dtype=tl.float32)
+    dsum_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for step in range(0, tiles_per_program):
+        # 64-bit: offsets may pass 2**31.
+        tile = (pid + step * programs).to(tl.int64)
+        group = tile // channel_blocks
+        chans = (tile % channel_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        # No channel is valid past the last group (the last step's tiles may run over).
+        chan_mask = chans < tl.where(group < groups, channels, 0)
+        ho = group % out_height
+        rest = group // out_height
+        do = rest % out_depth
+        n = rest // out_depth
+        first_row = (n * depth + do * KD) * height + ho * KH
+        offsets = cols.to(tl.int64)[:, :, None] * channels + chans[None, None, :]
+        mask = col_mask[:, :, None] & chan_mask[None, None, :]
+
+        # The pre-GELU pooled value v, rebuilt from x and the saved statistics.
+        acc = tl.zeros([BLOCK_WO, KW_PAD, BLOCK_C], dtype=tl.float32)
+        for i in tl.static_range(KD):
+            for j in tl.static_range(KH):
+                xhat, _ = _xhat_cl(x_ptr, mean_ptr, rstd_ptr, first_row + (i * height + j), chans,
+                                   chan_mask, offsets, mask, shift, width, channels,
+                                   EVICTION_POLICY)
+                acc += xhat
+        if HAS_WEIGHT:
+            acc = acc * weight
+        if HAS_BIAS:
+            acc = acc + (KD * KH) * bias
+        v = tl.sum(acc, axis=1) * scale
+        out_mask = (wo < out_width)[:, None] & chan_mask[None, :]
+        dy = tl.load(dy_ptr + (group * out_width + wo[:, None]) * channels + chans[None, :],
+                     mask=out_mask, other=0.0).to(tl.float32)
+        dv = dy * _gelu_grad(v, APPROX_TANH) * scale
+        dn = tl.where(in_window[:, :, None] & chan_mask[None, None, :], dv[:, None, :], 0.0)
+        if HAS_WEIGHT:
+            g = dn * weight
+        else:
+            g = dn
+        if COMPUTE_DBIAS:
+            dbias_acc += (KD * KH) * tl.sum(dn, axis=2)
+
+        for i in tl.static_range(KD):
+            for j in tl.static_range(KH):
+                row = first_row + (i * height + j)
+                xhat, rstd = _xhat_cl(x_ptr, mean_ptr, rstd_ptr, row, chans, chan_mask, offsets,
+                                      mask, shift, width, channels, EVICTION_POLICY)
+                c1 = tl.sum(tl.sum(g * xhat, axis=1), axis=0) / width
+                c2 = tl.sum(tl.sum(g, axis=1), axis=0) / width
+                dx = tl.where(mask, (g - c2[None, None, :] - xhat * c1[None, None, :])
+                              * rstd[None, None, :], 0.0)
+                if STORE_DX:
+                    tl.store(dx_ptr + row * width * channels + offsets,
+                             dx.to(dx_ptr.dtype.element_ty), mask=mask,
+                             eviction_policy=EVICTION_POLICY)
+                if COMPUTE_DSUM:
+                    dsum_acc += tl.sum(tl.sum(dx, axis=1), axis=0)
+                if COMPUTE_DWEIGHT:
+                    dweight_acc += tl.sum(dn * xhat, axis=2)
+
+    partial = pid.to(tl.int64) * width + cols
+    if COMPUTE_DWEIGHT:
+        tl.store(dweight_partial_ptr + partial, dweight_acc, mask=col_mask)
+    if COMPUTE_DBIAS:
+        tl.store(dbias_partial_ptr + partial, dbias_acc, mask=col_mask)
+    if COMPUTE_DSUM:
+        tl.store(dsum_partial_ptr + pid, tl.sum(dsum_acc, axis=0))
+
+
 def add_layernorm_pool_gelu_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -187,16 +331,18 @@ def add_layernorm_pool_gelu_backward(
     approximate: str,
     config: LaunchConfig,
     *,
+    channels_last: bool = False,
     needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
 ) -> Gradients:
     """Gradients of the fused tail given the pooled output's gradient ``dy``.
 
-    x is contiguous ``[N, C, D, H, W]`` and dy contiguous ``[N, C, D // kd, H // kh, W // kw]``,
-    both of x's dtype; ``mean`` and ``rstd`` are the forward's float32 statistics of the
-    ``N * C * D * H`` input rows (only those a pooling window covers are read). ``needs``
-    says which of (dx, dweight, dbias, dsum_weight) to compute; dweight and dbias come in
-    x's dtype, dsum_weight as a float32 scalar. ``config.block_rows`` is the pooled rows per
-    program and ``config.block_w`` must cover W.
+    x is ``[N, C, D, H, W]`` and dy ``[N, C, D // kd, H // kh, W // kw]``, both of x's dtype,
+    both contiguous or, with ``channels_last``, both ``channels_last_3d`` (dx then is too);
+    ``mean`` and ``rstd`` are the forward's float32 statistics of the ``N * C * D * H`` input
+    rows in x's layout (only those a pooling window covers are read). ``needs`` says which of
+    (dx, dweight, dbias, dsum_weight) to compute; dweight and dbias come in x's dtype,
+    dsum_weight as a float32 scalar. ``config`` is the forward's: ``block_rows`` pooled rows
+    (channels, for channels-last) per tile, ``block_w`` covering W.
     """
     batch, channels, depth, height, width = x.shape
     kd, kh, kw = pool_kernel
@@ -215,17 +361,22 @@ def add_layernorm_pool_gelu_backward(
     need_dx, need_dweight, need_dbias, need_dsum = needs
     need_dweight = need_dweight and weight is not None
     need_dbias = need_dbias and bias is not None
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     dx = None
     if need_dx:
         # Rows no pooling window covers are never visited: their (zero) gradient is set here.
         covers_all = depth == out_depth * kd and height == out_height * kh
-        dx = torch.empty_like(x) if covers_all else torch.zeros_like(x)
-    pooled_rows = batch * channels * out_depth * out_height
-    if pooled_rows == 0:
+        dx = (torch.empty_like if covers_all else torch.zeros_like)(x, memory_format=memory_format)
+    groups = batch * out_depth * out_height
+    if channels_last:
+        channel_blocks = triton.cdiv(channels, config.block_rows)
+        row_tiles = groups * channel_blocks
+    else:
+        row_tiles = triton.cdiv(groups * channels, config.block_rows)
+    if row_tiles == 0:
         zeros = torch.zeros(width, dtype=x.dtype, device=x.device)
         return Gradients(dx, zeros if need_dweight else None, zeros if need_dbias else None,
                          torch.zeros((), device=x.device) if need_dsum else None)
-    row_tiles = triton.cdiv(pooled_rows, config.block_rows)
     programs = program_count(row_tiles, config.num_warps, x.device)
     partial = torch.empty((programs, width), dtype=torch.float32, device=x.device)
     dweight_partial = partial if need_dweight else mean
@@ -234,19 +385,24 @@ def add_layernorm_pool_gelu_backward(
         else mean
     sum_tensor, sum_value = (sum_weight, 0.0) if isinstance(sum_weight, torch.Tensor) \
         else (None, float(sum_weight))
-    _add_layernorm_pool_gelu_backward_kernel[(programs,)](
-        x, dy, dx if dx is not None else x, weight if weight is not None else x,
-        bias if bias is not None else x, mean, rstd,
-        sum_tensor if sum_tensor is not None else x, sum_value,
-        dweight_partial, dbias_partial, dsum_partial,
-        pooled_rows, depth, height, width, out_depth, out_height, out_width,
-        triton.cdiv(row_tiles, programs),
-        BLOCK_ROWS=config.block_rows, BLOCK_WO=block_wo, KD=kd, KH=kh, KW=kw, KW_PAD=kw_pad,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        SUM_FROM_PTR=sum_tensor is not None, APPROX_TANH=approximate == "tanh",
-        STORE_DX=dx is not None, COMPUTE_DWEIGHT=need_dweight, COMPUTE_DBIAS=need_dbias,
-        COMPUTE_DSUM=need_dsum, EVICTION_POLICY=config.eviction_policy,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+    args = (x, dy, dx if dx is not None else x, weight if weight is not None else x,
+            bias if bias is not None else x, mean, rstd,
+            sum_tensor if sum_tensor is not None else x, sum_value,
+            dweight_partial, dbias_partial, dsum_partial)
+    meta = dict(BLOCK_WO=block_wo, KD=kd, KH=kh, KW=kw, KW_PAD=kw_pad,
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                SUM_FROM_PTR=sum_tensor is not None, APPROX_TANH=approximate == "tanh",
+                STORE_DX=dx is not None, COMPUTE_DWEIGHT=need_dweight, COMPUTE_DBIAS=need_dbias,
+                COMPUTE_DSUM=need_dsum, EVICTION_POLICY=config.eviction_policy,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+    sizes = (depth, height, width, out_depth, out_height, out_width,
+             triton.cdiv(row_tiles, programs))
+    if channels_last:
+        _add_layernorm_pool_gelu_backward_cl_kernel[(programs,)](
+            *args, channels, channel_blocks, groups, *sizes, BLOCK_C=config.block_rows, **meta)
+    else:
+        _add_layernorm_pool_gelu_backward_kernel[(programs,)](
+            *args, groups * channels, *sizes, BLOCK_ROWS=config.block_rows, **meta)
     return Gradients(
         dx,
         sum_partials(dweight_partial, x.dtype) if need_dweight else None,

@@ -73,10 +73,11 @@ class ModelNew(Model):
     to False for the NCDHW convolution and the contiguous tail kernel.
 
     Training: when autograd records (grad mode on, and x or a parameter requires grad), the
-    forward runs PyTorch's convolution in NCDHW and the differentiable tail kernels, whose
-    backward is in Triton (``kernels/add_layernorm_pool_gelu_backward.py``, or
+    one-kernel path, which has no backward, is skipped: the cuDNN convolution (channels-last
+    as above) and the tail kernels run, whose backward is in Triton
+    (``kernels/add_layernorm_pool_gelu_backward.py`` for either layout, or
     ``kernels/add_layernorm_backward.py`` with PyTorch pooling and GELU). Under
-    ``torch.no_grad()`` or ``torch.inference_mode()`` it takes the inference paths above.
+    ``torch.no_grad()`` or ``torch.inference_mode()`` the one-kernel path applies as usual.
     """
 
     #: Run the convolution channels-last when the fused tail is used (see the class doc).
@@ -134,11 +135,8 @@ class ModelNew(Model):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv_transpose
-        if self._gradients_required(x):
-            # The one-kernel path has no backward. The tail kernels do, on contiguous input
-            # only, so the convolution runs in PyTorch's default NCDHW layout.
-            return self.tail(conv(x))
-        if self._triton_conv_tail_applies(x):
+        # The one-kernel path has no backward; the paths below have (cuDNN's and the tail's).
+        if not self._gradients_required(x) and self._triton_conv_tail_applies(x):
             return fused_conv_transpose_tail(
                 x, conv.weight, conv.bias, self.sum_weight.to(x.dtype), self.norm.weight,
                 self.norm.bias, self.norm.eps, self.gelu.approximate)

@@ -296,9 +296,12 @@ def tiny_models(seed, **changes):
     return model, new
 
 
-@pytest.mark.parametrize("changes", [{}, dict(norm_shape=(8, 8))], ids=["fused_tail", "add_ln"])
-def test_modelnew_backward_matches_model_in_float64(changes):
+@pytest.mark.parametrize("changes,channels_last_conv", [
+    ({}, True), ({}, False), (dict(norm_shape=(8, 8)), True), (dict(pool_kernel_size=3), True),
+], ids=["fused_tail_channels_last", "fused_tail_ncdhw", "add_ln", "pool3_floor"])
+def test_modelnew_backward_matches_model_in_float64(changes, channels_last_conv):
     model, new = tiny_models(seed=20, **changes)
+    new.channels_last_conv = channels_last_conv
     reference = copy.deepcopy(model).double()
     x = torch.randn(TINY_INPUT, generator=torch.Generator().manual_seed(21)) * 1.5 + 0.2
     x_new, x_ref = x.clone().requires_grad_(), x.double().requires_grad_()

@@ -377,7 +377,8 @@ def add_layernorm_pool_gelu_backward(
         zeros = torch.zeros(width, dtype=x.dtype, device=x.device)
         return Gradients(dx, zeros if need_dweight else None, zeros if need_dbias else None,
                          torch.zeros((), device=x.device) if need_dsum else None)
-    programs = program_count(row_tiles, config.num_warps, x.device)
+    # A tile holds block_rows pooled rows (or channels), each of kd * kh input rows.
+    programs = program_count(row_tiles, config.block_rows * kd * kh, config.num_warps, x.device)
     partial = torch.empty((programs, width), dtype=torch.float32, device=x.device)
     dweight_partial = partial if need_dweight else mean
     dbias_partial = torch.empty_like(partial) if need_dbias else mean

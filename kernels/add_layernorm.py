@@ -247,7 +247,6 @@ class _AddLayerNormFunction(torch.autograd.Function):
                     stats=(mean, rstd))
         ctx.save_for_backward(x, weight, mean, rstd, sum_tensor)
         ctx.sum_value = sum_value
-        ctx.has_bias = bias is not None
         return out
 
     @staticmethod
@@ -257,7 +256,7 @@ class _AddLayerNormFunction(torch.autograd.Function):
         grads = add_layernorm_backward(
             dy.contiguous(), x, weight, mean, rstd,
             sum_tensor if sum_tensor is not None else ctx.sum_value,
-            needs=(need_dx, need_dweight, need_dbias and ctx.has_bias, need_dsum))
+            needs=(need_dx, need_dweight, need_dbias, need_dsum))
         dsum = grads.dsum_weight
         if dsum is not None:
             dsum = dsum.to(sum_tensor.dtype).reshape(sum_tensor.shape)

@@ -79,3 +79,24 @@ def test_tail_compile_matches_launch(calls, monkeypatch, channels_last, shape, p
     assert launched[:2] == compiled[:2] and launched[3] == compiled[3]
     assert [a for i, a in enumerate(launched[2]) if i != 5] == \
         [a for i, a in enumerate(compiled[2]) if i != 5]
+
+
+@pytest.mark.parametrize("rows,width,config", [
+    (300, 64, LaunchConfig(16, 64, 4, 2, "evict_first")),
+    (5, 300, LaunchConfig(1, 128, 2)),  # chunked
+])
+def test_backward_compile_matches_launch(monkeypatch, rows, width, config):
+    import kernels.add_layernorm_backward as backward
+
+    recorded = []
+    monkeypatch.setattr(backward, "_add_layernorm_backward_kernel",
+                        Recorder("_add_layernorm_backward_kernel", recorded))
+    dtype = torch.bfloat16
+    x, dy = torch.randn(rows, width, dtype=dtype), torch.randn(rows, width, dtype=dtype)
+    stats = torch.randn(rows)
+    backward.add_layernorm_backward(dy, x, torch.randn(width, dtype=dtype), stats, stats,
+                                    torch.tensor(1.0, dtype=dtype), config=config)
+    monkeypatch.setattr(backward, "interpreter_enabled", lambda: False)
+    backward.compile_config(rows, width, dtype, config, sum_weight_dtype=dtype, device="cpu")
+    launched, compiled = recorded
+    assert launched == compiled

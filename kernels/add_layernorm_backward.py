@@ -35,8 +35,9 @@ KERNEL_NAME = "add_layernorm_backward"
 REDUCTIONS: tuple[str, ...] = ("partials", "atomics")
 # The interpreter runs programs one after another: a few programs still walk several tiles each.
 _INTERPRETER_MULTIPROCESSORS = 1
-# Warps one streaming multiprocessor keeps resident at most (Hopper, Ampere).
+# Warps and programs one streaming multiprocessor keeps resident at most (Hopper).
 _WARPS_PER_MULTIPROCESSOR = 64
+_PROGRAMS_PER_MULTIPROCESSOR = 32
 # Each program's partial sums (8 bytes a column, written and read again) cost 16 / (3 * 2 * 64)
 # = 4% of the 16-bit backward's bytes (x, dy, dx) over 64 rows.
 MIN_ROWS_PER_PROGRAM = 64
@@ -242,7 +243,8 @@ def program_count(row_tiles: int, rows_per_tile: int, num_warps: int,
                                            else torch.cuda.current_device())
     else:
         multiprocessors = _INTERPRETER_MULTIPROCESSORS
-    per_multiprocessor = max(1, min(16, _WARPS_PER_MULTIPROCESSOR // num_warps))
+    per_multiprocessor = max(1, min(_PROGRAMS_PER_MULTIPROCESSOR,
+                                    _WARPS_PER_MULTIPROCESSOR // num_warps))
     enough_rows = triton.cdiv(row_tiles, max(1, MIN_ROWS_PER_PROGRAM // rows_per_tile))
     return max(1, min(row_tiles, multiprocessors * per_multiprocessor, enough_rows))
 

@@ -451,15 +451,30 @@ def select_backward_config(pooled_rows: int, width: int, dtype: torch.dtype,
                            device: str, *, channels_last: bool = False,
                            channels: int | None = None) -> LaunchConfig:
     """The backward's launch config: the tables under its own kernel name and this kernel's
-    variant (:func:`table_variant`), else the forward's heuristic for the same layout."""
+    variant (:func:`table_variant`), else :func:`backward_heuristic_config`."""
     variant = table_variant(height, pool_kernel, approximate, channels_last=channels_last,
                             channels=channels)
     config, _ = lookup_config(BACKWARD_KERNEL_NAME, device, _dtype_name(dtype), width, pooled_rows,
                               variant=variant,
-                              heuristic=lambda: heuristic_config(pooled_rows, width, dtype,
-                                                                 pool_kernel, channels_last,
-                                                                 channels))
+                              heuristic=lambda: backward_heuristic_config(
+                                  pooled_rows, width, dtype, pool_kernel, channels_last, channels))
     return config
+
+
+@functools.lru_cache(maxsize=4096)
+def backward_heuristic_config(pooled_rows: int, width: int, dtype: torch.dtype,
+                              pool_kernel: tuple[int, int, int], channels_last: bool = False,
+                              channels: int | None = None) -> LaunchConfig:
+    """The backward's config without measuring: the forward's tile (:func:`heuristic_config`)
+    with a warp per 256 elements of it (1 to 16 warps, never fewer than the forward's), as
+    the backward keeps several float32 values per element live where the forward keeps one."""
+    forward = heuristic_config(pooled_rows, width, dtype, pool_kernel, channels_last, channels)
+    kw = pool_kernel[2]
+    tile = forward.block_rows * triton.next_power_of_2(triton.cdiv(forward.block_w, kw)) \
+        * triton.next_power_of_2(kw)
+    num_warps = max(forward.num_warps, min(16, triton.next_power_of_2(max(1, tile // 256))))
+    return LaunchConfig(block_rows=forward.block_rows, block_w=forward.block_w,
+                        num_warps=num_warps)
 
 
 def _launch(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .add_layernorm_backward import Gradients, program_count, sum_partials
 from .config import MAX_TILE_ELEMENTS, LaunchConfig
+from .device import interpreter_enabled
 
 KERNEL_NAME = "add_layernorm_pool_gelu_backward"
 
@@ -319,6 +320,70 @@ def _add_layernorm_pool_gelu_backward_cl_kernel(
         tl.store(dsum_partial_ptr + pid, tl.sum(dsum_acc, axis=0))
 
 
+def _tiling(dims: tuple[int, ...], pool_kernel: tuple[int, int, int], config: LaunchConfig,
+            channels_last: bool, device: torch.device) -> tuple[int, int, int, int]:
+    """``(block_wo, kw_pad, row_tiles, programs)`` of a launch; a ValueError for a config that
+    cannot run the problem."""
+    width = dims[4]
+    kd, kh, kw = pool_kernel
+    if config.block_w < width:
+        raise ValueError(f"config.block_w={config.block_w} must be a power of two >= W={width}")
+    block_wo = triton.next_power_of_2(triton.cdiv(config.block_w, kw))
+    kw_pad = triton.next_power_of_2(kw)
+    if config.block_rows * block_wo * kw_pad > MAX_TILE_ELEMENTS:
+        raise ValueError(f"config block_rows={config.block_rows}, block_w={config.block_w} with "
+                         f"pool width {kw} needs a tile over Triton's limit of "
+                         f"{MAX_TILE_ELEMENTS} elements")
+    batch, channels, depth, height, _ = dims
+    groups = batch * (depth // kd) * (height // kh)
+    if channels_last:
+        row_tiles = groups * triton.cdiv(channels, config.block_rows)
+    else:
+        row_tiles = triton.cdiv(groups * channels, config.block_rows)
+    # A tile holds block_rows pooled rows (or channels), each of kd * kh input rows.
+    programs = program_count(row_tiles, config.block_rows * kd * kh, config.num_warps, device)
+    return block_wo, kw_pad, row_tiles, programs
+
+
+def _launch(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None,
+            weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
+            rstd: torch.Tensor, sum_tensor: torch.Tensor | None, sum_value: float,
+            partials: tuple, dims: tuple[int, ...], pool_kernel: tuple[int, int, int],
+            approximate: str, config: LaunchConfig, channels_last: bool,
+            compute: tuple[bool, bool, bool], warmup: bool = False) -> None:
+    """Launches the row or channels-last backward kernel for x of shape ``dims`` (or, with
+    ``warmup``, only compiles it)."""
+    batch, channels, depth, height, width = dims
+    kd, kh, kw = pool_kernel
+    out_depth, out_height, out_width = depth // kd, height // kh, width // kw
+    block_wo, kw_pad, row_tiles, programs = _tiling(dims, pool_kernel, config, channels_last,
+                                                    x.device)
+    args = (x, dy, dx if dx is not None else x, weight if weight is not None else x,
+            bias if bias is not None else x, mean, rstd,
+            sum_tensor if sum_tensor is not None else x, sum_value, *partials)
+    meta = dict(BLOCK_WO=block_wo, KD=kd, KH=kh, KW=kw, KW_PAD=kw_pad,
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                SUM_FROM_PTR=sum_tensor is not None, APPROX_TANH=approximate == "tanh",
+                STORE_DX=dx is not None, COMPUTE_DWEIGHT=compute[0], COMPUTE_DBIAS=compute[1],
+                COMPUTE_DSUM=compute[2], EVICTION_POLICY=config.eviction_policy,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+    sizes = (depth, height, width, out_depth, out_height, out_width,
+             triton.cdiv(row_tiles, programs))
+    groups = batch * out_depth * out_height
+    if channels_last:
+        kernel = _add_layernorm_pool_gelu_backward_cl_kernel
+        args += (channels, triton.cdiv(channels, config.block_rows), groups) + sizes
+        meta["BLOCK_C"] = config.block_rows
+    else:
+        kernel = _add_layernorm_pool_gelu_backward_kernel
+        args += (groups * channels,) + sizes
+        meta["BLOCK_ROWS"] = config.block_rows
+    if warmup:
+        kernel.warmup(*args, grid=(programs,), **meta)
+    else:
+        kernel[(programs,)](*args, **meta)
+
+
 def add_layernorm_pool_gelu_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -333,6 +398,7 @@ def add_layernorm_pool_gelu_backward(
     *,
     channels_last: bool = False,
     needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
+    dx_out: torch.Tensor | None = None,
 ) -> Gradients:
     """Gradients of the fused tail given the pooled output's gradient ``dy``.
 
@@ -341,8 +407,9 @@ def add_layernorm_pool_gelu_backward(
     ``mean`` and ``rstd`` are the forward's float32 statistics of the ``N * C * D * H`` input
     rows in x's layout (only those a pooling window covers are read). ``needs`` says which of
     (dx, dweight, dbias, dsum_weight) to compute; dweight and dbias come in x's dtype,
-    dsum_weight as a float32 scalar. ``config`` is the forward's: ``block_rows`` pooled rows
-    (channels, for channels-last) per tile, ``block_w`` covering W.
+    dsum_weight as a float32 scalar. ``config``: ``block_rows`` pooled rows (channels, for
+    channels-last) per tile, ``block_w`` covering W. ``dx_out`` is an optional buffer for dx
+    in x's layout.
     """
     batch, channels, depth, height, width = x.shape
     kd, kh, kw = pool_kernel
@@ -350,35 +417,22 @@ def add_layernorm_pool_gelu_backward(
     if tuple(dy.shape) != (batch, channels, out_depth, out_height, out_width):
         raise ValueError(f"dy has shape {tuple(dy.shape)}, expected the pooled shape "
                          f"{(batch, channels, out_depth, out_height, out_width)}")
-    if config.block_w < width:
-        raise ValueError(f"config.block_w={config.block_w} must be a power of two >= W={width}")
-    block_wo = triton.next_power_of_2(triton.cdiv(config.block_w, kw))
-    kw_pad = triton.next_power_of_2(kw)
-    if config.block_rows * block_wo * kw_pad > MAX_TILE_ELEMENTS:
-        raise ValueError(f"config block_rows={config.block_rows}, block_w={config.block_w} with "
-                         f"pool width {kw} needs a tile over Triton's limit of "
-                         f"{MAX_TILE_ELEMENTS} elements")
+    _, _, row_tiles, programs = _tiling(tuple(x.shape), pool_kernel, config, channels_last,
+                                        x.device)
     need_dx, need_dweight, need_dbias, need_dsum = needs
     need_dweight = need_dweight and weight is not None
     need_dbias = need_dbias and bias is not None
-    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     dx = None
     if need_dx:
-        # Rows no pooling window covers are never visited: their (zero) gradient is set here.
-        covers_all = depth == out_depth * kd and height == out_height * kh
-        dx = (torch.empty_like if covers_all else torch.zeros_like)(x, memory_format=memory_format)
-    groups = batch * out_depth * out_height
-    if channels_last:
-        channel_blocks = triton.cdiv(channels, config.block_rows)
-        row_tiles = groups * channel_blocks
-    else:
-        row_tiles = triton.cdiv(groups * channels, config.block_rows)
+        memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        dx = torch.empty_like(x, memory_format=memory_format) if dx_out is None else dx_out
+        if depth != out_depth * kd or height != out_height * kh:
+            # Rows no pooling window covers are never visited: their gradient is zero.
+            dx.zero_()
     if row_tiles == 0:
         zeros = torch.zeros(width, dtype=x.dtype, device=x.device)
         return Gradients(dx, zeros if need_dweight else None, zeros if need_dbias else None,
                          torch.zeros((), device=x.device) if need_dsum else None)
-    # A tile holds block_rows pooled rows (or channels), each of kd * kh input rows.
-    programs = program_count(row_tiles, config.block_rows * kd * kh, config.num_warps, x.device)
     partial = torch.empty((programs, width), dtype=torch.float32, device=x.device)
     dweight_partial = partial if need_dweight else mean
     dbias_partial = torch.empty_like(partial) if need_dbias else mean
@@ -386,27 +440,35 @@ def add_layernorm_pool_gelu_backward(
         else mean
     sum_tensor, sum_value = (sum_weight, 0.0) if isinstance(sum_weight, torch.Tensor) \
         else (None, float(sum_weight))
-    args = (x, dy, dx if dx is not None else x, weight if weight is not None else x,
-            bias if bias is not None else x, mean, rstd,
-            sum_tensor if sum_tensor is not None else x, sum_value,
-            dweight_partial, dbias_partial, dsum_partial)
-    meta = dict(BLOCK_WO=block_wo, KD=kd, KH=kh, KW=kw, KW_PAD=kw_pad,
-                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                SUM_FROM_PTR=sum_tensor is not None, APPROX_TANH=approximate == "tanh",
-                STORE_DX=dx is not None, COMPUTE_DWEIGHT=need_dweight, COMPUTE_DBIAS=need_dbias,
-                COMPUTE_DSUM=need_dsum, EVICTION_POLICY=config.eviction_policy,
-                num_warps=config.num_warps, num_stages=config.num_stages)
-    sizes = (depth, height, width, out_depth, out_height, out_width,
-             triton.cdiv(row_tiles, programs))
-    if channels_last:
-        _add_layernorm_pool_gelu_backward_cl_kernel[(programs,)](
-            *args, channels, channel_blocks, groups, *sizes, BLOCK_C=config.block_rows, **meta)
-    else:
-        _add_layernorm_pool_gelu_backward_kernel[(programs,)](
-            *args, groups * channels, *sizes, BLOCK_ROWS=config.block_rows, **meta)
+    _launch(x, dy, dx, weight, bias, mean, rstd, sum_tensor, sum_value,
+            (dweight_partial, dbias_partial, dsum_partial), tuple(x.shape), pool_kernel,
+            approximate, config, channels_last, (need_dweight, need_dbias, need_dsum))
     return Gradients(
         dx,
         sum_partials(dweight_partial, x.dtype) if need_dweight else None,
         sum_partials(dbias_partial, x.dtype) if need_dbias else None,
         sum_partials(dsum_partial[:, None], torch.float32)[0] if need_dsum else None,
     )
+
+
+def compile_config(shape: tuple[int, ...], dtype: torch.dtype, config: LaunchConfig, *,
+                   pool_kernel: tuple[int, int, int] = (2, 2, 2), approximate: str = "none",
+                   channels_last: bool = False, has_weight: bool = True, has_bias: bool = True,
+                   sum_weight_dtype: torch.dtype | None = None,
+                   device: torch.device | str = "cuda") -> None:
+    """Compiles, without launching, the backward kernel that x of ``shape`` [N, C, D, H, W] in
+    ``dtype`` runs with ``config`` (all four gradients), into Triton's cache.
+
+    ``sum_weight_dtype`` is the dtype of a tensor ``sum_weight``; None for a Python number.
+    A no-op under the interpreter, which compiles nothing.
+    """
+    if interpreter_enabled():
+        return
+    device = torch.device(device)
+    tiny = torch.empty(16, dtype=dtype, device=device)  # 16-byte aligned, like any allocation
+    stats = torch.empty(16, dtype=torch.float32, device=device)
+    sum_tensor = None if sum_weight_dtype is None else torch.empty(1, dtype=sum_weight_dtype,
+                                                                   device=device)
+    _launch(tiny, tiny, tiny, tiny if has_weight else None, tiny if has_bias else None, stats,
+            stats, sum_tensor, 0.0, (stats, stats, stats), tuple(shape), tuple(pool_kernel),
+            approximate, config, channels_last, (has_weight, has_bias, True), warmup=True)

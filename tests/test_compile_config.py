@@ -100,3 +100,29 @@ def test_backward_compile_matches_launch(monkeypatch, rows, width, config):
     backward.compile_config(rows, width, dtype, config, sum_weight_dtype=dtype, device="cpu")
     launched, compiled = recorded
     assert launched == compiled
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tail_backward_compile_matches_launch(monkeypatch, channels_last):
+    import kernels.add_layernorm_pool_gelu_backward as tail_backward
+
+    recorded = []
+    for name in ("_add_layernorm_pool_gelu_backward_kernel",
+                 "_add_layernorm_pool_gelu_backward_cl_kernel"):
+        monkeypatch.setattr(tail_backward, name, Recorder(name, recorded))
+    shape, pool, config = (2, 3, 5, 6, 8), (2, 2, 2), LaunchConfig(2, 8, 2, 2, "evict_last")
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    dtype = torch.bfloat16
+    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=layout)
+    dy = torch.randn((2, 3, 2, 3, 4), dtype=dtype).contiguous(memory_format=layout)
+    stats = torch.randn(2 * 3 * 5 * 6)
+    tail_backward.add_layernorm_pool_gelu_backward(
+        dy, x, torch.randn(8, dtype=dtype), torch.randn(8, dtype=dtype), stats, stats,
+        torch.tensor(1.0, dtype=dtype), pool, "tanh", config, channels_last=channels_last)
+    monkeypatch.setattr(tail_backward, "interpreter_enabled", lambda: False)
+    tail_backward.compile_config(shape, dtype, config, pool_kernel=pool, approximate="tanh",
+                                 channels_last=channels_last, sum_weight_dtype=dtype,
+                                 device="cpu")
+    launched, compiled = recorded
+    assert launched[0].endswith("_cl_kernel") == channels_last
+    assert launched == compiled

@@ -618,7 +618,10 @@ def test_cli_export_rebuilds_a_table_and_show_prints_it(tmp_path, capsys, monkey
 @pytest.mark.parametrize("kernel,shape", [("add_layernorm", "37x64"),
                                           ("add_layernorm_backward", "37x64"),
                                           ("add_layernorm_pool_gelu", "3x5x4x6x8"),
-                                          ("add_layernorm_pool_gelu_channels_last", "3x5x4x6x8")])
+                                          ("add_layernorm_pool_gelu_channels_last", "3x5x4x6x8"),
+                                          ("add_layernorm_pool_gelu_backward", "3x5x4x6x8"),
+                                          ("add_layernorm_pool_gelu_backward_channels_last",
+                                           "3x5x5x6x8")])
 def test_reference_computed_in_slices_matches_one_piece(monkeypatch, kernel, shape):
     import tuner.problems.base as base
 

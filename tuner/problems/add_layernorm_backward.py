@@ -16,7 +16,6 @@ from kernels.add_layernorm_backward import (
 )
 
 from .add_layernorm import AddLayerNorm
-from . import base
 from .base import DTYPES, Problem
 
 EPS = 1e-5
@@ -28,6 +27,7 @@ class AddLayerNormBackward(AddLayerNorm):
     full tensor shape, as for the forward."""
 
     name = KERNEL_NAME
+    sliced_inputs = ("x", "dy")
 
     def make_inputs(self, problem: Problem, device: torch.device,
                     generator: torch.Generator) -> dict[str, Any]:
@@ -54,16 +54,6 @@ class AddLayerNormBackward(AddLayerNorm):
                              inputs["weight"].to(dtype), inputs["bias"].to(dtype), EPS)
             [dx] = torch.autograd.grad(y, x, inputs["dy"].to(dtype))
         return dx
-
-    def reference(self, inputs: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
-        # The slices of x along dim 0 must come with the matching slices of dy.
-        x, dy = inputs["x"], inputs["dy"]
-        parts = []
-        step = max(1, base.REFERENCE_SLICE_ELEMENTS // max(1, x[0].numel()))
-        for start in range(0, x.shape[0], step):
-            parts.append(self.reference_slice(
-                {**inputs, "x": x[start:start + step], "dy": dy[start:start + step]}, dtype))
-        return torch.cat(parts)
 
     def eager(self, inputs: dict[str, Any]) -> torch.Tensor:
         x = inputs["x"]

@@ -6,12 +6,16 @@ batch 32) against Model eager and torch.compile(Model), float32 and bfloat16.
 
 The floor of add + LayerNorm forward + backward is five tensors of x's size (x read by the
 forward and by the backward, the output written, dy read, dx written) at the device-to-device
-copy bandwidth measured in the same run. Tables in use are the runtime's (shipped and the
-user's); set TUNER_TABLE to time tuned backward configs.
+copy bandwidth measured in the same run. Configs come from the runtime's tables (shipped and
+the user's, else heuristics); ``--trials N`` first tunes every kernel involved with `tuner`
+(N trials a problem, into $OUT/training_table.json) and times with that table.
 
-    cd benchmarks && python bench_training.py [--grid]   (results in $OUT/bench_training.json)
+    cd benchmarks && python bench_training.py [--trials 24] [--grid]
+                                                     (results in $OUT/bench_training.json)
 
-``--grid`` also times a small grid of backward configs per shape (a few minutes more).
+``--grid`` also times a small grid of backward configs per shape (a few minutes more); tuning
+takes longer than the timing itself (16 problems, each config compiled and timed in turn), so
+run it as a call of its own.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import os
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from common import copy_bandwidth_gbps, print_table, time_ms, versions, write_json
-from kernels import LaunchConfig, Model, ModelNew, fused_add_layernorm
+from common import copy_bandwidth_gbps, out_dir, print_table, time_ms, versions, write_json
+from kernels import LaunchConfig, Model, ModelNew, fused_add_layernorm, reload_tables
 from kernels.add_layernorm_backward import REDUCTIONS, add_layernorm_backward
 from kernels.add_layernorm_backward import select_config as select_backward_config
 from kernels.model import REFERENCE_ARGS, REFERENCE_INPUT_SHAPE
@@ -36,6 +41,33 @@ EPS = 1e-5
 # Relative error of each of our gradients against float32 eager allowed before anything is
 # timed; the baselines get 5x (eager rounds x + s to bfloat16 before normalising).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def tune(trials: int, table) -> None:
+    """Tunes, with `tuner` on one GPU worker into ``table``, the forward and backward kernels
+    that the timed problems run."""
+    import optuna
+    import ray
+
+    from tuner import Driver, PoolOptions, Progress, Settings, WorkerPool, get_kernel
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ray.init(num_gpus=1, include_dashboard=False, logging_level="WARNING")
+    problems = [get_kernel(kernel).problem(f"{rows}x{width}", str(dtype).removeprefix("torch."))
+                for rows, width, dtype in SHAPES
+                for kernel in ("add_layernorm", "add_layernorm_backward")]
+    conv_out = "x".join(map(str, (REFERENCE_INPUT_SHAPE[0], 64, 32, 64, 64)))
+    problems += [get_kernel(kernel).problem(conv_out, dtype)
+                 for kernel in ("add_layernorm_pool_gelu_channels_last",
+                                "add_layernorm_pool_gelu_backward_channels_last",
+                                "add_layernorm_pool_gelu", "add_layernorm_pool_gelu_backward")
+                 for dtype in ("float32", "bfloat16")]
+    pool = WorkerPool(PoolOptions(workers=1))
+    pool.start()
+    Driver(pool, optuna.storages.InMemoryStorage(), Settings(trials=trials), lambda device: table,
+           progress=Progress(interval=30)).run(problems)
+    pool.shutdown()
+    ray.shutdown()
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -189,7 +221,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--grid", action="store_true",
                         help="also time a small grid of backward configs per shape")
+    parser.add_argument("--trials", type=int, default=0,
+                        help="tune every kernel involved first, this many trials a problem "
+                             "(default 0: no tuning)")
     args = parser.parse_args()
+    if args.trials:
+        table = out_dir() / "training_table.json"
+        tune(args.trials, table)
+        os.environ["TUNER_TABLE"] = str(table)
+        reload_tables()
     info = versions()
     copy_gbps = copy_bandwidth_gbps()
     print(f"{info}  copy bandwidth {copy_gbps:.0f} GB/s", flush=True)

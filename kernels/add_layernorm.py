@@ -19,9 +19,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .add_layernorm_backward import add_layernorm_backward
 from .config import LaunchConfig
 from .device import device_name, interpreter_enabled
-from .add_layernorm_backward import add_layernorm_backward
 from .table import lookup_config
 
 KERNEL_NAME = "add_layernorm"

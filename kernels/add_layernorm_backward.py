@@ -157,7 +157,8 @@ def _add_layernorm_backward_kernel(
                 xhat = tl.where(mask, (x.to(tl.float32) + shift - mean[:, None]) * rstd[:, None],
                                 0.0)
                 if HAS_WEIGHT:
-                    g = dy * tl.load(weight_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                    weight = tl.load(weight_ptr + col_ids, mask=col_mask, other=0.0)
+                    g = dy * weight.to(tl.float32)[None, :]
                 else:
                     g = dy
                 sum_gxhat += tl.sum(g * xhat, axis=1)
@@ -176,7 +177,8 @@ def _add_layernorm_backward_kernel(
                 xhat = tl.where(mask, (x.to(tl.float32) + shift - mean[:, None]) * rstd[:, None],
                                 0.0)
                 if HAS_WEIGHT:
-                    g = dy * tl.load(weight_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                    weight = tl.load(weight_ptr + col_ids, mask=col_mask, other=0.0)
+                    g = dy * weight.to(tl.float32)[None, :]
                 else:
                     g = dy
                 dx = tl.where(mask, (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)

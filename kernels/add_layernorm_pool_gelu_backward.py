@@ -1,7 +1,7 @@
-"""The backward of ``GELU(AvgPool3d(LayerNorm_W(x + sum_weight)))``: the Triton kernel and its
-launcher (the forward is ``kernels/add_layernorm_pool_gelu.py``).
+"""The backward of ``GELU(AvgPool3d(LayerNorm_W(x + sum_weight)))``: the Triton kernels and
+their launcher (the forward is ``kernels/add_layernorm_pool_gelu.py``).
 
-x is contiguous ``[N, C, D, H, W]``. Each program walks tiles of ``BLOCK_ROWS`` pooled rows
+Row kernel, for contiguous x ``[N, C, D, H, W]``: each program walks tiles of ``BLOCK_ROWS`` pooled rows
 (programs interleaved, as in ``kernels/add_layernorm_backward.py``). For a tile it rebuilds
 the pre-GELU pooled value ``v`` from x and the forward's float32 row mean and rstd (the
 forward stores nothing else), takes ``dv = dy * gelu'(v) / (KD * KH * KW)``, spreads it back
@@ -13,6 +13,11 @@ A row is loaded as a ``[BLOCK_ROWS, BLOCK_WO, KW_PAD]`` tile holding column ``wo
 which for a power-of-two ``KW`` is the plain contiguous row. Column sums for dweight and dbias
 go to a ``[programs, width]`` float32 array of partial sums, summed over programs by
 :func:`kernels.add_layernorm_backward.sum_partials`.
+
+Channels-last kernel, for x, dy and dx in ``torch.channels_last_3d`` (ModelNew's training
+layout, behind cuDNN's channels-last convolution): the same steps on the channels-last
+forward's tiles, one ``(n, do, ho)`` and ``BLOCK_C`` channels, ``[BLOCK_WO, KW_PAD, BLOCK_C]``
+loads contiguous along the channels.
 """
 
 from __future__ import annotations

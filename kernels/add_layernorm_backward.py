@@ -38,6 +38,8 @@ _INTERPRETER_MULTIPROCESSORS = 1
 # Warps and programs one streaming multiprocessor keeps resident at most (Hopper).
 _WARPS_PER_MULTIPROCESSOR = 64
 _PROGRAMS_PER_MULTIPROCESSOR = 32
+# Waves of programs (at most resident) per launch: the part-empty last one costs 1/8 on average.
+_WAVES = 4
 # Each program's partial sums (8 bytes a column, written and read again) cost 16 / (3 * 2 * 64)
 # = 4% of the 16-bit backward's bytes (x, dy, dx) over 64 rows.
 MIN_ROWS_PER_PROGRAM = 64
@@ -236,10 +238,13 @@ def _multiprocessors(device_index: int) -> int:
 
 def program_count(row_tiles: int, rows_per_tile: int, num_warps: int,
                   device: torch.device) -> int:
-    """How many programs walk ``row_tiles`` tiles of ``rows_per_tile`` rows: as many as the GPU
-    keeps resident, but each with at least ``MIN_ROWS_PER_PROGRAM`` rows, so that writing and
-    summing the ``[programs, width]`` partial sums stays a few percent of the backward's
-    traffic (at most 4% in 16-bit)."""
+    """How many programs walk ``row_tiles`` tiles of ``rows_per_tile`` rows.
+
+    ``_WAVES`` times as many as the GPU could keep resident if registers allowed (registers
+    usually allow fewer, which only adds waves), so that the last wave, part empty, costs
+    little; but each with at least ``MIN_ROWS_PER_PROGRAM`` rows, so that writing and summing
+    the ``[programs, width]`` partial sums stays a few percent of the backward's traffic.
+    """
     if device.type == "cuda":
         multiprocessors = _multiprocessors(device.index if device.index is not None
                                            else torch.cuda.current_device())
@@ -248,7 +253,7 @@ def program_count(row_tiles: int, rows_per_tile: int, num_warps: int,
     per_multiprocessor = max(1, min(_PROGRAMS_PER_MULTIPROCESSOR,
                                     _WARPS_PER_MULTIPROCESSOR // num_warps))
     enough_rows = triton.cdiv(row_tiles, max(1, MIN_ROWS_PER_PROGRAM // rows_per_tile))
-    return max(1, min(row_tiles, multiprocessors * per_multiprocessor, enough_rows))
+    return max(1, min(row_tiles, multiprocessors * per_multiprocessor * _WAVES, enough_rows))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -3,7 +3,8 @@
 Each program normalises a tile of ``BLOCK_ROWS`` rows. When ``BLOCK_W >= width`` the rows stay
 in registers and x is read once; otherwise the row is walked in ``BLOCK_W`` chunks twice (once
 for the statistics, merged chunk by chunk with Chan's formula, once to normalise), reading x
-again rather than storing anything intermediate. The only store is the final output.
+again rather than storing anything intermediate. The only store is the final output, plus,
+when autograd needs them (``STORE_STATS``), the float32 row mean and rstd for the backward.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from numbers import Real
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .add_layernorm_backward import add_layernorm_backward
 from .config import LaunchConfig
 from .device import device_name, interpreter_enabled
 from .table import lookup_config
@@ -36,6 +39,13 @@ def _affine(y, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT: tl.constexpr, H
 
 
 @triton.jit
+def _store_stats(mean_ptr, rstd_ptr, row_ids, mean, rstd, row_mask):
+    """Saves the per-row mean of ``x + sum_weight`` and rstd (float32) for the backward."""
+    tl.store(mean_ptr + row_ids, mean, mask=row_mask)
+    tl.store(rstd_ptr + row_ids, rstd, mask=row_mask)
+
+
+@triton.jit
 def _add_layernorm_kernel(
     x_ptr,
     out_ptr,
@@ -43,6 +53,8 @@ def _add_layernorm_kernel(
     bias_ptr,
     sum_weight_ptr,
     sum_weight_value,
+    mean_ptr,
+    rstd_ptr,
     rows,
     width,
     eps,
@@ -52,6 +64,7 @@ def _add_layernorm_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SUM_FROM_PTR: tl.constexpr,
+    STORE_STATS: tl.constexpr,
     EVICTION_POLICY: tl.constexpr,
 ):
     # 64-bit row offsets: rows * width may pass 2**31 elements.
@@ -73,6 +86,8 @@ def _add_layernorm_kernel(
         mean = tl.sum(x, axis=1) / width
         centered = tl.where(mask, x - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / width + eps)
+        if STORE_STATS:
+            _store_stats(mean_ptr, rstd_ptr, row_ids, mean, rstd, row_mask)
         y = _affine(centered * rstd[:, None], weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS)
         tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask,
                  eviction_policy=EVICTION_POLICY)
@@ -97,6 +112,8 @@ def _add_layernorm_kernel(
             mean = mean + delta * (chunk_count / total)
             m2 = m2 + chunk_m2 + delta * delta * (seen * chunk_count / total)
         rstd = tl.rsqrt(m2 / width + eps)
+        if STORE_STATS:
+            _store_stats(mean_ptr, rstd_ptr, row_ids, mean, rstd, row_mask)
         # Pass 2: read x again and write the normalised output.
         for start in range(0, width, BLOCK_W):
             col_ids = start + cols
@@ -189,23 +206,67 @@ def check_device(x: torch.Tensor) -> None:
 
 def _launch(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,
             bias: torch.Tensor | None, sum_tensor: torch.Tensor | None, sum_value: float,
-            rows: int, width: int, eps: float, config: LaunchConfig, warmup: bool = False) -> None:
-    """Launches the kernel on ``rows x width`` (or, with ``warmup``, only compiles it)."""
+            rows: int, width: int, eps: float, config: LaunchConfig, warmup: bool = False,
+            stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Launches the kernel on ``rows x width`` (or, with ``warmup``, only compiles it);
+    ``stats``, float32 ``(mean, rstd)`` of ``rows`` elements each, receive the row statistics."""
     grid = (triton.cdiv(rows, config.block_rows),)
+    mean, rstd = stats if stats is not None else (x, x)
     args = (x, out,
             weight if weight is not None else x,
             bias if bias is not None else x,
             sum_tensor if sum_tensor is not None else x,
-            sum_value, rows, width, eps)
+            sum_value, mean, rstd, rows, width, eps)
     meta = dict(BLOCK_ROWS=config.block_rows, BLOCK_W=config.block_w,
                 SINGLE_PASS=config.block_w >= width, HAS_WEIGHT=weight is not None,
                 HAS_BIAS=bias is not None, SUM_FROM_PTR=sum_tensor is not None,
+                STORE_STATS=stats is not None,
                 EVICTION_POLICY=config.eviction_policy, num_warps=config.num_warps,
                 num_stages=config.num_stages)
     if warmup:
         _add_layernorm_kernel.warmup(*args, grid=grid, **meta)
     else:
         _add_layernorm_kernel[grid](*args, **meta)
+
+
+class _AddLayerNormFunction(torch.autograd.Function):
+    """``LayerNorm(x + sum_weight)`` on ``[rows, width]`` with a Triton backward
+    (``kernels/add_layernorm_backward.py``); the forward also saves the float32 row mean and
+    rstd."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sum_tensor: torch.Tensor | None, sum_value: float,
+                weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                config: LaunchConfig) -> torch.Tensor:
+        rows, width = x.shape
+        out = torch.empty_like(x)
+        mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+        rstd = torch.empty_like(mean)
+        if rows:
+            _launch(x, out, weight, bias, sum_tensor, sum_value, rows, width, eps, config,
+                    stats=(mean, rstd))
+        ctx.save_for_backward(x, weight, mean, rstd, sum_tensor)
+        ctx.sum_value = sum_value
+        return out
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, mean, rstd, sum_tensor = ctx.saved_tensors
+        need_dx, need_dsum, _, need_dweight, need_dbias = ctx.needs_input_grad[:5]
+        grads = add_layernorm_backward(
+            dy.contiguous(), x, weight, mean, rstd,
+            sum_tensor if sum_tensor is not None else ctx.sum_value,
+            needs=(need_dx, need_dweight, need_dbias, need_dsum))
+        dsum = grads.dsum_weight
+        if dsum is not None:
+            dsum = dsum.to(sum_tensor.dtype).reshape(sum_tensor.shape)
+        return grads.dx, dsum, None, grads.dweight, grads.dbias, None, None
+
+
+def gradients_required(*tensors: torch.Tensor | float | None) -> bool:
+    """True when autograd records: grad mode is on and a tensor among ``tensors`` requires grad."""
+    return torch.is_grad_enabled() and any(
+        isinstance(tensor, torch.Tensor) and tensor.requires_grad for tensor in tensors)
 
 
 def compile_config(rows: int, width: int, dtype: torch.dtype, config: LaunchConfig, *,
@@ -251,7 +312,12 @@ def fused_add_layernorm(
     ``sum_weight`` is a Python number or a one-element tensor on x's device (read on the
     device, never synchronised). Statistics are computed in float32; the output has x's dtype.
     ``config`` overrides the tuned/heuristic launch config; ``out`` is an optional contiguous
-    output tensor of x's shape, dtype and device.
+    output tensor of x's shape, dtype and device (only without autograd).
+
+    Differentiable in x, a tensor ``sum_weight``, weight and bias: when grad mode is on and
+    one of them requires grad, the forward also saves the float32 row mean and rstd and the
+    backward runs the Triton kernels of ``kernels/add_layernorm_backward.py``. Otherwise
+    nothing but the output is written.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -269,13 +335,18 @@ def fused_add_layernorm(
     check_device(x)
 
     width = math.prod(normalized_shape)
+    track = gradients_required(x, sum_weight, weight, bias)
+    if out is not None and track:
+        raise ValueError("out= cannot be used while gradients are required (autograd needs an "
+                         "output of its own): drop out=, or call under torch.no_grad()")
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     elif not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype \
             or out.device != x.device or not out.is_contiguous():
         raise ValueError("out must be a contiguous tensor with x's shape, dtype and device")
     if x.numel() == 0:
-        return out
+        # Nothing to launch; PyTorch gives an empty output that autograd can still record.
+        return F.layer_norm(x + sum_weight, normalized_shape, weight, bias, eps) if track else out
     rows = x.numel() // width
     if config is None:
         config, _ = select_config(rows, width, x.dtype, device_name(x.device))
@@ -285,5 +356,11 @@ def fused_add_layernorm(
     # The kernel indexes weight and bias as flat contiguous arrays of ``width`` elements.
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
+    if track:
+        flat_weight = weight.reshape(width) if weight is not None else None
+        flat_bias = bias.reshape(width) if bias is not None else None
+        out = _AddLayerNormFunction.apply(x.reshape(rows, width), sum_tensor, sum_value,
+                                          flat_weight, flat_bias, eps, config)
+        return out.reshape(x.shape)
     _launch(x, out, weight, bias, sum_tensor, sum_value, rows, width, eps, config)
     return out

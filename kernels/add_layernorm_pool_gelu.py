@@ -42,10 +42,14 @@ import triton.language as tl
 from .add_layernorm import (
     _check_param,
     _dtype_name,
+    _store_stats,
     check_device,
+    gradients_required,
     split_sum_weight,
     stand_in_tensors,
 )
+from .add_layernorm_pool_gelu_backward import KERNEL_NAME as BACKWARD_KERNEL_NAME
+from .add_layernorm_pool_gelu_backward import add_layernorm_pool_gelu_backward
 from .config import MAX_TILE_ELEMENTS, LaunchConfig
 from .device import device_name, interpreter_enabled
 from .table import lookup_config
@@ -83,7 +87,8 @@ def _unreduce(v, AXIS: tl.constexpr, AXIS2: tl.constexpr):
 
 @triton.jit
 def _normalized(x, mask, shift, width, eps, AXIS: tl.constexpr, AXIS2: tl.constexpr):
-    """LayerNorm (no affine) of the rows of one loaded tile, in float32, zero where masked.
+    """LayerNorm (no affine) of the rows of one loaded tile, in float32, zero where masked,
+    and the rows' mean (of ``x + shift``) and rstd.
 
     A row's ``width`` elements lie along ``AXIS`` (and ``AXIS2`` when ``>= 0``, numbered after
     ``AXIS`` is summed away): the statistics are taken over those axes, every other axis
@@ -93,7 +98,7 @@ def _normalized(x, mask, shift, width, eps, AXIS: tl.constexpr, AXIS2: tl.conste
     mean = _row_sum(x, AXIS, AXIS2) / width
     centered = tl.where(mask, x - _unreduce(mean, AXIS, AXIS2), 0.0)
     rstd = tl.rsqrt(_row_sum(centered * centered, AXIS, AXIS2) / width + eps)
-    return centered * _unreduce(rstd, AXIS, AXIS2)
+    return centered * _unreduce(rstd, AXIS, AXIS2), mean, rstd
 
 
 @triton.jit
@@ -131,6 +136,8 @@ def _add_layernorm_pool_gelu_kernel(
     bias_ptr,
     sum_weight_ptr,
     sum_weight_value,
+    mean_ptr,
+    rstd_ptr,
     pooled_rows,
     depth,
     height,
@@ -152,8 +159,12 @@ def _add_layernorm_pool_gelu_kernel(
     SUM_FROM_PTR: tl.constexpr,
     APPROX_TANH: tl.constexpr,
     EVICTION_POLICY: tl.constexpr,
+    STORE_STATS: tl.constexpr,
 ):
-    """x contiguous ``[N, C, D, H, W]``: ``BLOCK_ROWS`` pooled rows ``(n, c, do, ho)`` a program."""
+    """x contiguous ``[N, C, D, H, W]``: ``BLOCK_ROWS`` pooled rows ``(n, c, do, ho)`` a program.
+
+    With ``STORE_STATS`` the float32 mean and rstd of each input row ``(n, c, d, h)`` it reads
+    go to ``mean_ptr`` and ``rstd_ptr`` (for the backward)."""
     # Pooled row p = ((n * C + c) * Do + do) * Ho + ho; 64-bit, as rows * width may pass 2**31.
     pooled = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = pooled < pooled_rows
@@ -177,7 +188,11 @@ def _add_layernorm_pool_gelu_kernel(
                 row_starts = (first_row + (i * height + j)) * width
                 x = tl.load(x_ptr + row_starts[:, None] + cols[None, :], mask=mask, other=0.0,
                             eviction_policy=EVICTION_POLICY)
-                acc += _normalized(x, mask, shift, width, eps, 1, -1)
+                normalized, mean, rstd = _normalized(x, mask, shift, width, eps, 1, -1)
+                acc += normalized
+                if STORE_STATS:
+                    _store_stats(mean_ptr, rstd_ptr, first_row + (i * height + j), mean, rstd,
+                                 row_mask)
         acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 0, HAS_WEIGHT, HAS_BIAS,
                       KD * KH)
         if KW == 1:
@@ -197,7 +212,11 @@ def _add_layernorm_pool_gelu_kernel(
                 row_starts = (first_row + (i * height + j)) * width
                 x = tl.load(x_ptr + row_starts[:, None, None] + cols[None, :, :], mask=mask,
                             other=0.0, eviction_policy=EVICTION_POLICY)
-                acc += _normalized(x, mask, shift, width, eps, 2, 1)
+                normalized, mean, rstd = _normalized(x, mask, shift, width, eps, 2, 1)
+                acc += normalized
+                if STORE_STATS:
+                    _store_stats(mean_ptr, rstd_ptr, first_row + (i * height + j), mean, rstd,
+                                 row_mask)
         acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 0, HAS_WEIGHT, HAS_BIAS,
                       KD * KH)
         total = tl.sum(acc, axis=2)
@@ -216,6 +235,8 @@ def _add_layernorm_pool_gelu_cl_kernel(
     bias_ptr,
     sum_weight_ptr,
     sum_weight_value,
+    mean_ptr,
+    rstd_ptr,
     channels,
     channel_blocks,
     depth,
@@ -238,9 +259,13 @@ def _add_layernorm_pool_gelu_cl_kernel(
     SUM_FROM_PTR: tl.constexpr,
     APPROX_TANH: tl.constexpr,
     EVICTION_POLICY: tl.constexpr,
+    STORE_STATS: tl.constexpr,
 ):
     """x channels-last (memory order N, D, H, W, C): one ``(n, do, ho)`` and ``BLOCK_C``
-    channels a program; a LayerNorm row is one channel's column of a ``[W, C]`` slab."""
+    channels a program; a LayerNorm row is one channel's column of a ``[W, C]`` slab.
+
+    With ``STORE_STATS`` the float32 mean and rstd of each input row go to ``mean_ptr`` and
+    ``rstd_ptr`` at ``(n, d, h, c)`` (channels fastest, as x)."""
     # Program -> (group, channel block), channel block fastest so that neighbouring programs
     # read neighbouring memory; group = (n * Do + do) * Ho + ho is also the output's (n, do, ho)
     # slab index. 64-bit, as offsets may pass 2**31.
@@ -271,7 +296,11 @@ def _add_layernorm_pool_gelu_cl_kernel(
                 slab_start = (first_row + (i * height + j)) * width * channels
                 x = tl.load(x_ptr + slab_start + offsets, mask=mask, other=0.0,
                             eviction_policy=EVICTION_POLICY)
-                acc += _normalized(x, mask, shift, width, eps, 0, -1)
+                normalized, mean, rstd = _normalized(x, mask, shift, width, eps, 0, -1)
+                acc += normalized
+                if STORE_STATS:
+                    _store_stats(mean_ptr, rstd_ptr, (first_row + (i * height + j)) * channels
+                                 + chans, mean, rstd, chan_mask)
         acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 1, HAS_WEIGHT, HAS_BIAS,
                       KD * KH)
         if KW == 1:
@@ -292,7 +321,11 @@ def _add_layernorm_pool_gelu_cl_kernel(
                 slab_start = (first_row + (i * height + j)) * width * channels
                 x = tl.load(x_ptr + slab_start + offsets, mask=mask, other=0.0,
                             eviction_policy=EVICTION_POLICY)
-                acc += _normalized(x, mask, shift, width, eps, 1, 0)
+                normalized, mean, rstd = _normalized(x, mask, shift, width, eps, 1, 0)
+                acc += normalized
+                if STORE_STATS:
+                    _store_stats(mean_ptr, rstd_ptr, (first_row + (i * height + j)) * channels
+                                 + chans, mean, rstd, chan_mask)
         acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 2, HAS_WEIGHT, HAS_BIAS,
                       KD * KH)
         total = tl.sum(acc, axis=1)
@@ -413,12 +446,46 @@ def select_config(
                                                             channels_last, channels))
 
 
+def select_backward_config(pooled_rows: int, width: int, dtype: torch.dtype,
+                           pool_kernel: tuple[int, int, int], height: int, approximate: str,
+                           device: str, *, channels_last: bool = False,
+                           channels: int | None = None) -> LaunchConfig:
+    """The backward's launch config: the tables under its own kernel name and this kernel's
+    variant (:func:`table_variant`), else :func:`backward_heuristic_config`."""
+    variant = table_variant(height, pool_kernel, approximate, channels_last=channels_last,
+                            channels=channels)
+    config, _ = lookup_config(BACKWARD_KERNEL_NAME, device, _dtype_name(dtype), width, pooled_rows,
+                              variant=variant,
+                              heuristic=lambda: backward_heuristic_config(
+                                  pooled_rows, width, dtype, pool_kernel, channels_last, channels))
+    return config
+
+
+@functools.lru_cache(maxsize=4096)
+def backward_heuristic_config(pooled_rows: int, width: int, dtype: torch.dtype,
+                              pool_kernel: tuple[int, int, int], channels_last: bool = False,
+                              channels: int | None = None) -> LaunchConfig:
+    """The backward's config without measuring: the forward's tile (:func:`heuristic_config`)
+    with a warp per 256 elements of it (1 to 16 warps, never fewer than the forward's), as
+    the backward keeps several float32 values per element live where the forward keeps one."""
+    forward = heuristic_config(pooled_rows, width, dtype, pool_kernel, channels_last, channels)
+    kw = pool_kernel[2]
+    tile = forward.block_rows * triton.next_power_of_2(triton.cdiv(forward.block_w, kw)) \
+        * triton.next_power_of_2(kw)
+    num_warps = max(forward.num_warps, min(16, triton.next_power_of_2(max(1, tile // 256))))
+    return LaunchConfig(block_rows=forward.block_rows, block_w=forward.block_w,
+                        num_warps=num_warps)
+
+
 def _launch(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,
             bias: torch.Tensor | None, sum_tensor: torch.Tensor | None, sum_value: float,
             eps: float, dims: tuple[int, ...], pool_kernel: tuple[int, int, int], approximate: str,
-            config: LaunchConfig, channels_last: bool, warmup: bool = False) -> None:
+            config: LaunchConfig, channels_last: bool, warmup: bool = False,
+            stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Launches the row or channels-last kernel for x of shape ``dims`` (or, with ``warmup``,
-    only compiles it)."""
+    only compiles it). ``stats``, float32 ``(mean, rstd)`` of ``N * C * D * H`` elements each,
+    receive the statistics of the input rows (in x's layout: channels fastest when
+    channels-last)."""
     batch, channels, depth, height, width = dims
     kd, kh, kw = pool_kernel
     out_depth, out_height, out_width = depth // kd, height // kh, width // kw
@@ -437,12 +504,13 @@ def _launch(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,
             weight if weight is not None else x,
             bias if bias is not None else x,
             sum_tensor if sum_tensor is not None else x,
-            sum_value)
+            sum_value) + (stats if stats is not None else (x, x))
     meta = dict(BLOCK_W=config.block_w, BLOCK_WO=block_wo, KD=kd, KH=kh, KW=kw, KW_PAD=kw_pad,
                 POOL_BY_RESHAPE=pool_by_reshape, HAS_WEIGHT=weight is not None,
                 HAS_BIAS=bias is not None, SUM_FROM_PTR=sum_tensor is not None,
                 APPROX_TANH=approximate == "tanh", EVICTION_POLICY=config.eviction_policy,
-                num_warps=config.num_warps, num_stages=config.num_stages)
+                STORE_STATS=stats is not None, num_warps=config.num_warps,
+                num_stages=config.num_stages)
     if channels_last:
         # One program per (n, do, ho) and block of block_rows channels.
         channel_blocks = triton.cdiv(channels, config.block_rows)
@@ -460,6 +528,52 @@ def _launch(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,
         kernel.warmup(*args, grid=grid, **meta)
     else:
         kernel[grid](*args, **meta)
+
+
+class _AddLayerNormPoolGeluFunction(torch.autograd.Function):
+    """The fused tail with a Triton backward (``kernels/add_layernorm_pool_gelu_backward.py``);
+    the forward also saves the float32 mean and rstd of the input rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sum_tensor: torch.Tensor | None, sum_value: float,
+                weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                pool_kernel: tuple[int, int, int], approximate: str, config: LaunchConfig,
+                channels_last: bool) -> torch.Tensor:
+        batch, channels, depth, height, width = x.shape
+        kd, kh, kw = pool_kernel
+        memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        out = torch.empty((batch, channels, depth // kd, height // kh, width // kw),
+                          dtype=x.dtype, device=x.device, memory_format=memory_format)
+        mean = torch.empty(batch * channels * depth * height, dtype=torch.float32, device=x.device)
+        rstd = torch.empty_like(mean)
+        if out.numel():
+            _launch(x, out, weight, bias, sum_tensor, sum_value, eps, tuple(x.shape), pool_kernel,
+                    approximate, config, channels_last, stats=(mean, rstd))
+        ctx.save_for_backward(x, weight, bias, mean, rstd, sum_tensor)
+        ctx.sum_value, ctx.pool_kernel, ctx.approximate = sum_value, pool_kernel, approximate
+        ctx.channels_last = channels_last
+        return out
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, bias, mean, rstd, sum_tensor = ctx.saved_tensors
+        need_dx, need_dsum, _, need_dweight, need_dbias = ctx.needs_input_grad[:5]
+        batch, channels, depth, height, width = x.shape
+        kd, kh, _ = ctx.pool_kernel
+        config = select_backward_config(
+            batch * channels * (depth // kd) * (height // kh), width, x.dtype, ctx.pool_kernel,
+            height, ctx.approximate, device_name(x.device), channels_last=ctx.channels_last,
+            channels=channels)
+        memory_format = torch.channels_last_3d if ctx.channels_last else torch.contiguous_format
+        grads = add_layernorm_pool_gelu_backward(
+            dy.contiguous(memory_format=memory_format), x, weight, bias, mean, rstd,
+            sum_tensor if sum_tensor is not None else ctx.sum_value, ctx.pool_kernel,
+            ctx.approximate, config, channels_last=ctx.channels_last,
+            needs=(need_dx, need_dweight, need_dbias, need_dsum))
+        dsum = grads.dsum_weight
+        if dsum is not None:
+            dsum = dsum.to(sum_tensor.dtype).reshape(sum_tensor.shape)
+        return grads.dx, dsum, None, grads.dweight, grads.dbias, None, None, None, None, None
 
 
 def compile_config(shape: Sequence[int], dtype: torch.dtype, config: LaunchConfig, *,
@@ -509,6 +623,12 @@ def fused_add_layernorm_pool_gelu(
     of channels per program. ``out`` is an optional output tensor of the pooled shape, x's
     dtype and device, in the output's layout (contiguous, or ``channels_last_3d`` for
     channels-last x).
+
+    Differentiable in x, a tensor ``sum_weight``, weight and bias: when grad mode is on and
+    one of them requires grad, the forward also saves the float32 mean and rstd of the input
+    rows and the backward runs the Triton kernels of
+    ``kernels/add_layernorm_pool_gelu_backward.py`` (either layout; dx in x's layout). ``out``
+    cannot be given then.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -529,6 +649,10 @@ def fused_add_layernorm_pool_gelu(
         raise TypeError(f"eps must be a number, got {type(eps).__name__}")
     check_device(x)
 
+    track = gradients_required(x, sum_weight, weight, bias)
+    if out is not None and track:
+        raise ValueError("out= cannot be used while gradients are required (autograd needs an "
+                         "output of its own): drop out=, or call under torch.no_grad()")
     # A tensor both contiguous and channels-last (C == 1, or size-1 spatial dims) takes the
     # row kernel: the two layouts coincide there.
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
@@ -536,7 +660,9 @@ def fused_add_layernorm_pool_gelu(
     out_depth, out_height, out_width = depth // kd, height // kh, width // kw
     out_shape = (batch, channels, out_depth, out_height, out_width)
     if out is None:
-        out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=memory_format)
+        if not track:  # the autograd path allocates its own
+            out = torch.empty(out_shape, dtype=x.dtype, device=x.device,
+                              memory_format=memory_format)
     else:
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != out_shape \
                 or out.dtype != x.dtype or out.device != x.device:
@@ -552,7 +678,7 @@ def fused_add_layernorm_pool_gelu(
             raise ValueError("out must be a contiguous tensor (out.is_contiguous()) because x "
                              "is contiguous or not channels-last and the output is written in "
                              f"the contiguous NCDHW layout; got strides {out.stride()}")
-    if out.numel() == 0:
+    if not track and out.numel() == 0:
         return out
     pooled_rows = batch * channels * out_depth * out_height
     if config is None:
@@ -570,6 +696,10 @@ def fused_add_layernorm_pool_gelu(
     # The kernels index weight and bias as flat contiguous arrays of ``width`` elements.
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
+    if track:
+        return _AddLayerNormPoolGeluFunction.apply(x, sum_tensor, sum_value, weight, bias,
+                                                   float(eps), (kd, kh, kw), approximate, config,
+                                                   channels_last)
     _launch(x, out, weight, bias, sum_tensor, sum_value, float(eps), tuple(x.shape),
             (kd, kh, kw), approximate, config, channels_last)
     return out

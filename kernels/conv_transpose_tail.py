@@ -23,7 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .add_layernorm import _check_param, _dtype_name, check_device, split_sum_weight
+from .add_layernorm import (
+    _check_param,
+    _dtype_name,
+    check_device,
+    gradients_required,
+    split_sum_weight,
+)
 from .add_layernorm_pool_gelu import APPROXIMATIONS, _gelu, _shift
 from .config import LaunchConfig
 from .device import device_name, interpreter_enabled
@@ -193,10 +199,18 @@ def fused_conv_transpose_tail(
     input W positions, ``block_w / next_power_of_2(W)`` whole rows (both >= 16, for
     ``tl.dot``); without ``config`` the tables are asked
     (:func:`select_config`). ``out`` is an optional contiguous output tensor.
+
+    Inference only: it has no backward, so calling it with grad mode on and an input that
+    requires grad is a RuntimeError (``ModelNew`` takes a differentiable path then).
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 5:
         raise ValueError(f"x must be a 5-D tensor [N, C_in, D, H, W], got {getattr(x, 'shape', x)}")
     _dtype_name(x.dtype)
+    if gradients_required(x, conv_weight, conv_bias, sum_weight, ln_weight, ln_bias):
+        raise RuntimeError(
+            "fused_conv_transpose_tail has no backward, but an input requires grad: call it "
+            "under torch.no_grad() or torch.inference_mode(), or use ModelNew, which runs the "
+            "cuDNN convolution and the differentiable fused tail when gradients are needed")
     batch, c_in, in_d, in_h, in_w = x.shape
     if not isinstance(conv_weight, torch.Tensor) or conv_weight.dim() != 5 \
             or conv_weight.shape[0] != c_in or tuple(conv_weight.shape[2:]) != KERNEL_SIZE:

@@ -71,6 +71,13 @@ class ModelNew(Model):
     convolution takes 1.50 ms against 2.32 ms in NCDHW (float32, batch 32), and converting
     its output back with ``.contiguous()`` would cost ~2.4 ms. Set :attr:`channels_last_conv`
     to False for the NCDHW convolution and the contiguous tail kernel.
+
+    Training: when autograd records (grad mode on, and x or a parameter requires grad), the
+    one-kernel path, which has no backward, is skipped: the cuDNN convolution (channels-last
+    as above) and the tail kernels run, whose backward is in Triton
+    (``kernels/add_layernorm_pool_gelu_backward.py`` for either layout, or
+    ``kernels/add_layernorm_backward.py`` with PyTorch pooling and GELU). Under
+    ``torch.no_grad()`` or ``torch.inference_mode()`` the one-kernel path applies as usual.
     """
 
     #: Run the convolution channels-last when the fused tail is used (see the class doc).
@@ -122,9 +129,14 @@ class ModelNew(Model):
                 and _triple(self.avg_pool.kernel_size) == (2, 2, 2)
                 and tuple(self.norm.normalized_shape) == (2 * x.shape[-1],))
 
+    def _gradients_required(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (
+            x.requires_grad or any(parameter.requires_grad for parameter in self.parameters()))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv_transpose
-        if self._triton_conv_tail_applies(x):
+        # The one-kernel path has no backward; the paths below have (cuDNN's and the tail's).
+        if not self._gradients_required(x) and self._triton_conv_tail_applies(x):
             return fused_conv_transpose_tail(
                 x, conv.weight, conv.bias, self.sum_weight.to(x.dtype), self.norm.weight,
                 self.norm.bias, self.norm.eps, self.gelu.approximate)

@@ -79,3 +79,50 @@ def test_tail_compile_matches_launch(calls, monkeypatch, channels_last, shape, p
     assert launched[:2] == compiled[:2] and launched[3] == compiled[3]
     assert [a for i, a in enumerate(launched[2]) if i != 5] == \
         [a for i, a in enumerate(compiled[2]) if i != 5]
+
+
+@pytest.mark.parametrize("rows,width,config", [
+    (300, 64, LaunchConfig(16, 64, 4, 2, "evict_first")),
+    (5, 300, LaunchConfig(1, 128, 2)),  # chunked
+])
+def test_backward_compile_matches_launch(monkeypatch, rows, width, config):
+    import kernels.add_layernorm_backward as backward
+
+    recorded = []
+    monkeypatch.setattr(backward, "_add_layernorm_backward_kernel",
+                        Recorder("_add_layernorm_backward_kernel", recorded))
+    dtype = torch.bfloat16
+    x, dy = torch.randn(rows, width, dtype=dtype), torch.randn(rows, width, dtype=dtype)
+    stats = torch.randn(rows)
+    backward.add_layernorm_backward(dy, x, torch.randn(width, dtype=dtype), stats, stats,
+                                    torch.tensor(1.0, dtype=dtype), config=config)
+    monkeypatch.setattr(backward, "interpreter_enabled", lambda: False)
+    backward.compile_config(rows, width, dtype, config, sum_weight_dtype=dtype, device="cpu")
+    launched, compiled = recorded
+    assert launched == compiled
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tail_backward_compile_matches_launch(monkeypatch, channels_last):
+    import kernels.add_layernorm_pool_gelu_backward as tail_backward
+
+    recorded = []
+    for name in ("_add_layernorm_pool_gelu_backward_kernel",
+                 "_add_layernorm_pool_gelu_backward_cl_kernel"):
+        monkeypatch.setattr(tail_backward, name, Recorder(name, recorded))
+    shape, pool, config = (2, 3, 5, 6, 8), (2, 2, 2), LaunchConfig(2, 8, 2, 2, "evict_last")
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    dtype = torch.bfloat16
+    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=layout)
+    dy = torch.randn((2, 3, 2, 3, 4), dtype=dtype).contiguous(memory_format=layout)
+    stats = torch.randn(2 * 3 * 5 * 6)
+    tail_backward.add_layernorm_pool_gelu_backward(
+        dy, x, torch.randn(8, dtype=dtype), torch.randn(8, dtype=dtype), stats, stats,
+        torch.tensor(1.0, dtype=dtype), pool, "tanh", config, channels_last=channels_last)
+    monkeypatch.setattr(tail_backward, "interpreter_enabled", lambda: False)
+    tail_backward.compile_config(shape, dtype, config, pool_kernel=pool, approximate="tanh",
+                                 channels_last=channels_last, sum_weight_dtype=dtype,
+                                 device="cpu")
+    launched, compiled = recorded
+    assert launched[0].endswith("_cl_kernel") == channels_last
+    assert launched == compiled

@@ -139,6 +139,27 @@ def test_cli_search_tunes_the_fused_tail_kernel(ray_cluster, tmp_path, monkeypat
         reload_tables()
 
 
+def test_cli_search_tunes_the_backward_kernel(ray_cluster, tmp_path, monkeypatch):
+    """The add+LayerNorm backward is tuned like any kernel, and its runtime reads the result."""
+    from kernels.add_layernorm_backward import select_config as select_backward_config
+
+    argv = ["search", "--kernel", "add_layernorm_backward", "--shape", "64x32", "--trials", "3",
+            "--interpret", "--workers", "2", "--storage", f"sqlite:///{tmp_path}/bwd.db",
+            "--table", str(tmp_path / "table.json")]
+    assert cli.main(argv) == 0
+    [entry] = load_table(tmp_path / "table.json")
+    assert (entry.kernel, entry.device, entry.dtype, entry.width, entry.rows, entry.trials) == \
+        ("add_layernorm_backward", "interpreter", "float32", 32, 64, 3)
+    monkeypatch.setenv("TUNER_TABLE", str(tmp_path / "table.json"))
+    reload_tables()
+    try:
+        config, source = select_backward_config(64, 32, torch.float32, "interpreter")
+        assert config == entry.config and source == "table"
+    finally:
+        monkeypatch.delenv("TUNER_TABLE")
+        reload_tables()
+
+
 def test_studyrun_never_proposes_a_measured_config_twice():
     storage = optuna.storages.InMemoryStorage()
     space = parse_space(small_space())
@@ -594,8 +615,12 @@ def test_cli_export_rebuilds_a_table_and_show_prints_it(tmp_path, capsys, monkey
 
 
 @pytest.mark.parametrize("kernel,shape", [("add_layernorm", "37x64"),
+                                          ("add_layernorm_backward", "37x64"),
                                           ("add_layernorm_pool_gelu", "3x5x4x6x8"),
-                                          ("add_layernorm_pool_gelu_channels_last", "3x5x4x6x8")])
+                                          ("add_layernorm_pool_gelu_channels_last", "3x5x4x6x8"),
+                                          ("add_layernorm_pool_gelu_backward", "3x5x4x6x8"),
+                                          ("add_layernorm_pool_gelu_backward_channels_last",
+                                           "3x5x5x6x8")])
 def test_reference_computed_in_slices_matches_one_piece(monkeypatch, kernel, shape):
     import tuner.problems.base as base
 

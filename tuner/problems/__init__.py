@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from .add_layernorm import AddLayerNorm
+from .add_layernorm_backward import AddLayerNormBackward
 from .add_layernorm_pool_gelu import AddLayerNormPoolGelu, AddLayerNormPoolGeluChannelsLast
+from .add_layernorm_pool_gelu_backward import (
+    AddLayerNormPoolGeluBackward,
+    AddLayerNormPoolGeluBackwardChannelsLast,
+)
 from .base import DTYPES, KernelSpec, Problem, TableKey, parse_dims, parse_dtype
 from .conv_transpose_tail import ConvTransposeTail
 
 KERNELS: dict[str, KernelSpec] = {spec.name: spec for spec in (
-    AddLayerNorm(), AddLayerNormPoolGelu(), AddLayerNormPoolGeluChannelsLast(),
+    AddLayerNorm(), AddLayerNormBackward(), AddLayerNormPoolGelu(), AddLayerNormPoolGeluChannelsLast(),
+    AddLayerNormPoolGeluBackward(), AddLayerNormPoolGeluBackwardChannelsLast(),
     ConvTransposeTail())}
 
 

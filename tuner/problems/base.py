@@ -77,6 +77,8 @@ class KernelSpec(abc.ABC):
     name: str
     #: the kernel name in lookup tables (registrations of one kernel's variants share it)
     table_kernel: str = ""
+    #: the inputs split along dim 0 with x when the reference is computed in slices
+    sliced_inputs: tuple[str, ...] = ("x",)
     #: relative tolerance on ||out - ref|| / ||ref|| per dtype
     tolerance: dict[str, float] = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
 
@@ -114,14 +116,17 @@ class KernelSpec(abc.ABC):
     def reference(self, inputs: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
         """The exact result computed by PyTorch in ``dtype`` (float64 or float32).
 
-        Computed over slices of ``inputs["x"]`` along dim 0, so that PyTorch's temporaries stay
-        small next to a problem that fills most of a 24 GB card.
+        Computed over slices along dim 0 of ``inputs["x"]`` (and the other
+        :attr:`sliced_inputs`), so that PyTorch's temporaries stay small next to a problem that
+        fills most of a 24 GB card.
         """
         x = inputs["x"]
         step = max(1, REFERENCE_SLICE_ELEMENTS // max(1, x[0].numel()))
         out = None
         for start in range(0, x.shape[0], step):
-            part = self.reference_slice({**inputs, "x": x[start:start + step]}, dtype)
+            part = self.reference_slice(
+                {**inputs, **{name: inputs[name][start:start + step] for name in self.sliced_inputs}},
+                dtype)
             if out is None:
                 out = torch.empty((x.shape[0],) + tuple(part.shape[1:]), dtype=dtype, device=x.device)
             out[start:start + part.shape[0]] = part

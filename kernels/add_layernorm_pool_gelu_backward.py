@@ -1,0 +1,479 @@
+"""The backward of ``GELU(AvgPool3d(LayerNorm_W(x + sum_weight)))``: the Triton kernels and
+their launcher (the forward is ``kernels/add_layernorm_pool_gelu.py``).
+
+Row kernel, for contiguous x ``[N, C, D, H, W]``: each program walks tiles of ``BLOCK_ROWS`` pooled rows
+(programs interleaved, as in ``kernels/add_layernorm_backward.py``). For a tile it rebuilds
+the pre-GELU pooled value ``v`` from x and the forward's float32 row mean and rstd (the
+forward stores nothing else), takes ``dv = dy * gelu'(v) / (KD * KH * KW)``, spreads it back
+over each pooling window as the gradient ``dn`` of every LayerNorm output element (zero for
+the columns the floor-mode pooling drops), then reads each of the ``KD * KH`` input rows again
+for the LayerNorm backward: ``dx = rstd * (g - mean_row(g) - xhat * mean_row(g * xhat))``
+with ``g = dn * weight``. Input rows that no pooling window covers get a zero gradient.
+A row is loaded as a ``[BLOCK_ROWS, BLOCK_WO, KW_PAD]`` tile holding column ``wo * KW + k``,
+which for a power-of-two ``KW`` is the plain contiguous row. Column sums for dweight and dbias
+go to a ``[programs, width]`` float32 array of partial sums, summed over programs by
+:func:`kernels.add_layernorm_backward.sum_partials`.
+
+Channels-last kernel, for x, dy and dx in ``torch.channels_last_3d`` (ModelNew's training
+layout, behind cuDNN's channels-last convolution): the same steps on the channels-last
+forward's tiles, one ``(n, do, ho)`` and ``BLOCK_C`` channels, ``[BLOCK_WO, KW_PAD, BLOCK_C]``
+loads contiguous along the channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .add_layernorm_backward import Gradients, program_count, sum_partials
+from .config import MAX_TILE_ELEMENTS, LaunchConfig
+from .device import interpreter_enabled
+
+KERNEL_NAME = "add_layernorm_pool_gelu_backward"
+
+
+@triton.jit
+def _gelu_grad(v, APPROX_TANH: tl.constexpr):
+    """d GELU(v) / dv in float32, exact (erf) or of the tanh approximation."""
+    if APPROX_TANH:
+        z = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        s = tl.sigmoid(2.0 * z)  # GELU = v * s
+        grad = s + v * 2.0 * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * v * v)
+    else:
+        grad = 0.5 * (1.0 + tl.math.erf(v * 0.7071067811865476)) \
+            + v * 0.3989422804014327 * tl.exp(-0.5 * v * v)
+    return grad
+
+
+@triton.jit
+def _xhat(x_ptr, mean_ptr, rstd_ptr, row, row_mask, cols, mask, shift, width,
+          EVICTION_POLICY: tl.constexpr):
+    """The normalised ``[BLOCK_ROWS, BLOCK_WO, KW_PAD]`` tile of input rows ``row`` (zero where
+    masked) and the rows' rstd."""
+    x = tl.load(x_ptr + (row * width)[:, None, None] + cols[None, :, :], mask=mask, other=0.0,
+                eviction_policy=EVICTION_POLICY)
+    mean = tl.load(mean_ptr + row, mask=row_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + row, mask=row_mask, other=0.0)
+    xhat = tl.where(mask, (x.to(tl.float32) + shift - mean[:, None, None]) * rstd[:, None, None],
+                    0.0)
+    return xhat, rstd
+
+
+@triton.jit
+def _add_layernorm_pool_gelu_backward_kernel(
+    x_ptr,
+    dy_ptr,
+    dx_ptr,
+    weight_ptr,
+    bias_ptr,
+    mean_ptr,
+    rstd_ptr,
+    sum_weight_ptr,
+    sum_weight_value,
+    dweight_partial_ptr,
+    dbias_partial_ptr,
+    dsum_partial_ptr,
+    pooled_rows,
+    depth,
+    height,
+    width,
+    out_depth,
+    out_height,
+    out_width,
+    tiles_per_program,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_WO: tl.constexpr,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    KW_PAD: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SUM_FROM_PTR: tl.constexpr,
+    APPROX_TANH: tl.constexpr,
+    STORE_DX: tl.constexpr,
+    COMPUTE_DWEIGHT: tl.constexpr,
+    COMPUTE_DBIAS: tl.constexpr,
+    COMPUTE_DSUM: tl.constexpr,
+    EVICTION_POLICY: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    wo = tl.arange(0, BLOCK_WO)
+    ks = tl.arange(0, KW_PAD)
+    cols = wo[:, None] * KW + ks[None, :]
+    col_mask = (ks < KW)[None, :] & (cols < width)
+    # Columns some pooling window covers (floor mode drops the last width % KW).
+    in_window = (ks < KW)[None, :] & (wo < out_width)[:, None]
+    if SUM_FROM_PTR:
+        shift = tl.load(sum_weight_ptr).to(tl.float32)
+    else:
+        shift = sum_weight_value
+    if HAS_WEIGHT:
+        weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    scale = 1.0 / (KD * KH * KW)
+    dweight_acc = tl.zeros([BLOCK_WO, KW_PAD], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_WO, KW_PAD], dtype=tl.float32)
+    dsum_acc = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    for step in range(0, tiles_per_program):
+        # 64-bit: rows * width may pass 2**31.
+        pooled = (pid + step * programs).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_mask = pooled < pooled_rows
+        ho = pooled % out_height
+        rest = pooled // out_height
+        do = rest % out_depth
+        nc = rest // out_depth
+        first_row = (nc * depth + do * KD) * height + ho * KH
+        mask = row_mask[:, None, None] & col_mask[None, :, :]
+
+        # The pre-GELU pooled value v, rebuilt from x and the saved statistics.
+        acc = tl.zeros([BLOCK_ROWS, BLOCK_WO, KW_PAD], dtype=tl.float32)
+        for i in tl.static_range(KD):
+            for j in tl.static_range(KH):
+                xhat, _ = _xhat(x_ptr, mean_ptr, rstd_ptr, first_row + (i * height + j), row_mask,
+                                cols, mask, shift, width, EVICTION_POLICY)
+                acc += xhat
+        if HAS_WEIGHT:
+            acc = acc * weight[None, :, :]
+        if HAS_BIAS:
+            acc = acc + (KD * KH) * bias[None, :, :]
+        v = tl.sum(acc, axis=2) * scale
+        out_mask = row_mask[:, None] & (wo < out_width)[None, :]
+        dy = tl.load(dy_ptr + pooled[:, None] * out_width + wo[None, :], mask=out_mask,
+                     other=0.0).to(tl.float32)
+        dv = dy * _gelu_grad(v, APPROX_TANH) * scale
+        # dn: the gradient of each LayerNorm output element of the window's rows.
+        dn = tl.where(row_mask[:, None, None] & in_window[None, :, :], dv[:, :, None], 0.0)
+        if HAS_WEIGHT:
+            g = dn * weight[None, :, :]
+        else:
+            g = dn
+        if COMPUTE_DBIAS:
+            dbias_acc += (KD * KH) * tl.sum(dn, axis=0)
+
+        for i in tl.static_range(KD):
+            for j in tl.static_range(KH):
+                row = first_row + (i * height + j)
+                xhat, rstd = _xhat(x_ptr, mean_ptr, rstd_ptr, row, row_mask, cols, mask, shift,
+                                   width, EVICTION_POLICY)
+                c1 = tl.sum(tl.sum(g * xhat, axis=2), axis=1) / width
+                c2 = tl.sum(tl.sum(g, axis=2), axis=1) / width
+                dx = tl.where(mask, (g - c2[:, None, None] - xhat * c1[:, None, None])
+                              * rstd[:, None, None], 0.0)
+                if STORE_DX:
+                    tl.store(dx_ptr + (row * width)[:, None, None] + cols[None, :, :],
+                             dx.to(dx_ptr.dtype.element_ty), mask=mask,
+                             eviction_policy=EVICTION_POLICY)
+                if COMPUTE_DSUM:
+                    dsum_acc += tl.sum(tl.sum(dx, axis=2), axis=1)
+                if COMPUTE_DWEIGHT:
+                    dweight_acc += tl.sum(dn * xhat, axis=0)
+
+    partial = pid.to(tl.int64) * width + cols
+    if COMPUTE_DWEIGHT:
+        tl.store(dweight_partial_ptr + partial, dweight_acc, mask=col_mask)
+    if COMPUTE_DBIAS:
+        tl.store(dbias_partial_ptr + partial, dbias_acc, mask=col_mask)
+    if COMPUTE_DSUM:
+        tl.store(dsum_partial_ptr + pid, tl.sum(dsum_acc, axis=0))
+
+
+@triton.jit
+def _xhat_cl(x_ptr, mean_ptr, rstd_ptr, row, chans, chan_mask, offsets, mask, shift, width,
+             channels, EVICTION_POLICY: tl.constexpr):
+    """The normalised ``[BLOCK_WO, KW_PAD, BLOCK_C]`` tile of channels-last input row ``row``
+    (one ``(n, d, h)``; zero where masked) and the channels' rstd."""
+    x = tl.load(x_ptr + row * width * channels + offsets, mask=mask, other=0.0,
+                eviction_policy=EVICTION_POLICY)
+    mean = tl.load(mean_ptr + row * channels + chans, mask=chan_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + row * channels + chans, mask=chan_mask, other=0.0)
+    xhat = tl.where(mask, (x.to(tl.float32) + shift - mean[None, None, :]) * rstd[None, None, :],
+                    0.0)
+    return xhat, rstd
+
+
+@triton.jit
+def _add_layernorm_pool_gelu_backward_cl_kernel(
+    x_ptr,
+    dy_ptr,
+    dx_ptr,
+    weight_ptr,
+    bias_ptr,
+    mean_ptr,
+    rstd_ptr,
+    sum_weight_ptr,
+    sum_weight_value,
+    dweight_partial_ptr,
+    dbias_partial_ptr,
+    dsum_partial_ptr,
+    channels,
+    channel_blocks,
+    groups,
+    depth,
+    height,
+    width,
+    out_depth,
+    out_height,
+    out_width,
+    tiles_per_program,
+    BLOCK_C: tl.constexpr,
+    BLOCK_WO: tl.constexpr,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    KW_PAD: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SUM_FROM_PTR: tl.constexpr,
+    APPROX_TANH: tl.constexpr,
+    STORE_DX: tl.constexpr,
+    COMPUTE_DWEIGHT: tl.constexpr,
+    COMPUTE_DBIAS: tl.constexpr,
+    COMPUTE_DSUM: tl.constexpr,
+    EVICTION_POLICY: tl.constexpr,
+):
+    """The row kernel's mirror for channels-last x, dy and dx (memory order N, D, H, W, C):
+    a tile is one ``(n, do, ho)`` group and ``BLOCK_C`` channels (channel block fastest), as
+    in the channels-last forward; a LayerNorm row is one channel's column of a ``[W, C]``
+    slab, so its sums run over the tile's first two axes."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    wo = tl.arange(0, BLOCK_WO)
+    ks = tl.arange(0, KW_PAD)
+    cols = wo[:, None] * KW + ks[None, :]
+    col_mask = (ks < KW)[None, :] & (cols < width)
+    in_window = (ks < KW)[None, :] & (wo < out_width)[:, None]
+    if SUM_FROM_PTR:
+        shift = tl.load(sum_weight_ptr).to(tl.float32)
+    else:
+        shift = sum_weight_value
+    if HAS_WEIGHT:
+        weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, :, None]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, :, None]
+    scale = 1.0 / (KD * KH * KW)
+    dweight_acc = tl.zeros([BLOCK_WO, KW_PAD], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_WO, KW_PAD], dtype=tl.float32)
+    dsum_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for step in range(0, tiles_per_program):
+        # 64-bit: offsets may pass 2**31.
+        tile = (pid + step * programs).to(tl.int64)
+        group = tile // channel_blocks
+        chans = (tile % channel_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        # No channel is valid past the last group (the last step's tiles may run over).
+        chan_mask = chans < tl.where(group < groups, channels, 0)
+        ho = group % out_height
+        rest = group // out_height
+        do = rest % out_depth
+        n = rest // out_depth
+        first_row = (n * depth + do * KD) * height + ho * KH
+        offsets = cols.to(tl.int64)[:, :, None] * channels + chans[None, None, :]
+        mask = col_mask[:, :, None] & chan_mask[None, None, :]
+
+        # The pre-GELU pooled value v, rebuilt from x and the saved statistics.
+        acc = tl.zeros([BLOCK_WO, KW_PAD, BLOCK_C], dtype=tl.float32)
+        for i in tl.static_range(KD):
+            for j in tl.static_range(KH):
+                xhat, _ = _xhat_cl(x_ptr, mean_ptr, rstd_ptr, first_row + (i * height + j), chans,
+                                   chan_mask, offsets, mask, shift, width, channels,
+                                   EVICTION_POLICY)
+                acc += xhat
+        if HAS_WEIGHT:
+            acc = acc * weight
+        if HAS_BIAS:
+            acc = acc + (KD * KH) * bias
+        v = tl.sum(acc, axis=1) * scale
+        out_mask = (wo < out_width)[:, None] & chan_mask[None, :]
+        dy = tl.load(dy_ptr + (group * out_width + wo[:, None]) * channels + chans[None, :],
+                     mask=out_mask, other=0.0).to(tl.float32)
+        dv = dy * _gelu_grad(v, APPROX_TANH) * scale
+        dn = tl.where(in_window[:, :, None] & chan_mask[None, None, :], dv[:, None, :], 0.0)
+        if HAS_WEIGHT:
+            g = dn * weight
+        else:
+            g = dn
+        if COMPUTE_DBIAS:
+            dbias_acc += (KD * KH) * tl.sum(dn, axis=2)
+
+        for i in tl.static_range(KD):
+            for j in tl.static_range(KH):
+                row = first_row + (i * height + j)
+                xhat, rstd = _xhat_cl(x_ptr, mean_ptr, rstd_ptr, row, chans, chan_mask, offsets,
+                                      mask, shift, width, channels, EVICTION_POLICY)
+                c1 = tl.sum(tl.sum(g * xhat, axis=1), axis=0) / width
+                c2 = tl.sum(tl.sum(g, axis=1), axis=0) / width
+                dx = tl.where(mask, (g - c2[None, None, :] - xhat * c1[None, None, :])
+                              * rstd[None, None, :], 0.0)
+                if STORE_DX:
+                    tl.store(dx_ptr + row * width * channels + offsets,
+                             dx.to(dx_ptr.dtype.element_ty), mask=mask,
+                             eviction_policy=EVICTION_POLICY)
+                if COMPUTE_DSUM:
+                    dsum_acc += tl.sum(tl.sum(dx, axis=1), axis=0)
+                if COMPUTE_DWEIGHT:
+                    dweight_acc += tl.sum(dn * xhat, axis=2)
+
+    partial = pid.to(tl.int64) * width + cols
+    if COMPUTE_DWEIGHT:
+        tl.store(dweight_partial_ptr + partial, dweight_acc, mask=col_mask)
+    if COMPUTE_DBIAS:
+        tl.store(dbias_partial_ptr + partial, dbias_acc, mask=col_mask)
+    if COMPUTE_DSUM:
+        tl.store(dsum_partial_ptr + pid, tl.sum(dsum_acc, axis=0))
+
+
+def _tiling(dims: tuple[int, ...], pool_kernel: tuple[int, int, int], config: LaunchConfig,
+            channels_last: bool, device: torch.device) -> tuple[int, int, int, int]:
+    """``(block_wo, kw_pad, row_tiles, programs)`` of a launch; a ValueError for a config that
+    cannot run the problem."""
+    width = dims[4]
+    kd, kh, kw = pool_kernel
+    if config.block_w < width:
+        raise ValueError(f"config.block_w={config.block_w} must be a power of two >= W={width}")
+    block_wo = triton.next_power_of_2(triton.cdiv(config.block_w, kw))
+    kw_pad = triton.next_power_of_2(kw)
+    if config.block_rows * block_wo * kw_pad > MAX_TILE_ELEMENTS:
+        raise ValueError(f"config block_rows={config.block_rows}, block_w={config.block_w} with "
+                         f"pool width {kw} needs a tile over Triton's limit of "
+                         f"{MAX_TILE_ELEMENTS} elements")
+    batch, channels, depth, height, _ = dims
+    groups = batch * (depth // kd) * (height // kh)
+    if channels_last:
+        row_tiles = groups * triton.cdiv(channels, config.block_rows)
+    else:
+        row_tiles = triton.cdiv(groups * channels, config.block_rows)
+    # A tile holds block_rows pooled rows (or channels), each of kd * kh input rows.
+    programs = program_count(row_tiles, config.block_rows * kd * kh, config.num_warps, device)
+    return block_wo, kw_pad, row_tiles, programs
+
+
+def _launch(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None,
+            weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
+            rstd: torch.Tensor, sum_tensor: torch.Tensor | None, sum_value: float,
+            partials: tuple, dims: tuple[int, ...], pool_kernel: tuple[int, int, int],
+            approximate: str, config: LaunchConfig, channels_last: bool,
+            compute: tuple[bool, bool, bool], warmup: bool = False) -> None:
+    """Launches the row or channels-last backward kernel for x of shape ``dims`` (or, with
+    ``warmup``, only compiles it)."""
+    batch, channels, depth, height, width = dims
+    kd, kh, kw = pool_kernel
+    out_depth, out_height, out_width = depth // kd, height // kh, width // kw
+    block_wo, kw_pad, row_tiles, programs = _tiling(dims, pool_kernel, config, channels_last,
+                                                    x.device)
+    args = (x, dy, dx if dx is not None else x, weight if weight is not None else x,
+            bias if bias is not None else x, mean, rstd,
+            sum_tensor if sum_tensor is not None else x, sum_value, *partials)
+    meta = dict(BLOCK_WO=block_wo, KD=kd, KH=kh, KW=kw, KW_PAD=kw_pad,
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                SUM_FROM_PTR=sum_tensor is not None, APPROX_TANH=approximate == "tanh",
+                STORE_DX=dx is not None, COMPUTE_DWEIGHT=compute[0], COMPUTE_DBIAS=compute[1],
+                COMPUTE_DSUM=compute[2], EVICTION_POLICY=config.eviction_policy,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+    sizes = (depth, height, width, out_depth, out_height, out_width,
+             triton.cdiv(row_tiles, programs))
+    groups = batch * out_depth * out_height
+    if channels_last:
+        kernel = _add_layernorm_pool_gelu_backward_cl_kernel
+        args += (channels, triton.cdiv(channels, config.block_rows), groups) + sizes
+        meta["BLOCK_C"] = config.block_rows
+    else:
+        kernel = _add_layernorm_pool_gelu_backward_kernel
+        args += (groups * channels,) + sizes
+        meta["BLOCK_ROWS"] = config.block_rows
+    if warmup:
+        kernel.warmup(*args, grid=(programs,), **meta)
+    else:
+        kernel[(programs,)](*args, **meta)
+
+
+def add_layernorm_pool_gelu_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    sum_weight: torch.Tensor | float,
+    pool_kernel: tuple[int, int, int],
+    approximate: str,
+    config: LaunchConfig,
+    *,
+    channels_last: bool = False,
+    needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
+    dx_out: torch.Tensor | None = None,
+) -> Gradients:
+    """Gradients of the fused tail given the pooled output's gradient ``dy``.
+
+    x is ``[N, C, D, H, W]`` and dy ``[N, C, D // kd, H // kh, W // kw]``, both of x's dtype,
+    both contiguous or, with ``channels_last``, both ``channels_last_3d`` (dx then is too);
+    ``mean`` and ``rstd`` are the forward's float32 statistics of the ``N * C * D * H`` input
+    rows in x's layout (only those a pooling window covers are read). ``needs`` says which of
+    (dx, dweight, dbias, dsum_weight) to compute; dweight and dbias come in x's dtype,
+    dsum_weight as a float32 scalar. ``config``: ``block_rows`` pooled rows (channels, for
+    channels-last) per tile, ``block_w`` covering W. ``dx_out`` is an optional buffer for dx
+    in x's layout.
+    """
+    batch, channels, depth, height, width = x.shape
+    kd, kh, kw = pool_kernel
+    out_depth, out_height, out_width = depth // kd, height // kh, width // kw
+    if tuple(dy.shape) != (batch, channels, out_depth, out_height, out_width):
+        raise ValueError(f"dy has shape {tuple(dy.shape)}, expected the pooled shape "
+                         f"{(batch, channels, out_depth, out_height, out_width)}")
+    _, _, row_tiles, programs = _tiling(tuple(x.shape), pool_kernel, config, channels_last,
+                                        x.device)
+    need_dx, need_dweight, need_dbias, need_dsum = needs
+    need_dweight = need_dweight and weight is not None
+    need_dbias = need_dbias and bias is not None
+    dx = None
+    if need_dx:
+        memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        dx = torch.empty_like(x, memory_format=memory_format) if dx_out is None else dx_out
+        if depth != out_depth * kd or height != out_height * kh:
+            # Rows no pooling window covers are never visited: their gradient is zero.
+            dx.zero_()
+    if row_tiles == 0:
+        zeros = torch.zeros(width, dtype=x.dtype, device=x.device)
+        return Gradients(dx, zeros if need_dweight else None, zeros if need_dbias else None,
+                         torch.zeros((), device=x.device) if need_dsum else None)
+    partial = torch.empty((programs, width), dtype=torch.float32, device=x.device)
+    dweight_partial = partial if need_dweight else mean
+    dbias_partial = torch.empty_like(partial) if need_dbias else mean
+    dsum_partial = torch.empty(programs, dtype=torch.float32, device=x.device) if need_dsum \
+        else mean
+    sum_tensor, sum_value = (sum_weight, 0.0) if isinstance(sum_weight, torch.Tensor) \
+        else (None, float(sum_weight))
+    _launch(x, dy, dx, weight, bias, mean, rstd, sum_tensor, sum_value,
+            (dweight_partial, dbias_partial, dsum_partial), tuple(x.shape), pool_kernel,
+            approximate, config, channels_last, (need_dweight, need_dbias, need_dsum))
+    return Gradients(
+        dx,
+        sum_partials(dweight_partial, x.dtype) if need_dweight else None,
+        sum_partials(dbias_partial, x.dtype) if need_dbias else None,
+        sum_partials(dsum_partial[:, None], torch.float32)[0] if need_dsum else None,
+    )
+
+
+def compile_config(shape: tuple[int, ...], dtype: torch.dtype, config: LaunchConfig, *,
+                   pool_kernel: tuple[int, int, int] = (2, 2, 2), approximate: str = "none",
+                   channels_last: bool = False, has_weight: bool = True, has_bias: bool = True,
+                   sum_weight_dtype: torch.dtype | None = None,
+                   device: torch.device | str = "cuda") -> None:
+    """Compiles, without launching, the backward kernel that x of ``shape`` [N, C, D, H, W] in
+    ``dtype`` runs with ``config`` (all four gradients), into Triton's cache.
+
+    ``sum_weight_dtype`` is the dtype of a tensor ``sum_weight``; None for a Python number.
+    A no-op under the interpreter, which compiles nothing.
+    """
+    if interpreter_enabled():
+        return
+    device = torch.device(device)
+    tiny = torch.empty(16, dtype=dtype, device=device)  # 16-byte aligned, like any allocation
+    stats = torch.empty(16, dtype=torch.float32, device=device)
+    sum_tensor = None if sum_weight_dtype is None else torch.empty(1, dtype=sum_weight_dtype,
+                                                                   device=device)
+    _launch(tiny, tiny, tiny, tiny if has_weight else None, tiny if has_bias else None, stats,
+            stats, sum_tensor, 0.0, (stats, stats, stats), tuple(shape), tuple(pool_kernel),
+            approximate, config, channels_last, (has_weight, has_bias, True), warmup=True)

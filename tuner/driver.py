@@ -102,7 +102,8 @@ class Driver:
 
     def _space_for(self, kernel: str) -> SearchSpace:
         if self.space is not None:
-            if self.space.kernel != kernel:
+            # A plugin's space may name it by its table name or by the reference it was loaded by.
+            if self.space.kernel not in (kernel, get_kernel(kernel).table_name):
                 raise ValueError(f"{self.space.path}: search space is for kernel "
                                  f"{self.space.kernel!r}, not {kernel!r}")
             return self.space

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -71,17 +72,22 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-processes", type=int, default=2,
                         help="processes per worker compiling upcoming configs while the GPU "
                              "times the current one (default 2; 0 compiles inline)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar or status lines; only errors and the results")
+    parser.add_argument("--json", action="store_true",
+                        help="print the results on stdout as JSON (for scripts) instead of a table")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from kernels import user_table_path
 
+    from .export import add_triton_config_options
     from .problems import KERNELS
 
-    kernels = ", ".join(sorted(KERNELS))
+    kernels = ", ".join(sorted(KERNELS)) + " or a KernelSpec as module:attribute"
     parser = argparse.ArgumentParser(prog="python -m tuner", description=(
         "Autotune Triton kernel launch configs on Ray GPU workers: search one shape, sweep "
-        "many, export and show the lookup tables the runtime reads."))
+        "many, export and show the lookup tables the runtime reads, report on studies."))
     commands = parser.add_subparsers(dest="command", required=True)
 
     search = commands.add_parser("search", help="tune one shape", description=(
@@ -112,8 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="rebuild a table from a storage", description=(
         "Merge the confirmed winner of every finished study in a storage into a table."))
     export.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL")
-    export.add_argument("--out", required=True, help="table file to write (merged atomically)")
+    export.add_argument("--out", required=True,
+                        help="table file to write (merged atomically); with --format "
+                             "triton-configs, a .py file or - for stdout")
     export.add_argument("--device", default=None, help="only studies of this GPU model")
+    add_triton_config_options(export)
+
+    report = commands.add_parser("report", help="plot and summarise studies", description=(
+        "Per study in a storage: PNG plots (best time so far, distribution of measured configs, "
+        "parameter importances) and a Markdown summary, with an index.md linking them."))
+    report.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL")
+    report.add_argument("--study", default=None, help="only this study (default: every study)")
+    report.add_argument("--out", default="report", help="folder to write into (default report/)")
 
     show = commands.add_parser("show", help="print tables", description=(
         "Print a table's entries; without --table, every table the runtime reads, in lookup "
@@ -130,15 +146,17 @@ def device_file_name(device: str) -> str:
 def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
-    from .driver import Driver, Progress
-    from .report import print_summary
+    from .driver import Driver
+    from .progress import Progress, quiet_library_noise
+    from .report import print_summary, results_document
     from .space import load_space
     from .study import Settings
     from .workers import NoGPUError, PoolOptions, WorkerPool
     import optuna
     import ray
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it all
+    quiet_library_noise()  # the progress bar says it all
+    info = (lambda *_: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
     storage = make_storage(args.storage)
     space = load_space(args.space) if getattr(args, "space", None) else None
     settings = Settings(trials=args.trials or defaults.get("trials") or 48,
@@ -161,28 +179,37 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
         print(f"tuner: {error}", file=sys.stderr)
         return 2
     devices = sorted({worker.device for worker in workers})
-    print(f"{len(workers)} workers on {', '.join(devices)}; {len(problems)} problems; "
-          f"storage {args.storage}", file=sys.stderr)
-    driver = Driver(pool, storage, settings, table_for_device, space=space, progress=Progress())
+    info(f"{len(workers)} workers on {', '.join(devices)}; {len(problems)} problems; "
+         f"storage {args.storage}")
+    progress = Progress(quiet=args.quiet)
+    driver = Driver(pool, storage, settings, table_for_device, space=space, progress=progress)
     try:
         results = driver.run(list(problems))
     except KeyboardInterrupt:
+        progress.close()
         print("\ninterrupted: finished trials are stored; run the same command to resume",
               file=sys.stderr)
         return 130
     finally:
+        progress.close()
         pool.shutdown()
-    print_summary(results, sys.stdout)
     unfinished = [run for run in driver.runs if run.result is None]
+    failures = []
     for run in unfinished:
         errors = [trial.user_attrs["error"] for trial in run.study.get_trials(deepcopy=False)
                   if "error" in trial.user_attrs]
         reason = run.study.user_attrs.get("confirm_error") or \
             (f"first error: {errors[0]}" if errors else "no trial ran")
-        print(f"no result for {run.problem} on {run.device}: {len(errors)} failed trials; {reason}",
-              file=sys.stderr)
-    for device in devices:
-        print(f"table for {device}: {table_for_device(device)}", file=sys.stderr)
+        failures.append((run, f"{len(errors)} failed trials; {reason}"))
+        print(f"no result for {run.problem} on {run.device}: {failures[-1][1]}", file=sys.stderr)
+    tables = {device: str(table_for_device(device)) for device in devices}
+    if args.json:
+        json.dump(results_document(results, failures, tables), sys.stdout, indent=1)
+        print()
+    else:
+        print_summary(results, sys.stdout)
+    for device, table in tables.items():
+        info(f"table for {device}: {table}")
     return 1 if unfinished else 0
 
 
@@ -211,10 +238,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = Path(args.out)
             return _run(args, problems, lambda device: out / device_file_name(device), defaults)
         if args.command == "export":
-            from .export import export_storage
+            from .export import export_storage, write_triton_configs
 
+            if args.format == "triton-configs":
+                storage = None if args.table else make_storage(args.storage)
+                count = write_triton_configs(args, storage)
+                print(f"exported {count} configs to {args.out}", file=sys.stderr)
+                return 0
             count = export_storage(make_storage(args.storage), args.out, args.device)
             print(f"exported {count} entries to {args.out}")
+            return 0
+        if args.command == "report":
+            from .progress import quiet_library_noise
+            from .report import write_report
+
+            quiet_library_noise()
+            pages = write_report(make_storage(args.storage), args.out, args.study)
+            print(f"wrote {len(pages)} study reports; start at {Path(args.out) / 'index.md'}")
             return 0
         if args.command == "show":
             from kernels import table_paths

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable
 
 import optuna
 import ray
@@ -22,6 +21,7 @@ from kernels import LaunchConfig, TableEntry, merge_entries
 
 from .measure import Measurement
 from .problems import Problem, get_kernel
+from .progress import Progress
 from .space import SearchSpace, load_space
 from .study import Settings, StudyResult, StudyRun
 from .workers import Worker, WorkerPool
@@ -44,29 +44,6 @@ class Job:
     @property
     def is_confirm(self) -> bool:
         return self.trial is None
-
-
-class Progress:
-    """Prints a status line every ``interval`` seconds: studies, trials, GPUs busy, rate."""
-
-    def __init__(self, stream: TextIO = sys.stderr, interval: float = 2.0) -> None:
-        self.stream, self.interval = stream, interval
-        self.start = self.last = time.monotonic()
-        self.measured = 0
-
-    def update(self, runs: list[StudyRun], busy: int, workers: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last < self.interval:
-            return
-        self.last = now
-        elapsed = now - self.start
-        done = sum(run.stage == "done" for run in runs)
-        line = (f"[{elapsed:6.1f}s] studies {done}/{len(runs)} done | {self.measured} trials "
-                f"({self.measured / max(elapsed, 1e-9):.2f}/s) | GPUs busy {busy}/{workers}")
-        active = [run for run in runs if run.stage != "done"]
-        if len(runs) == 1 or len(active) == 1:
-            line += " | " + (active or runs)[0].progress_line()
-        print(line, file=self.stream, flush=True)
 
 
 def entry_from_result(result: StudyResult) -> TableEntry:

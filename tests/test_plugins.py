@@ -5,6 +5,7 @@ the RMSNorm example tuned end to end and read back by its runtime, and the table
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import types
 
@@ -97,13 +98,21 @@ def test_entry_point_plugins_are_found_by_name(tmp_path, monkeypatch):
 
 
 def test_example_search_then_runtime_uses_the_tuned_entry(ray_cluster, tmp_path, monkeypatch,
-                                                          launch_grids, no_tables):
+                                                          launch_grids, no_tables, capsys):
     table = tmp_path / "table.json"
     argv = ["search", "--kernel", REFERENCE, "--space", "examples/rmsnorm/rmsnorm.yaml",
             "--shape", "64x48", "--trials", "3", "--interpret", "--workers", "2",
-            "--storage", f"sqlite:///{tmp_path}/t.db", "--table", str(table), "--quiet"]
+            "--storage", f"sqlite:///{tmp_path}/t.db", "--table", str(table), "--quiet", "--json"]
     assert cli.main(argv) == 0
     [entry] = load_table(table)
+    # --json: the results alone on stdout; --quiet: nothing else on stderr.
+    out, err = capsys.readouterr()
+    document = json.loads(out)
+    [result] = document["results"]
+    assert result["study"] == f"{REFERENCE}:interpreter:float32:64x48"
+    assert result["config"] == entry.config.as_dict() and result["trials"] == 3
+    assert document["unfinished"] == [] and document["tables"] == {"interpreter": str(table)}
+    assert err == ""
     assert (entry.kernel, entry.device, entry.dtype, entry.width, entry.rows, entry.trials) == \
         ("rmsnorm", "interpreter", "float32", 48, 64, 3)
 

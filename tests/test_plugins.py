@@ -168,6 +168,8 @@ def test_triton_configs_are_distinct_filtered_and_renamed():
     text = triton_configs_module([renamed], "table.json")
     assert "triton.Config({'BLOCK_M': 4, 'BLOCK_N': 1024}, num_warps=4, num_stages=1)," in text
 
+    with pytest.raises(SystemExit):
+        cli.main(["export", "--kernel", "rmsnorm", "--out", "-"])  # --format table takes no --kernel
     with pytest.raises(ValueError, match=r"no entries for kernel 'softmax'; the entries are for: "
                                          r"add_layernorm \(NVIDIA H100 80GB HBM3, float32\)"):
         triton_configs(entries, "softmax")

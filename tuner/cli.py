@@ -240,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "export":
             from .export import export_storage, write_triton_configs
 
+            if args.format == "table" and (args.table or args.kernel or args.dtype or args.meta):
+                raise UsageError("--table, --kernel, --dtype and --meta apply only to "
+                                 "--format triton-configs")
             if args.format == "triton-configs":
                 storage = None if args.table else make_storage(args.storage)
                 count = write_triton_configs(args, storage)

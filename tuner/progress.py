@@ -50,8 +50,8 @@ class Progress:
     """Reports a run's progress on ``stream``.
 
     On a terminal (or with ``bar=True``): a tqdm bar of trials measured out of the run's budget,
-    with the rate, ETA, studies done, GPUs busy and the best config so far. Elsewhere: a status
-    line every ``interval`` seconds. Nothing at all with ``quiet``.
+    with the rate, ETA, studies done, GPUs busy and the best config so far; :meth:`close` ends
+    it. Elsewhere: a status line every ``interval`` seconds. Nothing at all with ``quiet``.
     """
 
     def __init__(self, stream: TextIO = sys.stderr, interval: float = 2.0, *,
@@ -118,5 +118,3 @@ class Progress:
             postfix += f", best {ms:.4g} ms {key}"
         self._bar.set_postfix_str(postfix, refresh=False)
         self._bar.refresh()
-        if all(run.stage == "done" for run in runs):
-            self.close()

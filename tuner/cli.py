@@ -30,7 +30,9 @@ def make_storage(url: str):
     try:
         return optuna.storages.get_storage(url)
     except Exception as error:
-        raise UsageError(f"cannot open --storage {url!r}: {type(error).__name__}: {error}") from None
+        hint = " (pip install the [postgres] extra: psycopg)" if isinstance(error, ImportError) \
+            and url.startswith("postgres") else ""
+        raise UsageError(f"cannot open --storage {url!r}: {type(error).__name__}: {error}{hint}") from None
 
 
 def _positive(kind):
@@ -256,7 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .report import write_report
 
             quiet_library_noise()
-            pages = write_report(make_storage(args.storage), args.out, args.study)
+            try:
+                pages = write_report(make_storage(args.storage), args.out, args.study)
+            except ImportError as error:  # matplotlib, an optional extra
+                raise UsageError(str(error)) from None
             print(f"wrote {len(pages)} study reports; start at {Path(args.out) / 'index.md'}")
             return 0
         if args.command == "show":

@@ -46,11 +46,12 @@ def _best_so_far(data: StudyData, plt, path: Path) -> None:
         # Failed configs have no time: marked along the top edge of the plot.
         axes.plot(failed, [max(values)] * len(failed), "x", color=FAILED_COLOUR,
                   label=f"failed ({len(failed)})", zorder=3)
-    heuristic = data.heuristic
-    if heuristic is not None and heuristic[1] is not None:
-        axes.axhline(heuristic[1], color=HEURISTIC_COLOUR, linestyle="--", linewidth=1.5,
-                     label=f"heuristic config {heuristic[0]} ({heuristic[1]:.4g} ms)", zorder=1)
-    if _log_scale_if_wide(values + ([heuristic[1]] if heuristic and heuristic[1] else [])):
+    heuristic, extent = data.heuristic, list(values)
+    if heuristic is not None and heuristic.ms is not None:
+        axes.axhline(heuristic.ms, color=HEURISTIC_COLOUR, linestyle="--", linewidth=1.5,
+                     label=heuristic.label, zorder=1)
+        extent.append(heuristic.ms)
+    if _log_scale_if_wide(extent):
         axes.set_yscale("log")
     axes.set_xlabel("measured config (in measurement order)")
     axes.set_ylabel("time per call (ms, lower is better)")
@@ -75,11 +76,11 @@ def _distribution(data: StudyData, plt, path: Path) -> None:
         bins = numpy.geomspace(values[0], values[-1], bins + 1)
         axes.set_xscale("log")
     axes.hist(values, bins=bins, color=TRIAL_COLOUR, edgecolor="white")
-    axes.axvline(values[0], color=BEST_COLOUR, linewidth=2, label=f"best ({values[0]:.4g} ms)")
+    axes.axvline(values[0], color=BEST_COLOUR, linewidth=2, label=f"best measured ({values[0]:.4g} ms)")
     heuristic = data.heuristic
-    if heuristic is not None and heuristic[1] is not None:
-        axes.axvline(heuristic[1], color=HEURISTIC_COLOUR, linestyle="--", linewidth=1.5,
-                     label=f"heuristic config ({heuristic[1]:.4g} ms)")
+    if heuristic is not None and heuristic.ms is not None:
+        axes.axvline(heuristic.ms, color=HEURISTIC_COLOUR, linestyle="--", linewidth=1.5,
+                     label=heuristic.label)
     axes.set_xlabel("time per call (ms, lower is better)")
     axes.set_ylabel("number of configs")
     axes.yaxis.get_major_locator().set_params(integer=True)

@@ -56,6 +56,21 @@ def results_document(results: list[StudyResult], failures: list[tuple[StudyRun, 
 
 
 # -- tuner report --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Heuristic:
+    """A study's default config (the runtime's fallback) and its time, if it was timed."""
+
+    config: str  # empty for studies stored before the config was recorded
+    ms: float | None
+    retimed: bool = False  # timed by the confirm stage rather than in the search
+
+    @property
+    def label(self) -> str:
+        name = f" {self.config}" if self.config else ""
+        where = ", confirm stage" if self.retimed else ""
+        return f"heuristic config{name} ({_ms(self.ms)} ms{where})"
+
+
 @dataclasses.dataclass
 class StudyData:
     """What a report shows of one study, read from the storage."""
@@ -81,16 +96,17 @@ class StudyData:
         return [trial for trial in self.measured if trial.state != TrialState.COMPLETE]
 
     @property
-    def heuristic(self) -> tuple[str, float | None] | None:
-        """The default config's key and time: as measured in the search, else as confirmed."""
+    def heuristic(self) -> Heuristic | None:
+        """The default config and its time: as measured in the search, else as re-timed by the
+        confirm stage (a config outside the search space is only timed there)."""
         key = self.attrs.get("heuristic_config")
         for trial in self.complete:
             if key and trial.user_attrs.get("config") == key:
-                return key, trial.value
+                return Heuristic(key, trial.value)
         result = self.attrs.get("result")
         if result and result.get("heuristic_ms"):
-            return key or "heuristic", result["heuristic_ms"]
-        return (key, None) if key else None
+            return Heuristic(key or "", result["heuristic_ms"], retimed=True)
+        return Heuristic(key, None) if key else None
 
 
 def _importances(study: optuna.Study, complete: int) -> tuple[dict[str, float] | None, str]:
@@ -145,7 +161,8 @@ def study_markdown(data: StudyData, images: dict[str, str]) -> str:
                                       f"{_number(best.user_attrs.get('gbps'))} GB/s, "
                                       f"{_number(best.user_attrs.get('pct_of_copy'))}% of copy"))
     if heuristic is not None:
-        rows.append(("heuristic (default) config", f"`{heuristic[0]}`: {_ms(heuristic[1])} ms"))
+        rows.append(("heuristic (default) config", f"`{heuristic.config or '?'}`: "
+                     f"{_ms(heuristic.ms)} ms" + (" (confirm stage)" if heuristic.retimed else "")))
     result = attrs.get("result")
     if result:
         eager = result.get("eager_ms")

@@ -84,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     from kernels import user_table_path
 
     from .export import add_triton_config_options
+    from .plugins import entry_point_names
     from .problems import KERNELS
 
-    kernels = ", ".join(sorted(KERNELS)) + " or a KernelSpec as module:attribute"
+    kernels = (", ".join(sorted(KERNELS) + entry_point_names())
+               + " or a KernelSpec as module:attribute")
     parser = argparse.ArgumentParser(prog="python -m tuner", description=(
         "Autotune Triton kernel launch configs on Ray GPU workers: search one shape, sweep "
         "many, export and show the lookup tables the runtime reads, report on studies."))
@@ -118,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(sweep)
 
     export = commands.add_parser("export", help="rebuild a table from a storage", description=(
-        "Merge the confirmed winner of every finished study in a storage into a table."))
+        "Merge the confirmed winner of every finished study in a storage into a table; or, with "
+        "--format triton-configs, write a kernel's tuned configs as triton.Config objects."))
     export.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL")
     export.add_argument("--out", required=True,
                         help="table file to write (merged atomically); with --format "

@@ -1,4 +1,5 @@
-"""Tables from studies: rebuild a table from a storage, and print a table readably."""
+"""Tables from studies: rebuild a table from a storage, print a table readably, and write a
+kernel's tuned configs as ``triton.Config`` lists."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import TextIO
 
 import optuna
+import triton
 
 from kernels import TableEntry, load_table, merge_entries
 
@@ -84,14 +86,13 @@ def parse_meta_names(text: str | None) -> dict[str, str]:
 
 
 def triton_configs(entries: list[TableEntry], kernel: str, *, device: str | None = None,
-                   dtype: str | None = None, meta_names: dict[str, str] | None = None) -> list:
+                   dtype: str | None = None,
+                   meta_names: dict[str, str] | None = None) -> list[triton.Config]:
     """The distinct configs of ``kernel``'s entries (of one GPU model and dtype, if given) as
     ``triton.Config`` objects for ``@triton.autotune(configs=...)``, in table order.
 
     A ValueError names the kernels present when none match.
     """
-    import triton
-
     names = DEFAULT_META_NAMES if meta_names is None else meta_names
     chosen = [entry for entry in entries if entry.kernel == kernel
               and device in (None, entry.device) and dtype in (None, entry.dtype)]
@@ -107,7 +108,7 @@ def triton_configs(entries: list[TableEntry], kernel: str, *, device: str | None
             for config in configs]
 
 
-def triton_configs_module(configs: list, source: str) -> str:
+def triton_configs_module(configs: list[triton.Config], source: str) -> str:
     """Python source defining ``CONFIGS``, the list of ``triton.Config`` to pass to
     ``@triton.autotune``; ``source`` says where the entries came from."""
     lines = [f'"""Launch configs exported by `python -m tuner export --format triton-configs` '

@@ -21,6 +21,7 @@ from kernels import LaunchConfig, TableEntry, load_table, reload_tables
 from tuner import cli, plugins
 from tuner.export import parse_meta_names, triton_configs, triton_configs_module
 from tuner.problems import get_kernel
+from tuner.sweep import parse_spec
 
 REFERENCE = "examples.rmsnorm.spec:RMSNorm"
 
@@ -52,6 +53,12 @@ def test_reference_to_a_subclass_registers_it_under_the_reference():
     problem = spec.problem("4x8x48", "bfloat16")
     assert (problem.kernel, problem.shape, problem.dtype) == (REFERENCE, (32, 48), "bfloat16")
     assert get_kernel(REFERENCE) is spec
+
+
+def test_sweep_specs_take_references():
+    spec = parse_spec({"kernels": [REFERENCE, "add_layernorm"], "shapes": ["8x16"],
+                       "dtypes": ["float32"]})
+    assert [problem.kernel for problem in spec.problems] == [REFERENCE, "add_layernorm"]
 
 
 def test_reference_to_an_instance_leaves_the_users_object_alone(fake_module):

@@ -191,7 +191,7 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
     try:
         results = driver.run(list(problems))
     except KeyboardInterrupt:
-        progress.close()
+        progress.close()  # the bar ends before the message, not after it
         print("\ninterrupted: finished trials are stored; run the same command to resume",
               file=sys.stderr)
         return 130

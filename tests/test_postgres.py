@@ -1,6 +1,6 @@
 """``--storage postgresql://...`` against a real PostgreSQL server started on loopback for these
-tests: two ``tuner sweep`` drivers run at once on one storage, both finish, and the studies, the
-table and the report agree."""
+tests: drivers opening a fresh database together, and two ``tuner sweep`` drivers run at once on
+one storage, both finishing with studies, table and report that agree."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 
 import optuna
 import pytest
@@ -20,6 +21,7 @@ from optuna.trial import TrialState
 
 from kernels import load_table
 from tuner.report import write_report
+from tuner.storage import open_storage
 
 SHAPES = ("32x16", "16x32")
 TRIALS = 3
@@ -77,6 +79,29 @@ def postgres_url():
     finally:
         run("pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_drivers_opening_a_fresh_database_together_all_succeed(postgres_url):
+    """Optuna creates its tables on first use; drivers racing to do so must all get a storage."""
+    import psycopg
+
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute("CREATE DATABASE fresh")
+    url = postgres_url.rsplit("/", 1)[0] + "/fresh"
+    errors: list[str] = []
+
+    def open_one() -> None:
+        try:
+            open_storage(url)
+        except Exception as error:  # collected: an exception in a thread would be lost
+            errors.append(f"{type(error).__name__}: {error}")
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
 
 
 def test_two_concurrent_sweeps_on_one_postgres_storage(ray_cluster, postgres_url, tmp_path):

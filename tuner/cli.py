@@ -22,13 +22,13 @@ class UsageError(ValueError):
 
 def make_storage(url: str):
     """An Optuna storage from a URL, with a clear error for a malformed or unreachable one."""
-    import optuna
+    from .storage import open_storage
 
     if not _URL.match(url):
         raise UsageError(f"bad --storage {url!r}: expected an Optuna storage URL such as "
                          "sqlite:///tuner.db, postgresql://user:pass@host/db or mysql://...")
     try:
-        return optuna.storages.get_storage(url)
+        return open_storage(url)
     except Exception as error:
         hint = " (pip install the [postgres] extra: psycopg)" if isinstance(error, ImportError) \
             and url.startswith("postgres") else ""

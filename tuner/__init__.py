@@ -12,8 +12,13 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Driver": "driver", "Progress": "driver", "entry_from_result": "driver",
+    "Driver": "driver", "entry_from_result": "driver",
     "export_storage": "export", "results_in_storage": "export", "show_table": "export",
+    "triton_configs": "export",
+    "ENTRY_POINT_GROUP": "plugins", "PluginError": "plugins",
+    "Progress": "progress", "quiet_library_noise": "progress",
+    "results_document": "report", "write_report": "report",
+    "open_storage": "storage",
     "LocalPool": "local",
     "Measurement": "measure", "ProblemBench": "measure", "copy_bandwidth_gbps": "measure",
     "NoGPUError": "pools", "PoolOptions": "pools",

@@ -12,6 +12,7 @@ import time
 _STARTED = time.perf_counter()
 
 import argparse  # noqa: E402  (after the clock: everything below counts as start-up)
+import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -30,7 +31,7 @@ class UsageError(ValueError):
 
 def make_storage(url: str):
     """An Optuna storage from a URL, with a clear error for a malformed or unreachable one."""
-    import optuna
+    from .storage import open_storage
 
     if not _URL.match(url):
         raise UsageError(f"bad --storage {url!r}: expected an Optuna storage URL such as "
@@ -38,9 +39,11 @@ def make_storage(url: str):
     try:
         if url.startswith("sqlite:"):
             _sqlite_write_ahead_log()
-        return optuna.storages.get_storage(url)
+        return open_storage(url)
     except Exception as error:
-        raise UsageError(f"cannot open --storage {url!r}: {type(error).__name__}: {error}") from None
+        hint = " (pip install the [postgres] extra: psycopg)" if isinstance(error, ImportError) \
+            and url.startswith("postgres") else ""
+        raise UsageError(f"cannot open --storage {url!r}: {type(error).__name__}: {error}{hint}") from None
 
 
 def _sqlite_write_ahead_log() -> None:
@@ -103,16 +106,23 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-processes", type=int, default=None,
                         help="processes per worker compiling upcoming configs while the GPU "
                              "times the current one (default: the host's cores shared by its "
-                             "GPUs, at most 6; 0 compiles inline)")
+                             "GPUs, at most 12; 0 compiles inline)")
     parser.add_argument("--verbose", action="store_true",
                         help="print where the time went: start-up phases, first trial, shutdown")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar or status lines; only errors and the results")
+    parser.add_argument("--json", action="store_true",
+                        help="print the results on stdout as JSON (for scripts) instead of a table")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    kernels = "a registered kernel (an unknown name lists them)"
+    from .export import add_triton_config_options
+
+    # Listing the registered kernels would import them (torch, triton) before any worker starts.
+    kernels = "a registered kernel, an installed plugin's, or a KernelSpec as module:attribute"
     parser = argparse.ArgumentParser(prog="python -m tuner", description=(
         "Autotune Triton kernel launch configs on Ray GPU workers: search one shape, sweep "
-        "many, export and show the lookup tables the runtime reads."))
+        "many, export and show the lookup tables the runtime reads, report on studies."))
     commands = parser.add_subparsers(dest="command", required=True)
 
     search = commands.add_parser("search", help="tune one shape", description=(
@@ -155,10 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stop", action="store_true", help="end the warm pool")
 
     export = commands.add_parser("export", help="rebuild a table from a storage", description=(
-        "Merge the confirmed winner of every finished study in a storage into a table."))
+        "Merge the confirmed winner of every finished study in a storage into a table; or, with "
+        "--format triton-configs, write a kernel's tuned configs as triton.Config objects."))
     export.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL")
-    export.add_argument("--out", required=True, help="table file to write (merged atomically)")
+    export.add_argument("--out", required=True,
+                        help="table file to write (merged atomically); with --format "
+                             "triton-configs, a .py file or - for stdout")
     export.add_argument("--device", default=None, help="only studies of this GPU model")
+    add_triton_config_options(export)
+
+    report = commands.add_parser("report", help="plot and summarise studies", description=(
+        "Per study in a storage: PNG plots (best time so far, distribution of measured configs, "
+        "parameter importances) and a Markdown summary, with an index.md linking them."))
+    report.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL")
+    report.add_argument("--study", default=None, help="only this study (default: every study)")
+    report.add_argument("--out", default="report", help="folder to write into (default report/)")
 
     show = commands.add_parser("show", help="print tables", description=(
         "Print a table's entries; without --table, every table the runtime reads, in lookup "
@@ -213,6 +234,7 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
     this process's imports, the problems' validation and the storage's opening.
     """
     clock = Timeline()
+    info = (lambda *_: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
     pool = None
@@ -223,16 +245,15 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
             pool = LocalPool(_pool_options(args))
             pool.launch()
             clock.mark("workers launched")
-        import optuna
-
-        from .driver import Driver, Progress
-        from .report import print_summary
+        from .driver import Driver
+        from .progress import Progress, quiet_library_noise
+        from .report import print_summary, results_document
         from .space import load_space
         from .study import Settings
 
         problem_list, run_defaults = problems(), defaults()
         clock.mark("imports")
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it all
+        quiet_library_noise()  # the progress bar says it all
         storage = make_storage(args.storage)
         space = load_space(args.space) if getattr(args, "space", None) else None
         settings = Settings(trials=args.trials or run_defaults.get("trials") or 48,
@@ -246,15 +267,18 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
         clock.mark("workers ready")
         devices = sorted({worker.device for worker in workers})
         warm = " (the warm pool of tuner serve)" if getattr(pool, "served", False) else ""
-        print(f"{len(workers)} workers on {', '.join(devices)}{warm}; {len(problem_list)} "
-              f"problems; storage {args.storage}", file=sys.stderr)
-        driver = Driver(pool, storage, settings, table_for_device, space=space, progress=Progress())
+        info(f"{len(workers)} workers on {', '.join(devices)}{warm}; {len(problem_list)} "
+             f"problems; storage {args.storage}")
+        progress = Progress(quiet=args.quiet)
+        driver = Driver(pool, storage, settings, table_for_device, space=space, progress=progress)
         try:
             results = driver.run(list(problem_list))
         except KeyboardInterrupt:
+            progress.close()  # the bar ends before the message, not after it
             print("\ninterrupted: finished trials are stored; run the same command to resume",
                   file=sys.stderr)
             return 130
+        progress.close()
         clock.mark("first trial sent", driver.first_dispatch)
         clock.mark("first result", driver.first_result)
         clock.mark("done")
@@ -267,17 +291,23 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
             clock.mark("shutdown")
         if args.verbose:
             print(clock.report(), file=sys.stderr)
-    print_summary(results, sys.stdout)
     unfinished = [run for run in driver.runs if run.result is None]
+    failures = []
     for run in unfinished:
         errors = [trial.user_attrs["error"] for trial in run.study.get_trials(deepcopy=False)
                   if "error" in trial.user_attrs]
         reason = run.study.user_attrs.get("confirm_error") or \
             (f"first error: {errors[0]}" if errors else "no trial ran")
-        print(f"no result for {run.problem} on {run.device}: {len(errors)} failed trials; {reason}",
-              file=sys.stderr)
-    for device in devices:
-        print(f"table for {device}: {table_for_device(device)}", file=sys.stderr)
+        failures.append((run, f"{len(errors)} failed trials; {reason}"))
+        print(f"no result for {run.problem} on {run.device}: {failures[-1][1]}", file=sys.stderr)
+    tables = {device: str(table_for_device(device)) for device in devices}
+    if args.json:
+        json.dump(results_document(results, failures, tables), sys.stdout, indent=1)
+        print()
+    else:
+        print_summary(results, sys.stdout)
+    for device, table in tables.items():
+        info(f"table for {device}: {table}")
     return 1 if unfinished else 0
 
 
@@ -354,10 +384,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "export":
-            from .export import export_storage
+            from .export import export_storage, write_triton_configs
 
+            if args.format == "table" and (args.table or args.kernel or args.dtype or args.meta):
+                raise UsageError("--table, --kernel, --dtype and --meta apply only to "
+                                 "--format triton-configs")
+            if args.format == "triton-configs":
+                storage = None if args.table else make_storage(args.storage)
+                count = write_triton_configs(args, storage)
+                print(f"exported {count} configs to {args.out}", file=sys.stderr)
+                return 0
             count = export_storage(make_storage(args.storage), args.out, args.device)
             print(f"exported {count} entries to {args.out}")
+            return 0
+        if args.command == "report":
+            from .progress import quiet_library_noise
+            from .report import write_report
+
+            quiet_library_noise()
+            try:
+                pages = write_report(make_storage(args.storage), args.out, args.study)
+            except ImportError as error:  # matplotlib, an optional extra
+                raise UsageError(str(error)) from None
+            print(f"wrote {len(pages)} study reports; start at {Path(args.out) / 'index.md'}")
             return 0
         if args.command == "show":
             from kernels import table_paths

@@ -10,10 +10,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable
 
 import optuna
 
@@ -21,6 +20,7 @@ from kernels import LaunchConfig, TableEntry, merge_entries
 
 from .measure import Measurement
 from .problems import Problem, get_kernel
+from .progress import Progress
 from .space import SearchSpace, load_space
 from .study import Settings, StudyResult, StudyRun
 
@@ -42,29 +42,6 @@ class Job:
     @property
     def is_confirm(self) -> bool:
         return self.trial is None
-
-
-class Progress:
-    """Prints a status line every ``interval`` seconds: studies, trials, GPUs busy, rate."""
-
-    def __init__(self, stream: TextIO = sys.stderr, interval: float = 2.0) -> None:
-        self.stream, self.interval = stream, interval
-        self.start = self.last = time.monotonic()
-        self.measured = 0
-
-    def update(self, runs: list[StudyRun], busy: int, workers: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last < self.interval:
-            return
-        self.last = now
-        elapsed = now - self.start
-        done = sum(run.stage == "done" for run in runs)
-        line = (f"[{elapsed:6.1f}s] studies {done}/{len(runs)} done | {self.measured} trials "
-                f"({self.measured / max(elapsed, 1e-9):.2f}/s) | GPUs busy {busy}/{workers}")
-        active = [run for run in runs if run.stage != "done"]
-        if len(runs) == 1 or len(active) == 1:
-            line += " | " + (active or runs)[0].progress_line()
-        print(line, file=self.stream, flush=True)
 
 
 def entry_from_result(result: StudyResult) -> TableEntry:
@@ -107,7 +84,8 @@ class Driver:
 
     def _space_for(self, kernel: str) -> SearchSpace:
         if self.space is not None:
-            if self.space.kernel != kernel:
+            # A plugin's space may name it by its table name or by the reference it was loaded by.
+            if self.space.kernel not in (kernel, get_kernel(kernel).table_name):
                 raise ValueError(f"{self.space.path}: search space is for kernel "
                                  f"{self.space.kernel!r}, not {kernel!r}")
             return self.space

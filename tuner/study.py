@@ -108,7 +108,9 @@ class StudyRun:
         self.distributions = {name: optuna.distributions.CategoricalDistribution(self.choices[name])
                               for name in PARAMETERS}
         for name, value in (("kernel", problem.kernel), ("device", device),
-                            ("dtype", problem.dtype), ("shape", list(problem.shape))):
+                            ("dtype", problem.dtype), ("shape", list(problem.shape)),
+                            ("heuristic_config", spec.heuristic(problem).key()),
+                            ("space", space.path)):
             self.study.set_user_attr(name, value)
         self.measured: dict[str, float | None] = {}
         self.best: tuple[float, str] | None = None

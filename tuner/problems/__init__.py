@@ -1,4 +1,5 @@
-"""The kernels the tuner knows, by name. Registering a kernel is one entry in ``KERNELS``."""
+"""The kernels the tuner knows, by name: the built-in ones in ``KERNELS``, plus other packages'
+kernels by ``module:attribute`` reference or ``tuner.kernels`` entry point (tuner.plugins)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,18 @@ KERNELS: dict[str, KernelSpec] = {spec.name: spec for spec in (
 
 
 def get_kernel(name: str) -> KernelSpec:
-    """The registered kernel called ``name``; a ValueError lists the known ones."""
-    if name not in KERNELS:
-        raise ValueError(f"unknown kernel {name!r}; known kernels: {', '.join(sorted(KERNELS))}")
-    return KERNELS[name]
+    """The kernel called ``name``: built in, a ``module:attribute`` reference or an installed
+    ``tuner.kernels`` entry point; a ValueError lists the known ones."""
+    if name in KERNELS:
+        return KERNELS[name]
+    from ..plugins import entry_point_names, resolve_plugin
+
+    spec = resolve_plugin(name)
+    if spec is None:
+        known = ", ".join(sorted(KERNELS) + entry_point_names())
+        raise ValueError(f"unknown kernel {name!r}; known kernels: {known}, or a KernelSpec as "
+                         "module:attribute (e.g. my_pkg.my_module:MyKernel)")
+    return spec
 
 
 __all__ = ["DTYPES", "KERNELS", "KernelSpec", "Problem", "TableKey", "get_kernel",

@@ -58,7 +58,7 @@ def main() -> None:
     runs.append({"what": "ray.init (local)", **timed([python, "-c", (
         "import time, ray; t = time.perf_counter(); ray.init(include_dashboard=False, "
         "logging_level='ERROR'); print(time.perf_counter() - t)")], env)})
-    verbose = [] if args.no_verbose else ["--verbose"]
+    verbose = [] if args.no_verbose else ["--verbose", "--quiet"]
     for gpus in [int(n) for n in args.gpus.split(",")]:
         for repeat in range(args.repeats):
             env, scratch = fresh_env()

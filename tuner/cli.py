@@ -239,11 +239,15 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
         os.environ["TRITON_INTERPRET"] = "1"
     pool = None
     try:
+        no_gpu = None
         if not _use_ray(args):
             from .local import LocalPool
 
             pool = LocalPool(_pool_options(args))
-            pool.launch()
+            try:
+                pool.launch()
+            except NoGPUError as error:  # reported after the input is checked: bad input first
+                pool, no_gpu = None, error
             clock.mark("workers launched")
         from .driver import Driver
         from .progress import Progress, quiet_library_noise
@@ -252,6 +256,8 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
         from .study import Settings
 
         problem_list, run_defaults = problems(), defaults()
+        if no_gpu is not None:
+            raise no_gpu
         clock.mark("imports")
         quiet_library_noise()  # the progress bar says it all
         storage = make_storage(args.storage)
@@ -279,6 +285,11 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
                   file=sys.stderr)
             return 130
         progress.close()
+        if args.verbose:
+            busy = driver.busy_fractions()
+            print(f"{driver.progress.measured} trials in {driver.wall_seconds:.2f} s of dispatch loop "
+                 f"({driver.progress.measured / max(driver.wall_seconds, 1e-9):.1f}/s); each "
+                 "worker busy " + ", ".join(f"{fraction:.0%}" for _, fraction in sorted(busy.items())))
         clock.mark("first trial sent", driver.first_dispatch)
         clock.mark("first result", driver.first_result)
         clock.mark("done")

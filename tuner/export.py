@@ -9,17 +9,25 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-import optuna
-import triton
+from typing import TYPE_CHECKING
 
-from kernels import TableEntry, load_table, merge_entries
+# Imported where used: the CLI builds its parser (with this module's export options) before
+# its workers start, and must not pay for Optuna, torch and Triton first.
+if TYPE_CHECKING:
+    import optuna
+    import triton
 
-from .driver import entry_from_result
-from .study import StudyResult
+    from kernels import TableEntry
+
+    from .study import StudyResult
 
 
 def results_in_storage(storage: optuna.storages.BaseStorage | str) -> list[StudyResult]:
     """The confirmed winner of every finished study in a storage."""
+    import optuna
+
+    from .study import StudyResult
+
     results = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         stored = summary.user_attrs.get("result")
@@ -32,6 +40,10 @@ def export_storage(storage: optuna.storages.BaseStorage | str, out: str | os.Pat
                    device: str | None = None) -> int:
     """Merges the winners of every finished study (of one GPU model, if given) into ``out``;
     returns the number of entries exported."""
+    from kernels import merge_entries
+
+    from .driver import entry_from_result
+
     entries = [entry_from_result(result) for result in results_in_storage(storage)
                if device is None or result.device == device]
     merge_entries(out, entries)
@@ -56,6 +68,8 @@ def format_entries(entries: list[TableEntry]) -> list[str]:
 
 def show_table(path: str | os.PathLike, stream: TextIO) -> None:
     """Prints a table file's entries."""
+    from kernels import load_table
+
     entries = load_table(path)
     print(f"{Path(path)}: {len(entries)} entries", file=stream)
     for line in format_entries(entries):
@@ -93,6 +107,8 @@ def triton_configs(entries: list[TableEntry], kernel: str, *, device: str | None
 
     A ValueError names the kernels present when none match.
     """
+    import triton
+
     names = DEFAULT_META_NAMES if meta_names is None else meta_names
     chosen = [entry for entry in entries if entry.kernel == kernel
               and device in (None, entry.device) and dtype in (None, entry.dtype)]
@@ -140,6 +156,10 @@ def write_triton_configs(args: argparse.Namespace,
                          storage: optuna.storages.BaseStorage | None) -> int:
     """``export --format triton-configs``: writes the module to ``args.out`` ("-": stdout);
     returns the number of configs."""
+    from kernels import load_table
+
+    from .driver import entry_from_result
+
     if not args.kernel:
         raise ValueError("--format triton-configs needs --kernel NAME (the kernel's name in the table)")
     if args.table:

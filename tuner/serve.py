@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -84,7 +84,7 @@ def _start_local_cluster(interpret: bool, timeout: float = 60.0) -> None:
     with socket.socket() as probe:  # a free port, so the address is known before the head is up
         probe.bind(("", 0))
         port = probe.getsockname()[1]
-    command = [shutil.which("ray") or "ray", "start", "--head", "--block", f"--port={port}",
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
                "--include-dashboard=false", "--disable-usage-stats"]
     if interpret:
         command.append("--num-gpus=0")

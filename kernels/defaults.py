@@ -1,0 +1,240 @@
+"""Default launch configs derived from the GPU's properties and each kernel's arithmetic.
+
+No constant here is fitted to one card's timings. The inputs are the device's SM count,
+threads and registers per SM, shared memory per block, L2 size and DRAM bandwidth (from
+``torch.cuda.get_device_properties``; fixed values under the Triton interpreter) and, per
+kernel, the bytes a row occupies, the lanes Triton allocates for it (a power of two) and the
+registers a lane costs. The reasoning:
+
+* Latency hiding (Little's law): to stream at full DRAM bandwidth an SM must keep about
+  ``bandwidth * latency / SMs`` bytes in flight; spread over the threads an SM can hold that
+  gives the bytes each thread must load per step, never under one 16-byte vector.
+* Loads vectorise only when every row starts 16-byte aligned: Triton knows that only for
+  widths divisible by 16. Other widths load one element at a time, so a thread issues more,
+  smaller loads and needs more of them in flight.
+* Registers: a thread holds its lanes in float32 (the row and its centred copy); lanes per
+  thread times the registers of a lane, times the threads of a program, must fit an SM's
+  register file, and no thread may pass 255 registers.
+* Waves: programs are shrunk (fewer rows each) until there are enough to give every SM its
+  full complement of resident programs, so that small problems still use the whole GPU.
+* Masked lanes of a non-power-of-two row cost registers but move no bytes: threads are
+  counted from the row's useful bytes, lanes per thread from its power-of-two span.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+import triton
+
+from .config import MAX_TILE_ELEMENTS, LaunchConfig
+from .device import INTERPRETER_DEVICE, interpreter_enabled
+
+# DRAM latency under load, in nanoseconds: a property of GDDR/HBM memory systems generally.
+DRAM_LATENCY_NS = 600.0
+VECTOR_BYTES = 16            # the widest load one thread issues
+# Registers a float32 lane costs in the LayerNorm kernels (the value and its centred copy),
+# and a thread's fixed cost (indices, masks, addresses, statistics).
+REGISTERS_PER_LANE = 2
+REGISTERS_BASE = 40
+MAX_REGISTERS_PER_THREAD = 255
+MAX_THREADS_PER_PROGRAM = 1024
+# Triton specialises integer arguments divisible by 16; only then are row starts known aligned.
+ALIGNMENT_ELEMENTS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceProperties:
+    """What a default config needs to know about a GPU."""
+
+    name: str
+    sm_count: int
+    max_threads_per_sm: int
+    registers_per_sm: int
+    shared_memory_per_block: int     # bytes a program may use (opt-in maximum)
+    l2_bytes: int
+    dram_gbps: float
+    max_programs_per_sm: int
+    capability: tuple[int, int] = (0, 0)
+
+
+# Under the interpreter there is no GPU: a mid-range card's properties, so that defaults
+# picked in CPU tests look like GPU ones.
+INTERPRETER_PROPERTIES = DeviceProperties(
+    name=INTERPRETER_DEVICE, sm_count=108, max_threads_per_sm=2048, registers_per_sm=65536,
+    shared_memory_per_block=101376, l2_bytes=40 << 20, dram_gbps=1500.0,
+    max_programs_per_sm=32, capability=(8, 0))
+
+# Resident programs (thread blocks) per SM by compute capability (CUDA programming guide);
+# 32 for the others.
+_MAX_BLOCKS_PER_SM = {(7, 5): 16, (8, 6): 16, (8, 7): 16, (8, 9): 24, (12, 0): 24}
+# Bandwidth when the driver does not report the memory clock (GB/s): a conservative GDDR card.
+_FALLBACK_DRAM_GBPS = 900.0
+
+
+def properties_from_torch(props, capability: tuple[int, int]) -> DeviceProperties:
+    """Reads ``torch.cuda.get_device_properties``; fields missing in older PyTorch releases
+    fall back to values every GPU since Volta meets."""
+    clock_khz = getattr(props, "memory_clock_rate", 0) or 0
+    bus_bits = getattr(props, "memory_bus_width", 0) or 0
+    # Double data rate: two transfers per clock on each bit of the bus.
+    dram_gbps = 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else _FALLBACK_DRAM_GBPS
+    threads = getattr(props, "max_threads_per_multi_processor", 0) or 2048
+    return DeviceProperties(
+        name=props.name, sm_count=props.multi_processor_count, max_threads_per_sm=threads,
+        registers_per_sm=getattr(props, "regs_per_multiprocessor", 0) or 65536,
+        shared_memory_per_block=(getattr(props, "shared_memory_per_block_optin", 0)
+                                 or getattr(props, "shared_memory_per_block", 0) or 49152),
+        l2_bytes=getattr(props, "L2_cache_size", 0) or (4 << 20), dram_gbps=dram_gbps,
+        max_programs_per_sm=_MAX_BLOCKS_PER_SM.get(capability, 32), capability=capability)
+
+
+@functools.lru_cache(maxsize=None)
+def device_properties(device: str | None = None) -> DeviceProperties:
+    """The properties of the GPU model called ``device`` (a table device name), of the current
+    CUDA device for None, or :data:`INTERPRETER_PROPERTIES` under the interpreter."""
+    if interpreter_enabled() or not torch.cuda.is_available():
+        return INTERPRETER_PROPERTIES
+    indices = range(torch.cuda.device_count())
+    if device is not None:
+        matching = [index for index in indices if torch.cuda.get_device_name(index) == device]
+        index = matching[0] if matching else torch.cuda.current_device()
+    else:
+        index = torch.cuda.current_device()
+    return properties_from_torch(torch.cuda.get_device_properties(index),
+                                 torch.cuda.get_device_capability(index))
+
+
+def _floor_pow2(value: float) -> int:
+    return 1 << max(0, int(value).bit_length() - 1) if value >= 1 else 1
+
+
+def registers_per_thread(lanes_per_thread: int) -> int:
+    """Estimated registers of a LayerNorm thread holding ``lanes_per_thread`` float32 lanes."""
+    return REGISTERS_BASE + REGISTERS_PER_LANE * lanes_per_thread
+
+
+def max_program_threads(lanes_per_thread: int, props: DeviceProperties) -> int:
+    """The most threads (a power of two) a program may have whose threads each hold
+    ``lanes_per_thread`` lanes without running out of registers."""
+    registers = min(registers_per_thread(lanes_per_thread), MAX_REGISTERS_PER_THREAD)
+    return max(32, min(MAX_THREADS_PER_PROGRAM, _floor_pow2(props.registers_per_sm / registers)))
+
+
+def bytes_per_thread(props: DeviceProperties) -> int:
+    """Bytes each thread should load per step to keep DRAM busy (a power of two, >= 16)."""
+    in_flight_per_sm = props.dram_gbps * DRAM_LATENCY_NS / props.sm_count  # GB/s * ns = bytes
+    per_thread = in_flight_per_sm / props.max_threads_per_sm
+    return max(VECTOR_BYTES, triton.next_power_of_2(math.ceil(per_thread)))
+
+
+def lanes_per_thread_target(width: int, itemsize: int, props: DeviceProperties) -> int:
+    """Elements a thread should load per step for rows of ``width`` elements."""
+    lanes = bytes_per_thread(props) // itemsize
+    if width % ALIGNMENT_ELEMENTS:
+        # Unaligned rows load element by element: twice the loads in flight make up for the
+        # smaller transactions (and keep the per-thread addressing cost amortised).
+        lanes *= 2
+    return max(1, lanes)
+
+
+# Lanes a LayerNorm thread may hold in one pass before registers run short (x and its
+# centred copy in float32, 2 * 32 + 40 = 104 registers).
+SINGLE_PASS_LANES_PER_THREAD = 32
+
+
+def _resident_programs(threads: int, props: DeviceProperties, lanes_per_thread: int) -> int:
+    by_threads = props.max_threads_per_sm // threads
+    by_registers = props.registers_per_sm // (threads * registers_per_thread(lanes_per_thread))
+    return max(1, min(by_threads, by_registers, props.max_programs_per_sm))
+
+
+def add_layernorm_default(rows: int, width: int, itemsize: int,
+                          props: DeviceProperties) -> LaunchConfig:
+    """The add+LayerNorm launch config for ``rows x width`` rows of ``itemsize``-byte elements
+    on a GPU with ``props`` (see the module docstring for the reasoning)."""
+    lanes_target = lanes_per_thread_target(width, itemsize, props)
+    widest_program = max_program_threads(SINGLE_PASS_LANES_PER_THREAD, props)
+    single_pass_lanes = SINGLE_PASS_LANES_PER_THREAD * widest_program
+    span = triton.next_power_of_2(width)
+    if span > single_pass_lanes:
+        # Chunked: two passes over the row, the second from L2 only while the rows of all
+        # resident programs fit there, so programs get as many threads as registers allow
+        # (fewest resident rows). Of the two chunk widths that keep a thread's lanes low, the
+        # one that wastes fewer lanes on the last chunk.
+        chunks = [single_pass_lanes >> shift for shift in (1, 2)]
+        block_w = min(chunks, key=lambda chunk: (triton.cdiv(width, chunk) * chunk, -chunk))
+        threads = MAX_THREADS_PER_PROGRAM
+        while threads > 32 and \
+                threads * registers_per_thread(block_w // threads) > props.registers_per_sm:
+            threads //= 2
+        return LaunchConfig(block_rows=1, block_w=block_w, num_warps=max(1, threads // 32))
+
+    block_w = span
+    # Threads from the useful bytes of a row; lanes per thread from its power-of-two span.
+    row_threads = triton.next_power_of_2(triton.cdiv(width, lanes_target))
+    # A quarter of an SM's threads per program: at least four programs resident per SM.
+    program_threads = max(32, min(_floor_pow2(props.max_threads_per_sm // 4),
+                                  max_program_threads(lanes_target, props)))
+    if row_threads >= program_threads // 2 or row_threads * 2 > widest_program:
+        # Wide rows: one row a program, enough threads that no thread holds too many lanes.
+        threads = max(row_threads, triton.cdiv(block_w, SINGLE_PASS_LANES_PER_THREAD))
+        threads = min(max(threads, 128), widest_program)
+        return LaunchConfig(block_rows=1, block_w=block_w, num_warps=threads // 32)
+
+    # Narrow rows: pack rows until the program has its share of threads, then give back rows
+    # while the grid is too small to fill every SM.
+    block_rows = max(1, program_threads // row_threads)
+    block_rows = min(block_rows, triton.next_power_of_2(max(rows, 1)),
+                     _floor_pow2(MAX_TILE_ELEMENTS // block_w))
+    while True:
+        threads = max(32, min(program_threads, block_rows * row_threads))
+        lanes = block_rows * block_w // threads
+        wanted = props.sm_count * _resident_programs(threads, props, lanes)
+        if block_rows == 1 or triton.cdiv(rows, block_rows) >= wanted:
+            break
+        block_rows //= 2
+    return LaunchConfig(block_rows=block_rows, block_w=block_w, num_warps=threads // 32)
+
+
+def fit_to_device(config: LaunchConfig, props: DeviceProperties, *, lanes_per_element: int = 1,
+                  shared_bytes: int = 0) -> LaunchConfig:
+    """``config`` with rows (then warps) adjusted so that a program's threads hold at most
+    :data:`SINGLE_PASS_LANES_PER_THREAD` lanes each (``lanes_per_element`` float32 values per
+    tile element) and, when ``shared_bytes`` estimates its shared memory, that it fits."""
+    block_rows, warps = config.block_rows, config.num_warps
+
+    def lanes() -> int:
+        return block_rows * config.block_w * lanes_per_element // (32 * warps)
+
+    def shared() -> int:
+        return shared_bytes * block_rows // config.block_rows
+
+    while lanes() > SINGLE_PASS_LANES_PER_THREAD and \
+            32 * warps * 2 <= max_program_threads(lanes() // 2, props):
+        warps *= 2
+    while block_rows > 1 and (lanes() > SINGLE_PASS_LANES_PER_THREAD
+                              or shared() > props.shared_memory_per_block):
+        block_rows //= 2
+    while warps > 1 and block_rows * config.block_w < 32 * warps:
+        warps //= 2  # no idle threads once rows were given back
+    return dataclasses.replace(config, block_rows=block_rows, num_warps=warps)
+
+
+def conv_tail_block_co(c_in: int, c_out: int, block_m: int, itemsize: int,
+                       props: DeviceProperties) -> int:
+    """Output channels per program of the whole-model kernel: all of them up to 64, fewer
+    where the dot operands (an input tile and three weight taps) and the float32 accumulators'
+    layout conversion would pass the device's shared memory per block."""
+    block_ci = max(16, triton.next_power_of_2(c_in))
+    block_co = max(16, min(64, triton.next_power_of_2(c_out)))
+    while block_co > 16:
+        operands = (2 * block_m * block_ci + 3 * block_ci * block_co) * itemsize
+        accumulators = 2 * block_m * block_co * 4
+        if operands + accumulators <= props.shared_memory_per_block:
+            break
+        block_co //= 2
+    return block_co

@@ -36,10 +36,11 @@ from .device import INTERPRETER_DEVICE, interpreter_enabled
 # DRAM latency under load, in nanoseconds: a property of GDDR/HBM memory systems generally.
 DRAM_LATENCY_NS = 600.0
 VECTOR_BYTES = 16            # the widest load one thread issues
-# Registers a float32 lane costs in the LayerNorm kernels (the value and its centred copy),
-# and a thread's fixed cost (indices, masks, addresses, statistics).
-REGISTERS_PER_LANE = 2
-REGISTERS_BASE = 40
+# Registers a lane costs in the LayerNorm kernels (the float32 value, its centred copy, the
+# mask and the offset), and a thread's fixed cost; checked against ptxas for sm_89 by
+# tests/test_sm89.py.
+REGISTERS_PER_LANE = 4
+REGISTERS_BASE = 16
 MAX_REGISTERS_PER_THREAD = 255
 MAX_THREADS_PER_PROGRAM = 1024
 # Triton specialises integer arguments divisible by 16; only then are row starts known aligned.
@@ -141,9 +142,15 @@ def lanes_per_thread_target(width: int, itemsize: int, props: DeviceProperties) 
     return max(1, lanes)
 
 
-# Lanes a LayerNorm thread may hold in one pass before registers run short (x and its
-# centred copy in float32, 2 * 32 + 40 = 104 registers).
-SINGLE_PASS_LANES_PER_THREAD = 32
+# Lanes a LayerNorm thread holds at most in one pass: 4 * 16 + 16 = 80 registers, so that
+# programs of 512 threads (the most whole rows need) still fit a 64K-register SM.
+SINGLE_PASS_LANES_PER_THREAD = 16
+
+
+def single_pass_width(props: DeviceProperties) -> int:
+    """The widest row (a power of two) the add+LayerNorm default keeps in registers; wider
+    rows are walked in chunks of this width."""
+    return SINGLE_PASS_LANES_PER_THREAD * max_program_threads(SINGLE_PASS_LANES_PER_THREAD, props)
 
 
 def _resident_programs(threads: int, props: DeviceProperties, lanes_per_thread: int) -> int:
@@ -158,15 +165,12 @@ def add_layernorm_default(rows: int, width: int, itemsize: int,
     on a GPU with ``props`` (see the module docstring for the reasoning)."""
     lanes_target = lanes_per_thread_target(width, itemsize, props)
     widest_program = max_program_threads(SINGLE_PASS_LANES_PER_THREAD, props)
-    single_pass_lanes = SINGLE_PASS_LANES_PER_THREAD * widest_program
     span = triton.next_power_of_2(width)
-    if span > single_pass_lanes:
+    if span > single_pass_width(props):
         # Chunked: two passes over the row, the second from L2 only while the rows of all
         # resident programs fit there, so programs get as many threads as registers allow
-        # (fewest resident rows). Of the two chunk widths that keep a thread's lanes low, the
-        # one that wastes fewer lanes on the last chunk.
-        chunks = [single_pass_lanes >> shift for shift in (1, 2)]
-        block_w = min(chunks, key=lambda chunk: (triton.cdiv(width, chunk) * chunk, -chunk))
+        # (fewest resident rows) and chunks as wide as those threads hold in one pass.
+        block_w = single_pass_width(props)
         threads = MAX_THREADS_PER_PROGRAM
         while threads > 32 and \
                 threads * registers_per_thread(block_w // threads) > props.registers_per_sm:
@@ -178,7 +182,7 @@ def add_layernorm_default(rows: int, width: int, itemsize: int,
     row_threads = triton.next_power_of_2(triton.cdiv(width, lanes_target))
     # A quarter of an SM's threads per program: at least four programs resident per SM.
     program_threads = max(32, min(_floor_pow2(props.max_threads_per_sm // 4),
-                                  max_program_threads(lanes_target, props)))
+                                  max_program_threads(block_w // row_threads, props)))
     if row_threads >= program_threads // 2 or row_threads * 2 > widest_program:
         # Wide rows: one row a program, enough threads that no thread holds too many lanes.
         threads = max(row_threads, triton.cdiv(block_w, SINGLE_PASS_LANES_PER_THREAD))
@@ -200,27 +204,30 @@ def add_layernorm_default(rows: int, width: int, itemsize: int,
     return LaunchConfig(block_rows=block_rows, block_w=block_w, num_warps=threads // 32)
 
 
-def fit_to_device(config: LaunchConfig, props: DeviceProperties, *, lanes_per_element: int = 1,
+def fit_to_device(config: LaunchConfig, props: DeviceProperties, *,
+                  registers_per_element: int = REGISTERS_PER_LANE,
                   shared_bytes: int = 0) -> LaunchConfig:
-    """``config`` with rows (then warps) adjusted so that a program's threads hold at most
-    :data:`SINGLE_PASS_LANES_PER_THREAD` lanes each (``lanes_per_element`` float32 values per
-    tile element) and, when ``shared_bytes`` estimates its shared memory, that it fits."""
+    """``config`` with warps raised (then rows lowered) until a thread's estimated registers
+    (``registers_per_element`` per tile element it holds) stay within 255 and the program's
+    within an SM's register file, and, when ``shared_bytes`` estimates the program's shared
+    memory, until that fits a block's."""
     block_rows, warps = config.block_rows, config.num_warps
 
-    def lanes() -> int:
-        return block_rows * config.block_w * lanes_per_element // (32 * warps)
+    def registers() -> int:
+        threads = 32 * warps
+        return REGISTERS_BASE + registers_per_element * block_rows * config.block_w // threads
 
-    def shared() -> int:
-        return shared_bytes * block_rows // config.block_rows
+    def too_big() -> bool:
+        return (registers() > MAX_REGISTERS_PER_THREAD
+                or registers() * 32 * warps > props.registers_per_sm)
 
-    while lanes() > SINGLE_PASS_LANES_PER_THREAD and \
-            32 * warps * 2 <= max_program_threads(lanes() // 2, props):
+    while too_big() and 32 * warps * 2 <= MAX_THREADS_PER_PROGRAM and \
+            REGISTERS_BASE * 32 * warps * 2 <= props.registers_per_sm:
         warps *= 2
-    while block_rows > 1 and (lanes() > SINGLE_PASS_LANES_PER_THREAD
-                              or shared() > props.shared_memory_per_block):
+    while block_rows > 1 and (too_big() or
+                              shared_bytes * block_rows // config.block_rows
+                              > props.shared_memory_per_block):
         block_rows //= 2
-    while warps > 1 and block_rows * config.block_w < 32 * warps:
-        warps //= 2  # no idle threads once rows were given back
     return dataclasses.replace(config, block_rows=block_rows, num_warps=warps)
 
 
@@ -238,3 +245,36 @@ def conv_tail_block_co(c_in: int, c_out: int, block_m: int, itemsize: int,
             break
         block_co //= 2
     return block_co
+
+
+def add_layernorm_pool_gelu_default(pooled_rows: int, width: int, itemsize: int,
+                                    pool_rows: int, channels_last: bool, channels: int | None,
+                                    props: DeviceProperties) -> LaunchConfig:
+    """The fused tail's launch config: whole input rows in registers, ``pool_rows`` (KD * KH)
+    input row tiles per pooled row.
+
+    Contiguous x: pooled rows are packed so that a program reads about 8 KiB of x in all,
+    with a warp per KiB of one tile, 1 to 16 warps; rows of 2 KiB or more get a program per
+    pooled row and a warp per KiB (4 to 16). Channels-last x: ``block_rows`` counts channels,
+    up to 16 and at most C, fewer where a ``[block_w, channels]`` tile would pass 8 KiB, a
+    warp per 4 KiB of the tile. Then fitted to the device (:func:`fit_to_device`): registers
+    for the tile, its normalised copy and the accumulator, and the tile's float32 copy (the
+    pooling reshape goes through shared memory) within a block's shared memory.
+    """
+    block_w = triton.next_power_of_2(width)
+    row_bytes = block_w * itemsize
+    if channels_last:
+        bound = channels if channels is not None else pooled_rows
+        budget = max(1, min(16, 8192 // row_bytes))
+        block_rows = min(_floor_pow2(budget), triton.next_power_of_2(max(bound, 1)))
+        warps = max(1, min(16, block_rows * row_bytes // 4096))
+    elif row_bytes >= 2048:
+        block_rows, warps = 1, max(4, min(16, row_bytes // 1024))
+    else:
+        budget = max(1, 8192 // (row_bytes * pool_rows))
+        block_rows = min(_floor_pow2(budget), triton.next_power_of_2(max(pooled_rows, 1)))
+        warps = max(1, min(16, block_rows * row_bytes // 1024))
+    config = LaunchConfig(block_rows=block_rows, block_w=block_w, num_warps=warps)
+    # Registers: the loaded tile, its normalised copy and the float32 accumulator.
+    return fit_to_device(config, props, registers_per_element=3,
+                         shared_bytes=4 * config.tile_elements)

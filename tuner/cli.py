@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .sweep import SpecError, build_problems, load_spec
+from .sweep import SpecError, build_problems, load_misses, load_spec
 
 DEFAULT_STORAGE = "sqlite:///tuner.db"
 _URL = re.compile(r"^[a-z][a-z0-9+]*://")
@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         "all studies sharing one worker pool; writes one table per GPU model into --out."))
     sweep.add_argument("--spec", default=None, help="sweep spec YAML (see search_spaces/sweeps/)")
     sweep.add_argument("--shapes", default=None, help="comma-separated shapes, instead of --spec")
+    sweep.add_argument("--misses", default=None,
+                       help="table-miss log written by the runtime (TUNER_MISS_LOG), instead of "
+                            "--spec: tunes each logged problem on the GPU models it missed on")
     sweep.add_argument("--dtypes", default="float32", help="comma-separated dtypes with --shapes")
     sweep.add_argument("--kernel", default="add_layernorm",
                        help=f"kernel for --shapes: one of {kernels} (default add_layernorm)")
@@ -127,7 +130,8 @@ def device_file_name(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") + ".json"
 
 
-def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
+def _run(args: argparse.Namespace, problems, table_for_device, defaults,
+         only_on=None) -> int:
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
     from .driver import Driver, Progress
@@ -163,9 +167,14 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
     devices = sorted({worker.device for worker in workers})
     print(f"{len(workers)} workers on {', '.join(devices)}; {len(problems)} problems; "
           f"storage {args.storage}", file=sys.stderr)
+    if only_on is not None:
+        absent = sorted({device for wanted in only_on.values() for device in wanted} - set(devices))
+        if absent:
+            print(f"no workers on {', '.join(absent)}: the misses logged there are not tuned",
+                  file=sys.stderr)
     driver = Driver(pool, storage, settings, table_for_device, space=space, progress=Progress())
     try:
-        results = driver.run(list(problems))
+        results = driver.run(list(problems), only_on)
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials are stored; run the same command to resume",
               file=sys.stderr)
@@ -198,9 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             table = Path(args.table)
             return _run(args, [problem], lambda device: table, {})
         if args.command == "sweep":
-            if bool(args.spec) == bool(args.shapes):
-                raise UsageError("give either --spec FILE or --shapes A,B (with --dtypes)")
-            if args.spec:
+            if sum(map(bool, (args.spec, args.shapes, args.misses))) != 1:
+                raise UsageError("give one of --spec FILE, --shapes A,B (with --dtypes) or "
+                                 "--misses FILE")
+            only_on = None
+            if args.misses:
+                only_on = load_misses(args.misses)
+                problems, defaults = list(only_on), {}
+            elif args.spec:
                 spec = load_spec(args.spec)
                 problems = spec.problems
                 defaults = {"trials": spec.trials, "patience": spec.patience, "timeout": spec.timeout}
@@ -209,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           args.dtypes.split(","))
                 defaults = {}
             out = Path(args.out)
-            return _run(args, problems, lambda device: out / device_file_name(device), defaults)
+            return _run(args, problems, lambda device: out / device_file_name(device), defaults,
+                        only_on)
         if args.command == "export":
             from .export import export_storage
 

@@ -231,18 +231,21 @@ def fit_to_device(config: LaunchConfig, props: DeviceProperties, *,
     return dataclasses.replace(config, block_rows=block_rows, num_warps=warps)
 
 
+def conv_tail_shared_bytes(c_in: int, block_m: int, block_co: int, itemsize: int) -> int:
+    """Shared memory of a whole-model kernel program: its ``tl.dot`` operands, two input tiles
+    ``[block_m, C_in]`` (a row and its shift by one) and three weight taps ``[C_in, block_co]``
+    (equal to what Triton allocates for sm_89 and sm_90)."""
+    block_ci = max(16, triton.next_power_of_2(c_in))
+    return (2 * block_m + 3 * block_co) * block_ci * itemsize
+
+
 def conv_tail_block_co(c_in: int, c_out: int, block_m: int, itemsize: int,
                        props: DeviceProperties) -> int:
     """Output channels per program of the whole-model kernel: all of them up to 64, fewer
-    where the dot operands (an input tile and three weight taps) and the float32 accumulators'
-    layout conversion would pass the device's shared memory per block."""
-    block_ci = max(16, triton.next_power_of_2(c_in))
+    where the dot operands would pass the device's shared memory per block."""
     block_co = max(16, min(64, triton.next_power_of_2(c_out)))
-    while block_co > 16:
-        operands = (2 * block_m * block_ci + 3 * block_ci * block_co) * itemsize
-        accumulators = 2 * block_m * block_co * 4
-        if operands + accumulators <= props.shared_memory_per_block:
-            break
+    while block_co > 16 and \
+            conv_tail_shared_bytes(c_in, block_m, block_co, itemsize) > props.shared_memory_per_block:
         block_co //= 2
     return block_co
 

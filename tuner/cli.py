@@ -201,10 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "search":
+            from kernels import load_table
+
             from .problems import get_kernel
 
             problem = get_kernel(args.kernel).problem(args.shape, args.dtype)
             table = Path(args.table)
+            load_table(table)  # a bad table is an error now, not after the search
             return _run(args, [problem], lambda device: table, {})
         if args.command == "sweep":
             if sum(map(bool, (args.spec, args.shapes, args.misses))) != 1:

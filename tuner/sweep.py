@@ -105,7 +105,7 @@ def load_misses(path: str | os.PathLike) -> dict[Problem, frozenset[str]]:
         check_keys(record, _MISS_KEYS, SpecError, where)
         absent = [key for key in _MISS_KEYS if not isinstance(record.get(key), str) or not record[key]]
         if absent:
-            raise SpecError(f"{where}: {', '.join(absent)} must be non-empty strings; "
+            raise SpecError(f"{where}: missing or not a non-empty string: {', '.join(absent)}; "
                             f"each line needs {list(_MISS_KEYS)}")
         try:
             problem = get_kernel(record["kernel"]).problem(record["shape"], record["dtype"])

@@ -36,10 +36,12 @@ from .device import INTERPRETER_DEVICE, interpreter_enabled
 # DRAM latency under load, in nanoseconds: a property of GDDR/HBM memory systems generally.
 DRAM_LATENCY_NS = 600.0
 VECTOR_BYTES = 16            # the widest load one thread issues
-# Registers a lane costs in the LayerNorm kernels (the float32 value, its centred copy, the
-# mask and the offset), and a thread's fixed cost; checked against ptxas for sm_89 by
-# tests/test_sm89.py.
-REGISTERS_PER_LANE = 4
+# Registers a lane costs in the LayerNorm kernels, and a thread's fixed cost; checked against
+# ptxas for sm_89 by tests/test_sm89.py. Aligned rows: the float32 value and its centred copy
+# (a vector load shares one address among its lanes). Unaligned rows load element by element:
+# each lane also keeps its own offset and mask.
+REGISTERS_PER_LANE = 2
+REGISTERS_PER_UNALIGNED_LANE = 4
 REGISTERS_BASE = 16
 MAX_REGISTERS_PER_THREAD = 255
 MAX_THREADS_PER_PROGRAM = 1024
@@ -113,15 +115,18 @@ def _floor_pow2(value: float) -> int:
     return 1 << max(0, int(value).bit_length() - 1) if value >= 1 else 1
 
 
-def registers_per_thread(lanes_per_thread: int) -> int:
-    """Estimated registers of a LayerNorm thread holding ``lanes_per_thread`` float32 lanes."""
-    return REGISTERS_BASE + REGISTERS_PER_LANE * lanes_per_thread
+def registers_per_thread(lanes_per_thread: int, aligned: bool = True) -> int:
+    """Estimated registers of a LayerNorm thread holding ``lanes_per_thread`` lanes of rows
+    that start 16-byte aligned (``aligned``) or not."""
+    per_lane = REGISTERS_PER_LANE if aligned else REGISTERS_PER_UNALIGNED_LANE
+    return REGISTERS_BASE + per_lane * lanes_per_thread
 
 
-def max_program_threads(lanes_per_thread: int, props: DeviceProperties) -> int:
+def max_program_threads(lanes_per_thread: int, props: DeviceProperties,
+                        aligned: bool = True) -> int:
     """The most threads (a power of two) a program may have whose threads each hold
     ``lanes_per_thread`` lanes without running out of registers."""
-    registers = min(registers_per_thread(lanes_per_thread), MAX_REGISTERS_PER_THREAD)
+    registers = min(registers_per_thread(lanes_per_thread, aligned), MAX_REGISTERS_PER_THREAD)
     return max(32, min(MAX_THREADS_PER_PROGRAM, _floor_pow2(props.registers_per_sm / registers)))
 
 
@@ -142,20 +147,24 @@ def lanes_per_thread_target(width: int, itemsize: int, props: DeviceProperties) 
     return max(1, lanes)
 
 
-# Lanes a LayerNorm thread holds at most in one pass: 4 * 16 + 16 = 80 registers, so that
-# programs of 512 threads (the most whole rows need) still fit a 64K-register SM.
-SINGLE_PASS_LANES_PER_THREAD = 16
+def single_pass_lanes(aligned: bool) -> int:
+    """Lanes a LayerNorm thread holds at most in one pass: 80 registers either way, so that
+    programs of 512 threads (the most whole rows need) still fit a 64K-register SM."""
+    return 32 if aligned else 16
 
 
-def single_pass_width(props: DeviceProperties) -> int:
+def single_pass_width(props: DeviceProperties, aligned: bool = True) -> int:
     """The widest row (a power of two) the add+LayerNorm default keeps in registers; wider
     rows are walked in chunks of this width."""
-    return SINGLE_PASS_LANES_PER_THREAD * max_program_threads(SINGLE_PASS_LANES_PER_THREAD, props)
+    lanes = single_pass_lanes(aligned)
+    return lanes * max_program_threads(lanes, props, aligned)
 
 
-def _resident_programs(threads: int, props: DeviceProperties, lanes_per_thread: int) -> int:
+def _resident_programs(threads: int, props: DeviceProperties, lanes_per_thread: int,
+                       aligned: bool) -> int:
     by_threads = props.max_threads_per_sm // threads
-    by_registers = props.registers_per_sm // (threads * registers_per_thread(lanes_per_thread))
+    by_registers = props.registers_per_sm // (threads * registers_per_thread(lanes_per_thread,
+                                                                             aligned))
     return max(1, min(by_threads, by_registers, props.max_programs_per_sm))
 
 
@@ -164,16 +173,18 @@ def add_layernorm_default(rows: int, width: int, itemsize: int,
     """The add+LayerNorm launch config for ``rows x width`` rows of ``itemsize``-byte elements
     on a GPU with ``props`` (see the module docstring for the reasoning)."""
     lanes_target = lanes_per_thread_target(width, itemsize, props)
-    widest_program = max_program_threads(SINGLE_PASS_LANES_PER_THREAD, props)
+    aligned = width % ALIGNMENT_ELEMENTS == 0
+    most_lanes = single_pass_lanes(aligned)
+    widest_program = max_program_threads(most_lanes, props, aligned)
     span = triton.next_power_of_2(width)
-    if span > single_pass_width(props):
+    if span > single_pass_width(props, aligned):
         # Chunked: two passes over the row, the second from L2 only while the rows of all
         # resident programs fit there, so programs get as many threads as registers allow
         # (fewest resident rows) and chunks as wide as those threads hold in one pass.
-        block_w = single_pass_width(props)
+        block_w = single_pass_width(props, aligned)
         threads = MAX_THREADS_PER_PROGRAM
-        while threads > 32 and \
-                threads * registers_per_thread(block_w // threads) > props.registers_per_sm:
+        while threads > 32 and threads * registers_per_thread(block_w // threads, aligned) \
+                > props.registers_per_sm:
             threads //= 2
         return LaunchConfig(block_rows=1, block_w=block_w, num_warps=max(1, threads // 32))
 
@@ -182,10 +193,10 @@ def add_layernorm_default(rows: int, width: int, itemsize: int,
     row_threads = triton.next_power_of_2(triton.cdiv(width, lanes_target))
     # A quarter of an SM's threads per program: at least four programs resident per SM.
     program_threads = max(32, min(_floor_pow2(props.max_threads_per_sm // 4),
-                                  max_program_threads(block_w // row_threads, props)))
+                                  max_program_threads(block_w // row_threads, props, aligned)))
     if row_threads >= program_threads // 2 or row_threads * 2 > widest_program:
         # Wide rows: one row a program, enough threads that no thread holds too many lanes.
-        threads = max(row_threads, triton.cdiv(block_w, SINGLE_PASS_LANES_PER_THREAD))
+        threads = max(row_threads, triton.cdiv(block_w, most_lanes))
         threads = min(max(threads, 128), widest_program)
         return LaunchConfig(block_rows=1, block_w=block_w, num_warps=threads // 32)
 
@@ -197,7 +208,7 @@ def add_layernorm_default(rows: int, width: int, itemsize: int,
     while True:
         threads = max(32, min(program_threads, block_rows * row_threads))
         lanes = block_rows * block_w // threads
-        wanted = props.sm_count * _resident_programs(threads, props, lanes)
+        wanted = props.sm_count * _resident_programs(threads, props, lanes, aligned)
         if block_rows == 1 or triton.cdiv(rows, block_rows) >= wanted:
             break
         block_rows //= 2

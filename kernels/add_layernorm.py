@@ -132,7 +132,7 @@ def select_config(
     device = device if device is not None else device_name()
     return lookup_config(KERNEL_NAME, device, _dtype_name(dtype), width, rows,
                          heuristic=lambda: heuristic_config(rows, width, dtype, device),
-                         miss=(KERNEL_NAME, f"{rows}x{width}"))
+                         miss=lambda: (KERNEL_NAME, f"{rows}x{width}"))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -381,17 +381,17 @@ def select_config(
                          variant=variant,
                          heuristic=lambda: heuristic_config(pooled_rows, width, dtype, kernel,
                                                             channels_last, channels, device),
-                         miss=_miss(pooled_rows, width, dtype, kernel, height, approximate,
-                                    channels_last, channels))
+                         miss=lambda: _miss(pooled_rows, width, kernel, height, approximate,
+                                            channels_last, channels))
 
 
-def _miss(pooled_rows: int, width: int, dtype: torch.dtype, kernel: tuple[int, int, int],
+def _miss(pooled_rows: int, width: int, kernel: tuple[int, int, int],
           height: int, approximate: str, channels_last: bool,
           channels: int | None) -> tuple[str, str] | None:
     """The problem as ``python -m tuner`` names it, for the table-miss log: a shape with the
     same table key (depth folded into the rows). None for the pooling and GELU the tuner's
     registration does not cover (tuner/problems/add_layernorm_pool_gelu.py)."""
-    if kernel != (2, 2, 2) or approximate != "none" or height // kernel[1] < 1:
+    if kernel != (2, 2, 2) or approximate != "none":
         return None
     out_height = height // kernel[1]
     if channels_last:

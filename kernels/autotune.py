@@ -125,16 +125,19 @@ def tune_add_layernorm(x: torch.Tensor, sum_tensor: torch.Tensor | None, sum_val
         if config not in candidates and len(candidates) < MAX_CANDIDATES:
             candidates.append(config)
 
+    deadline = time.perf_counter() + BUDGET_S
     with torch.no_grad():
+        # The kernel reads x, weight and bias as flat contiguous arrays.
         x2 = x.detach().contiguous().view(rows, width)
+        weight = weight.detach().contiguous().view(width) if weight is not None else None
+        bias = bias.detach().contiguous().view(width) if bias is not None else None
         shift = sum_tensor.detach().double() if sum_tensor is not None else sum_value
         checked = _check_rows(rows, width)
         reference = [F.layer_norm(x2[part].double() + shift, (width,),
-                                  weight.detach().double().view(width) if weight is not None else None,
-                                  bias.detach().double().view(width) if bias is not None else None,
-                                  eps) for part in checked]
+                                  weight.double() if weight is not None else None,
+                                  bias.double() if bias is not None else None, eps)
+                     for part in checked]
         scratch = torch.empty_like(x2)
-        deadline = time.perf_counter() + BUDGET_S
         timed: list[tuple[float, int, LaunchConfig]] = []
         for index, config in enumerate(candidates):
             if index and time.perf_counter() > deadline:

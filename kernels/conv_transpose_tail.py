@@ -174,9 +174,15 @@ def select_config(x_shape: Sequence[int], c_out: int, dtype: torch.dtype, approx
                          _dtype_name(dtype), in_w, batch * in_d * in_h,
                          variant=table_variant(c_in, c_out, in_h, approximate),
                          heuristic=lambda: heuristic_config(c_out, in_w, c_in, dtype, device),
-                         # The tuner registers this kernel with exact GELU only.
-                         miss=(KERNEL_NAME, f"{batch}x{c_in}x{in_d}x{in_h}x{in_w}x{c_out}")
-                         if approximate == "none" else None)
+                         miss=lambda: _miss(x_shape, c_out, approximate))
+
+
+def _miss(x_shape: Sequence[int], c_out: int, approximate: str) -> tuple[str, str] | None:
+    """The problem as ``python -m tuner`` names it, for the table-miss log; None with tanh
+    GELU, which the tuner's registration does not cover."""
+    if approximate != "none":
+        return None
+    return KERNEL_NAME, "x".join(map(str, (*x_shape, c_out)))
 
 
 def fused_conv_transpose_tail(

@@ -21,6 +21,11 @@ MISS_LOG_ENV = "TUNER_MISS_LOG"
 _logged: set[tuple[str, str, str, str, str]] = set()
 
 
+def missed_problems_logged() -> bool:
+    """True when TUNER_MISS_LOG names a file."""
+    return bool(os.environ.get(MISS_LOG_ENV))
+
+
 def record_miss(kernel: str, device: str, dtype: str, shape: str) -> None:
     """Appends the problem to the file named by TUNER_MISS_LOG, once per process; a no-op
     when the variable is unset. A log that cannot be written is reported once and ignored:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 import filelock
 
 from .config import LaunchConfig
-from .misses import record_miss
+from .misses import missed_problems_logged, record_miss
 
 SCHEMA_VERSION = 1
 SHIPPED_TABLES_DIR = Path(__file__).parent / "tables"
@@ -256,19 +256,22 @@ def _cached_lookup(kernel: str, device: str, dtype: str, width: int, rows: int,
 
 def lookup_config(kernel: str, device: str, dtype: str, width: int, rows: int, *,
                   heuristic: Callable[[], LaunchConfig], variant: str = "",
-                  miss: tuple[str, str] | None = None) -> tuple[LaunchConfig, str]:
+                  miss: Callable[[], tuple[str, str] | None] | None = None,
+                  ) -> tuple[LaunchConfig, str]:
     """The table's config for a problem (exact, else nearest rows), else ``heuristic()``.
 
     Tables are read once and the answer is cached; call :func:`reload_tables` after the
-    files change. ``miss`` is the problem as the tuner names it, ``(kernel, shape)``: when
-    given and there is no exact entry, the miss is logged for ``tuner sweep --misses``
-    (see :mod:`kernels.misses`).
+    files change. ``miss()`` names the problem as the tuner does, ``(kernel, shape)`` (None:
+    the tuner cannot tune it): called only when there is no exact entry, to log the miss for
+    ``tuner sweep --misses`` (see :mod:`kernels.misses`).
     """
     found = _cached_lookup(kernel, device, dtype, width, rows, variant)
     if found is not None and found[1] == "table":
         return found
-    if miss is not None:
-        record_miss(miss[0], device, dtype, miss[1])
+    if miss is not None and missed_problems_logged():
+        named = miss()
+        if named is not None:
+            record_miss(named[0], device, dtype, named[1])
     if found is not None:
         return found
     return heuristic(), "heuristic"

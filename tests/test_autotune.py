@@ -78,6 +78,18 @@ def test_miss_tunes_once_saves_and_keeps_the_callers_buffer(tuning, launch_grids
     assert len(load_table(user_table_path())) == 2
 
 
+def test_multi_dim_normalized_shape_and_strided_weight(tuning):
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 4, 12, generator=generator) * 2 + 0.5
+    weight = (torch.randn(12, 4, generator=generator) + 1).t()  # not contiguous
+    bias = torch.randn(4, 12, generator=generator)
+    out = add_layernorm_module.fused_add_layernorm(x, 0.3, (4, 12), weight, bias)
+    expected = F.layer_norm(x.double() + 0.3, (4, 12), weight.double(), bias.double())
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-4
+    [entry] = load_table(user_table_path())
+    assert (entry.width, entry.rows) == (48, 6) and entry.trials >= 1
+
+
 def test_wrong_candidate_is_rejected(tuning, monkeypatch):
     """A candidate whose output is wrong (not only NaN) never wins, however fast."""
     fast_but_wrong = LaunchConfig(block_rows=2, block_w=64, num_warps=1)

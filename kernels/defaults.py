@@ -15,6 +15,8 @@ registers a lane costs. The reasoning:
 * Registers: a thread holds its lanes in float32 (the row and its centred copy); lanes per
   thread times the registers of a lane, times the threads of a program, must fit an SM's
   register file, and no thread may pass 255 registers.
+* L2: rows too wide for one pass are read twice, the second time from L2 only while the rows
+  of all resident programs fit there; that bounds how many programs may be resident.
 * Waves: programs are shrunk (fewer rows each) until there are enough to give every SM its
   full complement of resident programs, so that small problems still use the whole GPU.
 * Masked lanes of a non-power-of-two row cost registers but move no bytes: threads are
@@ -179,10 +181,19 @@ def add_layernorm_default(rows: int, width: int, itemsize: int,
     span = triton.next_power_of_2(width)
     if span > single_pass_width(props, aligned):
         # Chunked: two passes over the row, the second from L2 only while the rows of all
-        # resident programs fit there, so programs get as many threads as registers allow
-        # (fewest resident rows) and chunks as wide as those threads hold in one pass.
+        # resident programs fit there. Chunks are as wide as one pass holds; programs get
+        # fewer threads (more of them resident, hiding latency better) only while the rows
+        # they hold at once stay within half of L2.
         block_w = single_pass_width(props, aligned)
         threads = MAX_THREADS_PER_PROGRAM
+        row_bytes = width * itemsize
+        # Unaligned lanes cost twice the registers in the two-pass loop (ptxas for sm_89:
+        # 124 of the 128 a 512-thread program may have, at 16 lanes a thread).
+        fewest_threads = block_w // (most_lanes if aligned else most_lanes // 2)
+        while threads // 2 >= fewest_threads and \
+                props.sm_count * (props.max_threads_per_sm // (threads // 2)) * row_bytes \
+                <= props.l2_bytes // 2:
+            threads //= 2
         while threads > 32 and threads * registers_per_thread(block_w // threads, aligned) \
                 > props.registers_per_sm:
             threads //= 2

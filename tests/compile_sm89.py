@@ -37,7 +37,7 @@ RTX4090 = DeviceProperties(name="NVIDIA GeForce RTX 4090", sm_count=128, max_thr
                            l2_bytes=72 << 20, dram_gbps=1008.0, max_programs_per_sm=24,
                            capability=(8, 9))
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-LAYERNORM_WIDTHS = (30, 64, 477, 768, 4096, 5000, 8192, 11267, 16384, 45288, 65536)
+LAYERNORM_WIDTHS = (30, 64, 477, 768, 4096, 5000, 8192, 11267, 16384, 20480, 45288, 65536)
 # The tail's input: the reference conv output, [N, C_out, 2D, 2H, 2W].
 N, C_IN, D, H, W = REFERENCE_INPUT_SHAPE
 C_OUT = 64

@@ -6,8 +6,8 @@ later calls and later processes find it there.
 
 A row bucket is a power-of-two range of row counts: a table entry anywhere in the bucket
 counts as tuned. The candidates are the default config, the table's nearest entries for the
-same width and their neighbours (rows, warps and eviction policy one step away), timed within
-:data:`BUDGET_S` seconds. Under the Triton interpreter nothing is tuned unless the device name
+same width and the default's neighbours (rows, warps and eviction policy one step away), timed
+within about :data:`BUDGET_S` seconds (a candidate started in time is finished). Under the Triton interpreter nothing is tuned unless the device name
 is ``interpreter``, so CPU runs never write entries for a GPU model.
 """
 
@@ -20,10 +20,17 @@ import time
 import warnings
 
 import torch
-import triton
 import torch.nn.functional as F
+import triton
 
-from .config import MAX_TILE_ELEMENTS, LaunchConfig
+from .config import LaunchConfig
+from .defaults import (
+    ALIGNMENT_ELEMENTS,
+    MAX_REGISTERS_PER_THREAD,
+    DeviceProperties,
+    device_properties,
+    registers_per_thread,
+)
 from .device import INTERPRETER_DEVICE, compute_capability, device_name, interpreter_enabled
 from .table import TableEntry, TableError, merge_entries, nearest_configs, nearest_rows, user_table_path
 
@@ -37,7 +44,6 @@ CHECK_ELEMENTS = 1 << 22
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 # Seconds of launches timed per candidate on a GPU, after one launch to estimate.
 TIMING_S = 0.02
-MAX_LANES_PER_THREAD = 64
 
 # (device, dtype, width, row bucket) -> the config tuned in this process (also when the user
 # table could not be written).
@@ -49,9 +55,11 @@ def autotune_enabled() -> bool:
     return os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0")
 
 
-def _neighbours(config: LaunchConfig, rows: int) -> list[LaunchConfig]:
+def _neighbours(config: LaunchConfig, rows: int, width: int,
+                props: DeviceProperties) -> list[LaunchConfig]:
     """Configs one step from ``config``: rows halved or doubled (with warps following, so the
-    lanes a thread holds stay the same, and without), warps halved or doubled, evict_last."""
+    lanes a thread holds stay the same, and without), warps halved or doubled, evict_last;
+    only those whose registers fit the device."""
     changes = [dict(block_rows=config.block_rows * 2), dict(block_rows=config.block_rows // 2),
                dict(block_rows=config.block_rows * 2, num_warps=config.num_warps * 2),
                dict(block_rows=config.block_rows // 2, num_warps=config.num_warps // 2),
@@ -64,9 +72,11 @@ def _neighbours(config: LaunchConfig, rows: int) -> list[LaunchConfig]:
         except ValueError:
             continue  # past a knob's range
         threads = 32 * candidate.num_warps
+        registers = registers_per_thread(candidate.tile_elements // threads,
+                                         width % ALIGNMENT_ELEMENTS == 0)
         if candidate.block_rows > triton.next_power_of_2(rows) or \
-                candidate.tile_elements > MAX_TILE_ELEMENTS or \
-                candidate.tile_elements > MAX_LANES_PER_THREAD * threads or \
+                registers > MAX_REGISTERS_PER_THREAD or \
+                registers * threads > props.registers_per_sm or \
                 (candidate.num_warps > 1 and candidate.tile_elements < threads):
             continue
         found.append(candidate)
@@ -121,7 +131,8 @@ def tune_add_layernorm(x: torch.Tensor, sum_tensor: torch.Tensor | None, sum_val
     if tabled is not None and tabled.bit_length() == rows.bit_length():
         return default
     candidates = [default]
-    for config in nearest_configs(KERNEL_NAME, device, dtype, width, rows) + _neighbours(default, rows):
+    neighbours = _neighbours(default, rows, width, device_properties(device))
+    for config in nearest_configs(KERNEL_NAME, device, dtype, width, rows) + neighbours:
         if config not in candidates and len(candidates) < MAX_CANDIDATES:
             candidates.append(config)
 

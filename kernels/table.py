@@ -14,6 +14,10 @@ An entry is keyed by (kernel, device, dtype, width, variant, rows). ``variant`` 
 else a kernel needs to match exactly (empty for add+LayerNorm). Lookup takes the exact entry,
 else the entry with the nearest row count in log2 for the same other keys. A table measured on
 one GPU model is never applied to another: device names must match exactly.
+
+The runtime never fails on a bad table: a file that cannot be read or an entry that does not
+validate is skipped with one warning (:func:`read_table_leniently`); the CLI reads tables with
+:func:`load_table`, which raises :class:`TableError` instead.
 """
 
 from __future__ import annotations

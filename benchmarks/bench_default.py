@@ -48,6 +48,11 @@ from kernels.model import REFERENCE_ARGS, REFERENCE_INPUT_SHAPE  # noqa: E402
 
 kernels.table.SHIPPED_TABLES_DIR = _HIDDEN / "shipped"
 reload_tables()
+# Each shape recompiles the same Python function: without room for all of them, Dynamo would
+# silently run the later shapes eagerly (the limit's name differs across PyTorch releases).
+for _limit in ("recompile_limit", "cache_size_limit"):
+    if hasattr(torch._dynamo.config, _limit):
+        setattr(torch._dynamo.config, _limit, 256)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -76,6 +81,16 @@ def checked_ms(fn, expected: torch.Tensor, dtype: torch.dtype, what: str) -> flo
     return time_ms(fn)
 
 
+def attempt(row: dict, key: str, measure) -> None:
+    """``row[key] = measure()``; a failure is recorded as ``row[key + "_error"]`` instead, so
+    that one bad comparison does not lose the rest of the run."""
+    try:
+        row[key] = measure()
+    except Exception as error:
+        row[key + "_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        print(f"  {key}: {row[key + '_error']}", flush=True)
+
+
 def bench_layernorm(exhaustive: dict, compile_: bool, tune: bool) -> list[dict]:
     results = []
     for rows, width, dtype_name in heldout_shapes():
@@ -102,7 +117,8 @@ def bench_layernorm(exhaustive: dict, compile_: bool, tune: bool) -> list[dict]:
                "eager_ms": checked_ms(eager, expected, dtype, f"{label} eager")}
         if compile_:
             compiled = torch.compile(eager, dynamic=False)
-            row["compile_ms"] = checked_ms(compiled, expected, dtype, f"{label} torch.compile")
+            attempt(row, "compile_ms",
+                    lambda: checked_ms(compiled, expected, dtype, f"{label} torch.compile"))
         if tune:
             os.environ["TUNER_AUTOTUNE"] = "1"
             started = time.perf_counter()
@@ -111,13 +127,14 @@ def bench_layernorm(exhaustive: dict, compile_: bool, tune: bool) -> list[dict]:
             os.environ.pop("TUNER_AUTOTUNE")
             tuned, _ = select_config(rows, width, dtype)
             row["autotune_config"] = tuned.key()
-            row["autotune_ms"] = checked_ms(run(tuned), expected, dtype, f"{label} autotuned")
+            attempt(row, "autotune_ms",
+                    lambda: checked_ms(run(tuned), expected, dtype, f"{label} autotuned"))
         best = exhaustive.get(label, {}).get("best")
         if best:
             row["best_config"] = best[1]
             row["best_ms_recorded"] = best[0]
-            row["best_ms"] = checked_ms(run(parse_config_key(best[1])), expected, dtype,
-                                        f"{label} exhaustive best")
+            attempt(row, "best_ms", lambda: checked_ms(run(parse_config_key(best[1])), expected,
+                                                       dtype, f"{label} exhaustive best"))
         results.append(row)
         print(f"{label}: default {row['default_config']} {row['default_ms']:.4f} ms"
               + (f", compile {row['compile_ms']:.4f} ms" if "compile_ms" in row else "")
@@ -160,8 +177,8 @@ def bench_tail(compile_: bool) -> list[dict]:
                        x, shift, ln_weight, ln_bias), expected, dtype, "tail"),
                    "eager_ms": checked_ms(lambda: torch_tail(x), expected, dtype, "tail eager")}
             if compiled_tail is not None:
-                row["compile_ms"] = checked_ms(lambda: compiled_tail(x), expected, dtype,
-                                               "tail torch.compile")
+                attempt(row, "compile_ms", lambda: checked_ms(lambda: compiled_tail(x), expected,
+                                                              dtype, "tail torch.compile"))
             results.append(row)
             print(row, flush=True)
             del x, expected
@@ -190,8 +207,8 @@ def bench_tail(compile_: bool) -> list[dict]:
                    "eager_ms": checked_ms(lambda: model(x), expected, torch.bfloat16, "model eager")}
             if compile_:
                 compiled = torch.compile(model, dynamic=False)
-                row["compile_ms"] = checked_ms(lambda: compiled(x), expected, torch.bfloat16,
-                                               "model torch.compile")
+                attempt(row, "compile_ms", lambda: checked_ms(lambda: compiled(x), expected,
+                                                              torch.bfloat16, "model torch.compile"))
         results.append(row)
         print(row, flush=True)
         del model, x, expected

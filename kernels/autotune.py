@@ -123,6 +123,8 @@ def tune_add_layernorm(x: torch.Tensor, sum_tensor: torch.Tensor | None, sum_val
     device = device_name(x.device)
     if interpreter_enabled() and device != INTERPRETER_DEVICE:
         return default
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return default  # timing synchronises, which a CUDA graph capture forbids
     dtype = _dtype_name(x.dtype)
     key = (device, dtype, width, rows.bit_length())
     if key in _tuned:

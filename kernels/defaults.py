@@ -17,6 +17,10 @@ registers a lane costs. The reasoning:
   register file, and no thread may pass 255 registers.
 * L2: rows too wide for one pass are read twice, the second time from L2 only while the rows
   of all resident programs fit there; that bounds how many programs may be resident.
+* Reductions: a row's statistics are summed serially within a thread, then across warps
+  through shared memory, a step per warp; a row gets a program of its own once whole-row
+  programs can fill an SM within its limit on resident programs, with threads balancing the
+  two costs.
 * Waves: programs are shrunk (fewer rows each) until there are enough to give every SM its
   full complement of resident programs, so that small problems still use the whole GPU.
 * Masked lanes of a non-power-of-two row cost registers but move no bytes: threads are
@@ -205,10 +209,16 @@ def add_layernorm_default(rows: int, width: int, itemsize: int,
     # A quarter of an SM's threads per program: at least four programs resident per SM.
     program_threads = max(32, min(_floor_pow2(props.max_threads_per_sm // 4),
                                   max_program_threads(block_w // row_threads, props, aligned)))
-    if row_threads >= program_threads // 2 or row_threads * 2 > widest_program:
-        # Wide rows: one row a program, enough threads that no thread holds too many lanes.
-        threads = max(row_threads, triton.cdiv(block_w, most_lanes))
-        threads = min(max(threads, 128), widest_program)
+    if row_threads >= props.max_threads_per_sm // props.max_programs_per_sm or \
+            row_threads * 2 > widest_program:
+        # Wide rows: one row a program, as soon as whole-row programs can fill an SM's threads
+        # within its limit on resident programs. Each thread sums its lanes serially and the
+        # warps combine their sums through shared memory, a step per warp: threads balance the
+        # two (lanes per thread = 2 x warps, i.e. threads = sqrt(16 * lanes of the row)), with
+        # a 16-byte vector a thread at least and no more lanes than one pass holds.
+        balanced = triton.next_power_of_2(math.isqrt(16 * block_w))
+        balanced = min(balanced, max(32, block_w * itemsize // VECTOR_BYTES))
+        threads = min(max(balanced, triton.cdiv(block_w, most_lanes), 32), widest_program)
         return LaunchConfig(block_rows=1, block_w=block_w, num_warps=threads // 32)
 
     # Narrow rows: pack rows until the program has its share of threads, then give back rows

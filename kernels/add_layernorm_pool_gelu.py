@@ -46,6 +46,7 @@ from .add_layernorm import (
     split_sum_weight,
     stand_in_tensors,
 )
+from .autotune import autotune_enabled, tune_add_layernorm_pool_gelu
 from .config import MAX_TILE_ELEMENTS, LaunchConfig
 from .defaults import add_layernorm_pool_gelu_default, device_properties
 from .device import device_name, interpreter_enabled
@@ -543,9 +544,13 @@ def fused_add_layernorm_pool_gelu(
         return out
     pooled_rows = batch * channels * out_depth * out_height
     if config is None:
-        config, _ = select_config(pooled_rows, width, x.dtype, (kd, kh, kw), height, approximate,
-                                  device_name(x.device), channels_last=channels_last,
-                                  channels=channels)
+        config, source = select_config(pooled_rows, width, x.dtype, (kd, kh, kw), height,
+                                       approximate, device_name(x.device),
+                                       channels_last=channels_last, channels=channels)
+        if source != "table" and autotune_enabled():
+            config = tune_add_layernorm_pool_gelu(x, sum_tensor, sum_value, weight, bias,
+                                                  float(eps), (kd, kh, kw), approximate,
+                                                  channels_last, config)
     elif not isinstance(config, LaunchConfig):
         raise TypeError(f"config must be a LaunchConfig or None, got {type(config).__name__}")
     if config.block_w < width:

@@ -111,6 +111,28 @@ def test_wrong_candidate_is_rejected(tuning, monkeypatch):
     assert [entry.config for entry in load_table(user_table_path())] == [honest]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_fused_tail_tunes_on_a_miss(tuning, dtype, channels_last):
+    generator = torch.Generator().manual_seed(12)
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = (torch.randn(2, 3, 4, 6, 8, generator=generator) * 2 + 0.5).to(dtype) \
+        .contiguous(memory_format=layout)
+    weight = (torch.randn(8, generator=generator) * 0.5 + 1).to(dtype)
+    bias = (torch.randn(8, generator=generator) * 0.5).to(dtype)
+    s = torch.tensor(0.4, dtype=dtype)
+    out = torch.full((2, 3, 2, 3, 4), float("nan"), dtype=dtype).contiguous(memory_format=layout)
+    fused_add_layernorm_pool_gelu(x, s, weight, bias, out=out)
+    expected = F.gelu(F.avg_pool3d(F.layer_norm(x.double() + s.double(), (8,), weight.double(),
+                                                bias.double()), 2))
+    assert ((out.double() - expected).norm() / expected.norm()).item() < TOLERANCE[dtype]
+    [entry] = load_table(user_table_path())
+    assert (entry.kernel, entry.width, entry.rows) == ("add_layernorm_pool_gelu", 8, 36)
+    assert entry.variant == "h6_k2x2x2_none" + ("_cl_c3" if channels_last else "")
+    assert tail_select_config(36, 8, dtype, 2, 6, "none", channels_last=channels_last,
+                              channels=3) == (entry.config, "table")
+
+
 def test_off_by_default_and_never_for_another_device_name(no_tables, monkeypatch):
     monkeypatch.setattr(autotune, "_tuned", {})
     x, s, weight, bias = inputs(8, 32, torch.float32, seed=7)

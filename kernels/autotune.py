@@ -1,14 +1,15 @@
 """Self-tuning on a table miss, persisted: with ``TUNER_AUTOTUNE=1`` the first add+LayerNorm
-call of a (GPU model, dtype, width, row bucket) that has no table entry times a handful of
-candidate configs on the call's own inputs, keeps the fastest whose output matches a float64
-PyTorch reference, and merges it into the user table (``kernels.table.user_table_path``), so
-later calls and later processes find it there.
+(or fused tail) call of a (GPU model, dtype, width, variant, row bucket) that has no table
+entry times a handful of candidate configs on the call's own inputs, keeps the fastest whose
+output matches a float64 PyTorch reference, and merges it into the user table
+(``kernels.table.user_table_path``), so later calls and later processes find it there.
 
 A row bucket is a power-of-two range of row counts: a table entry anywhere in the bucket
 counts as tuned. The candidates are the default config, the table's nearest entries for the
 same width and the default's neighbours (rows, warps and eviction policy one step away), timed
-within about :data:`BUDGET_S` seconds (a candidate started in time is finished). Under the Triton interpreter nothing is tuned unless the device name
-is ``interpreter``, so CPU runs never write entries for a GPU model.
+within about :data:`BUDGET_S` seconds (a candidate started in time is finished). Under the
+Triton interpreter nothing is tuned unless the device name is ``interpreter``, so CPU runs
+never write entries for a GPU model.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The default config on a GPU with no table (leave-one-device-out): for every held-out shape
 (benchmarks/heldout.py) the add+LayerNorm default against torch eager, torch.compile, the
 config TUNER_AUTOTUNE picks, and (with ``--exhaustive FILE``) the exhaustive best re-timed in
-this process; then the fused tail (both layouts) and the whole-model kernel at the reference
-shapes, default against torch.compile.
+this process; then the fused tail (both layouts; also TUNER_AUTOTUNE's pick) and the
+whole-model kernel at the reference shapes, default against torch.compile.
 
     python benchmarks/bench_default.py [--exhaustive best.json] [--no-compile] [--no-autotune]
 
@@ -145,7 +145,7 @@ def bench_layernorm(exhaustive: dict, compile_: bool, tune: bool) -> list[dict]:
     return results
 
 
-def bench_tail(compile_: bool) -> list[dict]:
+def bench_tail(compile_: bool, tune: bool) -> list[dict]:
     """The fused tail on the reference conv output, both layouts, and the whole-model kernel."""
     n, c_in, d, h, w = REFERENCE_INPUT_SHAPE
     c_out = REFERENCE_ARGS["out_channels"]
@@ -181,6 +181,20 @@ def bench_tail(compile_: bool) -> list[dict]:
             if compiled_tail is not None:
                 attempt(row, "compile_ms", lambda: checked_ms(lambda: compiled_tail(x), expected,
                                                               dtype, "tail torch.compile"))
+            if tune:
+                os.environ["TUNER_AUTOTUNE"] = "1"
+                started = time.perf_counter()
+                tail.fused_add_layernorm_pool_gelu(x, shift, ln_weight, ln_bias)  # tunes, saves
+                row["autotune_s"] = time.perf_counter() - started
+                os.environ.pop("TUNER_AUTOTUNE")
+                tuned, _ = tail.select_config(pooled_rows, 2 * w, dtype, 2, 2 * h, "none",
+                                              channels_last=layout_name == "channels_last",
+                                              channels=c_out)
+                row["autotune_config"] = tuned.key()
+                attempt(row, "autotune_ms", lambda: checked_ms(
+                    lambda: tail.fused_add_layernorm_pool_gelu(x, shift, ln_weight, ln_bias,
+                                                               config=tuned),
+                    expected, dtype, "tail autotuned"))
             results.append(row)
             print(row, flush=True)
             del x, expected
@@ -240,7 +254,7 @@ def main() -> None:
     info = {**versions(), "properties": dataclasses.asdict(device_properties())}
     print(info, flush=True)
     layernorm = bench_layernorm(exhaustive, not args.no_compile, not args.no_autotune)
-    fused = bench_tail(not args.no_compile)
+    fused = bench_tail(not args.no_compile, not args.no_autotune)
     write_json("bench_default.json", {"versions": info, "layernorm": layernorm, "fused": fused,
                                       "seconds": time.perf_counter() - started,
                                       "autotune_budget_s": autotune.BUDGET_S})
@@ -255,9 +269,10 @@ def main() -> None:
                  for row in layernorm])
     print()
     print_table(["kernel", "dtype", "default config", "default ms", "default/compile",
-                 "default/eager"],
+                 "default/eager", "autotuned/default"],
                 [[row["kernel"], row["dtype"], row["default_config"], milliseconds(row, "default_ms"),
-                  ratio(row, "default_ms", "compile_ms"), ratio(row, "default_ms", "eager_ms")]
+                  ratio(row, "default_ms", "compile_ms"), ratio(row, "default_ms", "eager_ms"),
+                  ratio(row, "autotune_ms", "default_ms")]
                  for row in fused])
     print(f"\n{time.perf_counter() - started:.0f} s in all")
 

@@ -20,7 +20,9 @@ import triton
 import triton.language as tl
 
 from .add_layernorm_backward import add_layernorm_backward
+from .autotune import autotune_enabled, tune_add_layernorm
 from .config import LaunchConfig
+from .defaults import add_layernorm_default, device_properties
 from .device import device_name, interpreter_enabled
 from .table import lookup_config
 
@@ -128,23 +130,11 @@ def _add_layernorm_kernel(
 
 
 @functools.lru_cache(maxsize=4096)
-def heuristic_config(rows: int, width: int, dtype: torch.dtype) -> LaunchConfig:
-    """A good launch config without measuring (fitted to an H100 grid, BENCHMARKS.md).
-
-    Rows of 2 KiB or more get a program each, with a warp per KiB (4 to 16); narrower rows are
-    packed into tiles of about 8 KiB with 16 bytes per thread. Rows stay in registers up to
-    16384 columns and are walked in 8192-column chunks beyond.
-    """
-    element_size = dtype.itemsize
-    block_w = triton.next_power_of_2(width) if width <= 16384 else 8192
-    row_bytes = block_w * element_size
-    if row_bytes >= 2048:
-        return LaunchConfig(block_rows=1, block_w=block_w,
-                            num_warps=max(4, min(16, row_bytes // 1024)))
-    block_rows = max(1, min(8192 // row_bytes, triton.next_power_of_2(rows)))
-    tile_bytes = block_rows * row_bytes
-    return LaunchConfig(block_rows=block_rows, block_w=block_w,
-                        num_warps=max(1, min(16, tile_bytes // 512)))
+def heuristic_config(rows: int, width: int, dtype: torch.dtype,
+                     device: str | None = None) -> LaunchConfig:
+    """A good launch config without measuring, derived from the properties of the GPU model
+    ``device`` (None: the current one) and the row's bytes (:mod:`kernels.defaults`)."""
+    return add_layernorm_default(rows, width, dtype.itemsize, device_properties(device))
 
 
 def select_config(
@@ -158,7 +148,8 @@ def select_config(
     """
     device = device if device is not None else device_name()
     return lookup_config(KERNEL_NAME, device, _dtype_name(dtype), width, rows,
-                         heuristic=lambda: heuristic_config(rows, width, dtype))
+                         heuristic=lambda: heuristic_config(rows, width, dtype, device),
+                         miss=lambda: (KERNEL_NAME, f"{rows}x{width}"))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -349,7 +340,10 @@ def fused_add_layernorm(
         return F.layer_norm(x + sum_weight, normalized_shape, weight, bias, eps) if track else out
     rows = x.numel() // width
     if config is None:
-        config, _ = select_config(rows, width, x.dtype, device_name(x.device))
+        config, source = select_config(rows, width, x.dtype, device_name(x.device))
+        if source != "table" and autotune_enabled():
+            config = tune_add_layernorm(x, sum_tensor, sum_value, weight, bias, eps, rows,
+                                        width, config)
     elif not isinstance(config, LaunchConfig):
         raise TypeError(f"config must be a LaunchConfig or None, got {type(config).__name__}")
     x = x.contiguous()

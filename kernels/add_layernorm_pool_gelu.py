@@ -50,7 +50,9 @@ from .add_layernorm import (
 )
 from .add_layernorm_pool_gelu_backward import KERNEL_NAME as BACKWARD_KERNEL_NAME
 from .add_layernorm_pool_gelu_backward import add_layernorm_pool_gelu_backward
+from .autotune import autotune_enabled, tune_add_layernorm_pool_gelu
 from .config import MAX_TILE_ELEMENTS, LaunchConfig
+from .defaults import add_layernorm_pool_gelu_default, device_properties
 from .device import device_name, interpreter_enabled
 from .table import lookup_config
 
@@ -380,45 +382,14 @@ def table_variant(height: int, pool_kernel: int | Sequence[int], approximate: st
 @functools.lru_cache(maxsize=4096)
 def heuristic_config(pooled_rows: int, width: int, dtype: torch.dtype,
                      pool_kernel: tuple[int, int, int], channels_last: bool = False,
-                     channels: int | None = None) -> LaunchConfig:
-    """A good launch config without measuring.
-
-    Contiguous x (``channels_last=False``): the whole input row stays in registers
-    (``block_w`` = next power of two >= width). Pooled rows are packed so that a program reads
-    about 8 KiB of x in all (``KD * KH`` row tiles), with a warp per KiB of one tile (32 bytes
-    per thread per load), 1 to 16 warps. Rows of 2 KiB or more get a program per pooled row
-    and a warp per KiB (4 to 16).
-
-    At the reference shape [32, 64, 32, 64, 64] the tuned H100 winners (bench_model.py, shipped
-    in kernels/tables/) are 2 rows / 1 warp in float32 (0.400 ms) and 16 rows / 1 warp in
-    bfloat16 (0.222 ms); this heuristic picks 8 rows / 2 warps and 16 rows / 2 warps there.
-
-    Channels-last x (``channels_last=True``; ``channels`` = C): ``block_rows`` is the number
-    of channels per program: up to 16, fewer where a ``[block_w, block_rows]`` tile would pass
-    8 KiB, at most the next power of two >= C; a warp per 4 KiB of the tile, 1 to 16 warps.
-    Fitted to the tuned H100 winners at the reference shape (W=64, C=64): 16 channels and
-    1 warp in float32 (0.440 ms) and bfloat16 (0.318 ms), where 8 KiB tiles with 16 warps
-    were slower.
-    """
+                     channels: int | None = None, device: str | None = None) -> LaunchConfig:
+    """A good launch config without measuring, within the limits of the GPU model ``device``
+    (None: the current one); see :func:`kernels.defaults.add_layernorm_pool_gelu_default`.
+    For channels-last x (``channels_last=True``, ``channels`` = C) ``block_rows`` counts
+    channels per program."""
     kd, kh, _ = _pool_kernel_tuple(pool_kernel)
-    element_size = dtype.itemsize
-    block_w = triton.next_power_of_2(width)
-    row_bytes = block_w * element_size
-    if channels_last:
-        bound = channels if channels is not None else pooled_rows
-        budget = max(1, min(16, 8192 // row_bytes))
-        block_c = min(1 << (budget.bit_length() - 1), triton.next_power_of_2(max(bound, 1)))
-        return LaunchConfig(block_rows=block_c, block_w=block_w,
-                            num_warps=max(1, min(16, block_c * row_bytes // 4096)))
-    if row_bytes >= 2048:
-        return LaunchConfig(block_rows=1, block_w=block_w,
-                            num_warps=max(4, min(16, row_bytes // 1024)))
-    # Largest power of two that keeps the program's input within 8 KiB, no more than the rows.
-    budget = max(1, 8192 // (row_bytes * kd * kh))
-    block_rows = min(1 << (budget.bit_length() - 1), triton.next_power_of_2(max(pooled_rows, 1)))
-    tile_bytes = block_rows * row_bytes
-    return LaunchConfig(block_rows=block_rows, block_w=block_w,
-                        num_warps=max(1, min(16, tile_bytes // 1024)))
+    return add_layernorm_pool_gelu_default(pooled_rows, width, dtype.itemsize, kd * kh,
+                                           channels_last, channels, device_properties(device))
 
 
 def select_config(
@@ -443,7 +414,24 @@ def select_config(
     return lookup_config(KERNEL_NAME, device, _dtype_name(dtype), width, pooled_rows,
                          variant=variant,
                          heuristic=lambda: heuristic_config(pooled_rows, width, dtype, kernel,
-                                                            channels_last, channels))
+                                                            channels_last, channels, device),
+                         miss=lambda: _miss(pooled_rows, width, kernel, height, approximate,
+                                            channels_last, channels))
+
+
+def _miss(pooled_rows: int, width: int, kernel: tuple[int, int, int],
+          height: int, approximate: str, channels_last: bool,
+          channels: int | None) -> tuple[str, str] | None:
+    """The problem as ``python -m tuner`` names it, for the table-miss log: a shape with the
+    same table key (depth folded into the rows). None for the pooling and GELU the tuner's
+    registration does not cover (tuner/problems/add_layernorm_pool_gelu.py)."""
+    if kernel != (2, 2, 2) or approximate != "none":
+        return None
+    out_height = height // kernel[1]
+    if channels_last:
+        return (KERNEL_NAME + "_channels_last",
+                f"{pooled_rows // (channels * out_height)}x{channels}x{kernel[0]}x{height}x{width}")
+    return KERNEL_NAME, f"{pooled_rows // out_height}x1x{kernel[0]}x{height}x{width}"
 
 
 def select_backward_config(pooled_rows: int, width: int, dtype: torch.dtype,
@@ -682,9 +670,13 @@ def fused_add_layernorm_pool_gelu(
         return out
     pooled_rows = batch * channels * out_depth * out_height
     if config is None:
-        config, _ = select_config(pooled_rows, width, x.dtype, (kd, kh, kw), height, approximate,
-                                  device_name(x.device), channels_last=channels_last,
-                                  channels=channels)
+        config, source = select_config(pooled_rows, width, x.dtype, (kd, kh, kw), height,
+                                       approximate, device_name(x.device),
+                                       channels_last=channels_last, channels=channels)
+        if source != "table" and autotune_enabled():
+            config = tune_add_layernorm_pool_gelu(x, sum_tensor, sum_value, weight, bias,
+                                                  float(eps), (kd, kh, kw), approximate,
+                                                  channels_last, config)
     elif not isinstance(config, LaunchConfig):
         raise TypeError(f"config must be a LaunchConfig or None, got {type(config).__name__}")
     if config.block_w < width:

@@ -32,6 +32,7 @@ from .add_layernorm import (
 )
 from .add_layernorm_pool_gelu import APPROXIMATIONS, _gelu, _shift
 from .config import LaunchConfig
+from .defaults import conv_tail_block_co, device_properties
 from .device import device_name, interpreter_enabled
 from .table import lookup_config
 
@@ -153,12 +154,15 @@ def _conv_transpose_tail_kernel(
 
 
 @functools.lru_cache(maxsize=1024)
-def heuristic_config(c_out: int, in_w: int) -> LaunchConfig:
-    """All output channels (up to 64) of one pooled row a program, 2 warps: the best of a
-    36-config grid for both float32 and bfloat16 at the reference shape on an H100
-    (``benchmarks/bench_conv_tail.py``)."""
-    return LaunchConfig(block_rows=max(16, min(64, triton.next_power_of_2(c_out))),
-                        block_w=max(16, triton.next_power_of_2(in_w)), num_warps=2)
+def heuristic_config(c_out: int, in_w: int, c_in: int = 32, dtype: torch.dtype = torch.float32,
+                     device: str | None = None) -> LaunchConfig:
+    """One pooled row a program with all its output channels (up to 64, fewer where the dot
+    operands would not fit the shared memory of the GPU model ``device``; None: the current
+    one), 2 warps: few live accumulators keep the unrolled products out of local memory."""
+    block_w = max(16, triton.next_power_of_2(in_w))
+    return LaunchConfig(block_rows=conv_tail_block_co(c_in, c_out, block_w, dtype.itemsize,
+                                                      device_properties(device)),
+                        block_w=block_w, num_warps=2)
 
 
 def table_variant(c_in: int, c_out: int, in_h: int, approximate: str) -> str:
@@ -171,10 +175,20 @@ def select_config(x_shape: Sequence[int], c_out: int, dtype: torch.dtype, approx
     """The launch config for x of ``x_shape`` [N, C_in, D, H, W] and where it came from: the
     tables (keyed by width W, rows N*D*H and the variant), else :func:`heuristic_config`."""
     batch, c_in, in_d, in_h, in_w = x_shape
-    return lookup_config(KERNEL_NAME, device if device is not None else device_name(),
+    device = device if device is not None else device_name()
+    return lookup_config(KERNEL_NAME, device,
                          _dtype_name(dtype), in_w, batch * in_d * in_h,
                          variant=table_variant(c_in, c_out, in_h, approximate),
-                         heuristic=lambda: heuristic_config(c_out, in_w))
+                         heuristic=lambda: heuristic_config(c_out, in_w, c_in, dtype, device),
+                         miss=lambda: _miss(x_shape, c_out, approximate))
+
+
+def _miss(x_shape: Sequence[int], c_out: int, approximate: str) -> tuple[str, str] | None:
+    """The problem as ``python -m tuner`` names it, for the table-miss log; None with tanh
+    GELU, which the tuner's registration does not cover."""
+    if approximate != "none":
+        return None
+    return KERNEL_NAME, "x".join(map(str, (*x_shape, c_out)))
 
 
 def fused_conv_transpose_tail(

@@ -14,6 +14,10 @@ An entry is keyed by (kernel, device, dtype, width, variant, rows). ``variant`` 
 else a kernel needs to match exactly (empty for add+LayerNorm). Lookup takes the exact entry,
 else the entry with the nearest row count in log2 for the same other keys. A table measured on
 one GPU model is never applied to another: device names must match exactly.
+
+The runtime never fails on a bad table: a file that cannot be read or an entry that does not
+validate is skipped with one warning (:func:`read_table_leniently`); the CLI reads tables with
+:func:`load_table`, which raises :class:`TableError` instead.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import filelock
 
 from .config import LaunchConfig
+from .misses import missed_problems_logged, record_miss
 
 SCHEMA_VERSION = 1
 SHIPPED_TABLES_DIR = Path(__file__).parent / "tables"
@@ -44,6 +50,14 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
 
 class TableError(ValueError):
     """A table file that cannot be read: corrupt JSON, unknown schema or a bad entry."""
+
+
+class TableWarning(UserWarning):
+    """A bad table file or entry that the runtime skipped."""
+
+
+# Problems already warned about in this process: each is reported once, not per reload.
+_warned: set[str] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,28 +123,60 @@ def _entry_from_json(data: Any, where: str) -> TableEntry:
     return TableEntry(**{**data, "config": config})
 
 
-def load_table(path: str | os.PathLike) -> list[TableEntry]:
-    """Reads and validates a table file; a missing file is an empty table."""
-    path = Path(path)
+def _parse_table(path: Path) -> tuple[list[TableEntry], list[str]]:
+    """The valid entries of a table file and one message per problem (file-level problems
+    leave no entries); a missing file is an empty table."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        return []
+        return [], []
+    except (OSError, UnicodeDecodeError) as error:
+        return [], [f"table {path} cannot be read: {error}"]
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise TableError(f"table {path} is not valid JSON: {error}") from None
+        return [], [f"table {path} is not valid JSON: {error}"]
     if not isinstance(data, dict) or "schema_version" not in data:
-        raise TableError(f"table {path} has no schema_version; is it a tuner table?")
+        return [], [f"table {path} has no schema_version; is it a tuner table?"]
     version = data["schema_version"]
     if not isinstance(version, int) or isinstance(version, bool) or version != SCHEMA_VERSION:
-        raise TableError(f"table {path} has schema_version {data['schema_version']!r}; "
-                         f"this version of kernels reads schema_version {SCHEMA_VERSION}")
+        return [], [f"table {path} has schema_version {data['schema_version']!r}; "
+                    f"this version of kernels reads schema_version {SCHEMA_VERSION}"]
     entries = data.get("entries")
     if not isinstance(entries, list):
-        raise TableError(f"table {path}: 'entries' must be a list")
-    return [_entry_from_json(entry, f"table {path}, entry {index}")
-            for index, entry in enumerate(entries)]
+        return [], [f"table {path}: 'entries' must be a list"]
+    good, problems = [], []
+    for index, entry in enumerate(entries):
+        try:
+            good.append(_entry_from_json(entry, f"table {path}, entry {index}"))
+        except TableError as error:
+            problems.append(str(error))
+    return good, problems
+
+
+def load_table(path: str | os.PathLike) -> list[TableEntry]:
+    """Reads and validates a table file; a missing file is an empty table and any problem
+    (bad JSON, schema or entry) is a TableError naming the file."""
+    entries, problems = _parse_table(Path(path))
+    if problems:
+        raise TableError(problems[0] + (f" (and {len(problems) - 1} more problems)"
+                                        if len(problems) > 1 else ""))
+    return entries
+
+
+def read_table_leniently(path: str | os.PathLike) -> list[TableEntry]:
+    """The valid entries of a table file, for the runtime: a bad file or bad entries are
+    skipped with one warning per process naming the file and the problem, so that one broken
+    table never stops a kernel call (the CLI uses :func:`load_table`, which raises instead)."""
+    entries, problems = _parse_table(Path(path))
+    if problems:
+        what = "these entries" if entries or ", entry " in problems[0] else "this file"
+        message = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        if message not in _warned:
+            _warned.add(message)
+            warnings.warn(f"{message}. Skipping {what}: the next table or the default config "
+                          "is used instead", TableWarning, stacklevel=2)
+    return entries
 
 
 def merge_entries(path: str | os.PathLike, entries: Iterable[TableEntry]) -> int:
@@ -202,7 +248,7 @@ class _Index:
 def _index() -> _Index:
     entries: list[TableEntry] = []
     for path in table_paths():
-        entries.extend(load_table(path))
+        entries.extend(read_table_leniently(path))
     return _Index(entries)
 
 
@@ -213,16 +259,34 @@ def _cached_lookup(kernel: str, device: str, dtype: str, width: int, rows: int,
 
 
 def lookup_config(kernel: str, device: str, dtype: str, width: int, rows: int, *,
-                  heuristic: Callable[[], LaunchConfig], variant: str = "") -> tuple[LaunchConfig, str]:
+                  heuristic: Callable[[], LaunchConfig], variant: str = "",
+                  miss: Callable[[], tuple[str, str] | None] | None = None,
+                  ) -> tuple[LaunchConfig, str]:
     """The table's config for a problem (exact, else nearest rows), else ``heuristic()``.
 
     Tables are read once and the answer is cached; call :func:`reload_tables` after the
-    files change.
+    files change. ``miss()`` names the problem as the tuner does, ``(kernel, shape)`` (None:
+    the tuner cannot tune it): called only when there is no exact entry, to log the miss for
+    ``tuner sweep --misses`` (see :mod:`kernels.misses`).
     """
     found = _cached_lookup(kernel, device, dtype, width, rows, variant)
+    if found is not None and found[1] == "table":
+        return found
+    if miss is not None and missed_problems_logged():
+        named = miss()
+        if named is not None:
+            record_miss(named[0], device, dtype, named[1])
     if found is not None:
         return found
     return heuristic(), "heuristic"
+
+
+def nearest_rows(kernel: str, device: str, dtype: str, width: int, rows: int, *,
+                 variant: str = "") -> int | None:
+    """The row count of the table entry nearest to ``rows`` (in log2) for the same device,
+    dtype, width and variant, or None when the tables have none."""
+    found = _index().nearest((kernel, device, dtype, width, variant), max(rows, 1))
+    return found[0][0] if found else None
 
 
 def nearest_configs(kernel: str, device: str, dtype: str, width: int, rows: int, *,

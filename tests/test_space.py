@@ -368,9 +368,9 @@ def run_cli(argv, capsys):
     (["search", "--shape", "128x64", "--trial-timeout", "-1", "--interpret"],
      "argument --trial-timeout: expected a positive float"),
     (["search", "--interpret"], "the following arguments are required: --shape"),
-    (["sweep", "--interpret"], "give either --spec FILE or --shapes A,B"),
+    (["sweep", "--interpret"], "give one of --spec FILE, --shapes A,B"),
     (["sweep", "--spec", "x.yaml", "--shapes", "128x64", "--interpret"],
-     "give either --spec FILE or --shapes A,B"),
+     "give one of --spec FILE, --shapes A,B"),
     (["sweep", "--shapes", "128x64,40x", "--interpret"], "bad shape '40x'"),
     (["sweep", "--shapes", "128x64", "--dtypes", "float32,int8", "--interpret"], "unknown dtype 'int8'"),
     (["sweep", "--spec", "does/not/exist.yaml", "--interpret"], "cannot read sweep spec"),
@@ -452,3 +452,17 @@ def test_shipped_space_chunks_wide_rows_in_large_steps_only():
     assert mid == {4096}
     assert all(c.tile_elements >= 4 * 32 * c.num_warps or c.num_warps == 1 for c in
                space.candidates(spec.table_key(spec.problem("4096x423", "bfloat16"))))
+
+
+def test_conv_space_drops_configs_over_sm89_shared_memory():
+    """The whole-model kernel's dot operands must fit 99 KB a block (RTX 4090): with 64 input
+    channels, 128 output channels over 64 positions need 128 KB and are dropped."""
+    space = load_space(get_kernel("conv_transpose_tail").space_file)
+    wide = TableKey(width=32, rows=16384, variant="ci64_co128_h32_none")
+    narrow = TableKey(width=32, rows=16384, variant="ci32_co64_h32_none")
+    big, small = LaunchConfig(128, 64, 8), LaunchConfig(64, 32, 2)
+    assert not space.allows(big, wide) and space.allows(small, wide)
+    assert space.allows(big, narrow)  # (2 * 64 + 3 * 128) * 32 * 4 = 64 KB
+    assert all(space.allows(config, wide) for config in space.candidates(wide))
+    with pytest.raises(SpaceError, match="conv_transpose_tail only"):
+        space.allows(small, TableKey(width=16, rows=100))

@@ -299,7 +299,7 @@ def test_sweep_needs_exactly_one_of_spec_and_shapes(capsys, argv):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2
-    assert "give either --spec FILE or --shapes" in capsys.readouterr().err
+    assert "give one of --spec FILE, --shapes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, problem", [

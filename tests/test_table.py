@@ -292,10 +292,6 @@ def test_corrupt_json(tables, text):
     write_json(tables, text)
     with pytest.raises(TableError, match=re.escape(str(tables)) + ".*not valid JSON"):
         load_table(tables)
-    # The runtime reports it too, naming the file.
-    reload_tables()
-    with pytest.raises(TableError, match=re.escape(str(tables))):
-        select_config(1024, 64, torch.float32)
 
 
 @pytest.mark.parametrize("version", [0, 2, "1", None])
@@ -413,7 +409,7 @@ def test_tables_are_read_once(tables, monkeypatch):
     def no_reads(path):
         raise AssertionError(f"table {path} read again")
 
-    monkeypatch.setattr(table_module, "load_table", no_reads)
+    monkeypatch.setattr(table_module, "read_table_leniently", no_reads)
     # Same and different problems: all answered from the cache.
     second = fused_add_layernorm(x, 0.5, 64)
     assert torch.equal(first, second)
@@ -432,13 +428,13 @@ def test_each_table_read_once(tables, monkeypatch):
     merge_entries(tables, [entry(rows=1024, config=CONFIG_B)])
     reload_tables()
     reads = []
-    real_load_table = table_module.load_table
+    real_read = table_module.read_table_leniently
 
     def counting(path):
         reads.append(path)
-        return real_load_table(path)
+        return real_read(path)
 
-    monkeypatch.setattr(table_module, "load_table", counting)
+    monkeypatch.setattr(table_module, "read_table_leniently", counting)
     for rows in (1, 10, 1024, 5000):
         for dtype in (torch.float32, torch.float16):
             select_config(rows, 64, dtype)

@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         "all studies sharing one worker pool; writes one table per GPU model into --out."))
     sweep.add_argument("--spec", default=None, help="sweep spec YAML (see search_spaces/sweeps/)")
     sweep.add_argument("--shapes", default=None, help="comma-separated shapes, instead of --spec")
+    sweep.add_argument("--misses", default=None,
+                       help="table-miss log written by the runtime (TUNER_MISS_LOG), instead of "
+                            "--spec: tunes each logged problem on the GPU models it missed on")
     sweep.add_argument("--dtypes", default="float32", help="comma-separated dtypes with --shapes")
     sweep.add_argument("--kernel", default="add_layernorm",
                        help=f"kernel for --shapes: {kernels} (default add_layernorm)")
@@ -227,8 +230,10 @@ class Timeline:
 
 
 def _run(args: argparse.Namespace, problems: Callable[[], list],
-         table_for_device: Callable[[str], Path], defaults: Callable[[], dict]) -> int:
-    """Tunes ``problems()`` on a pool of workers and merges the winners into the tables.
+         table_for_device: Callable[[str], Path], defaults: Callable[[], dict],
+         only_on: Callable[[], dict | None] = lambda: None) -> int:
+    """Tunes ``problems()`` on a pool of workers and merges the winners into the tables
+    (each problem on the GPU models ``only_on()`` names for it, if it names any).
 
     Local workers are launched before anything heavy is imported here, so their start overlaps
     this process's imports, the problems' validation and the storage's opening.
@@ -275,10 +280,15 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
         warm = " (the warm pool of tuner serve)" if getattr(pool, "served", False) else ""
         info(f"{len(workers)} workers on {', '.join(devices)}{warm}; {len(problem_list)} "
              f"problems; storage {args.storage}")
+        wanted = only_on()
+        absent = sorted({device for models in (wanted or {}).values() for device in models}
+                        - set(devices))
+        if absent:
+            info(f"no workers on {', '.join(absent)}: the misses logged there are not tuned")
         progress = Progress(quiet=args.quiet)
         driver = Driver(pool, storage, settings, table_for_device, space=space, progress=progress)
         try:
-            results = driver.run(list(problem_list))
+            results = driver.run(list(problem_list), wanted)
         except KeyboardInterrupt:
             progress.close()  # the bar ends before the message, not after it
             print("\ninterrupted: finished trials are stored; run the same command to resume",
@@ -373,15 +383,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 return Path(args.table) if args.table else user_table_path()
 
-            return _run(args, problems, table, dict)
+            def problems_and_table() -> list:
+                from kernels import load_table
+
+                load_table(table(""))  # a bad table is an error now, not after the search
+                return problems()
+
+            return _run(args, problems_and_table, table, dict)
         if args.command == "sweep":
-            if bool(args.spec) == bool(args.shapes):
-                raise UsageError("give either --spec FILE or --shapes A,B (with --dtypes)")
+            if sum(map(bool, (args.spec, args.shapes, args.misses))) != 1:
+                raise UsageError("give one of --spec FILE, --shapes A,B (with --dtypes) or "
+                                 "--misses FILE")
             spec: dict[str, Any] = {}
+            misses: dict[str, Any] = {}
 
             def sweep_problems() -> list:
-                from .sweep import build_problems, load_spec
+                from .sweep import build_problems, load_misses, load_spec
 
+                if args.misses:
+                    misses["only_on"] = load_misses(args.misses)
+                    return list(misses["only_on"])
                 if args.spec:
                     loaded = load_spec(args.spec)
                     spec.update(trials=loaded.trials, patience=loaded.patience,
@@ -391,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             out = Path(args.out)
             return _run(args, sweep_problems, lambda device: out / device_file_name(device),
-                        lambda: spec)
+                        lambda: spec, lambda: misses.get("only_on"))
         if args.command == "serve":
             return _serve(args)
         if args.command == "export":

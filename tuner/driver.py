@@ -12,7 +12,7 @@ import concurrent.futures
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Mapping
 
 import optuna
 
@@ -91,8 +91,10 @@ class Driver:
             return self.space
         return load_space(get_kernel(kernel).space_file)
 
-    def run(self, problems: list[Problem]) -> list[StudyResult]:
-        """Tunes every problem on every GPU model in the pool; returns the confirmed winners.
+    def run(self, problems: list[Problem],
+            only_on: Mapping[Problem, Collection[str]] | None = None) -> list[StudyResult]:
+        """Tunes every problem on every GPU model in the pool (with ``only_on``, only on the
+        GPU models it names for the problem); returns the confirmed winners.
 
         Each winner is merged into its GPU model's table as soon as it is confirmed. On Ctrl-C
         the trials in flight are dropped (they are proposed again on resume) and every finished
@@ -101,7 +103,8 @@ class Driver:
         spaces = {problem.kernel: self._space_for(problem.kernel) for problem in problems}
         self.runs = [StudyRun(get_kernel(problem.kernel), problem, device, spaces[problem.kernel],
                               self.storage, self.settings)
-                     for device in sorted(self.pool.devices()) for problem in problems]
+                     for device in sorted(self.pool.devices()) for problem in problems
+                     if only_on is None or device in only_on.get(problem, ())]
         for run in self.runs:
             if run.result is not None:
                 self._export(run.result)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -29,6 +30,7 @@ import yaml
 
 from kernels import EVICTION_POLICIES, LaunchConfig
 from kernels.config import MAX_TILE_ELEMENTS, NUM_WARPS
+from kernels.defaults import conv_tail_shared_bytes
 
 from .problems import TableKey
 
@@ -42,6 +44,15 @@ class SpaceError(ValueError):
 
 def _threads(config: LaunchConfig) -> int:
     return 32 * config.num_warps
+
+
+def _c_in(key: TableKey) -> int:
+    """Input channels of a whole-model kernel problem, from its table variant ``ci{C_in}_...``."""
+    match = re.match(r"ci(\d+)_", key.variant)
+    if match is None:
+        raise SpaceError(f"max_dot_shared_bytes applies to conv_transpose_tail only (variant "
+                         f"ci<C_in>_...), not to variant {key.variant!r}")
+    return int(match.group(1))
 
 
 # Restrictions: name -> (type of its argument, predicate(config, table key, argument)).
@@ -60,6 +71,10 @@ RESTRICTIONS: dict[str, tuple[type, Callable[[LaunchConfig, TableKey, Any], bool
     "whole_rows_only": (bool, lambda c, key, on: not on or c.block_w >= key.width),
     # A chunked loop reads x twice: it pays only in steps large enough to keep memory busy.
     "min_chunk_elements": (int, lambda c, key, n: c.block_w >= key.width or c.block_w >= n),
+    # Shared memory of the whole-model kernel's dot operands (float32, the larger case) within
+    # a block's limit: 101376 bytes on sm_86/sm_89 (RTX 30x0/40x0), 232448 on an H100.
+    "max_dot_shared_bytes": (int, lambda c, key, limit:
+                             conv_tail_shared_bytes(_c_in(key), c.block_w, c.block_rows, 4) <= limit),
 }
 
 _VALUE_TYPES = {"block_rows": int, "block_w": int, "num_warps": int, "num_stages": int,

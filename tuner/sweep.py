@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -19,6 +20,7 @@ from .space import check_keys, read_yaml
 
 _KEYS = {"kernels": list, "shapes": list, "dtypes": list, "trials": int, "patience": int,
          "timeout": (int, float)}
+_MISS_KEYS = ("kernel", "device", "dtype", "shape")
 
 
 class SpecError(ValueError):
@@ -77,3 +79,39 @@ def parse_spec(data: Any, path: str = "<memory>") -> SweepSpec:
 def load_spec(path: str | os.PathLike) -> SweepSpec:
     """Reads and validates a sweep spec file."""
     return parse_spec(read_yaml(path, SpecError, "sweep spec"), str(path))
+
+
+def load_misses(path: str | os.PathLike) -> dict[Problem, frozenset[str]]:
+    """The problems of a table-miss log (``TUNER_MISS_LOG``, one JSON object a line with
+    ``kernel``, ``device``, ``dtype`` and ``shape``), each with the GPU models it missed on.
+
+    A bad line is a SpecError naming the file, the line number and the problem.
+    """
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SpecError(f"{path}: cannot read the miss log: {error}") from None
+    problems: dict[Problem, set[str]] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SpecError(f"{where}: not a JSON object ({error}); each line must be like "
+                            '{"kernel": "add_layernorm", "device": "...", "dtype": "float16", '
+                            '"shape": "4096x768"}') from None
+        check_keys(record, _MISS_KEYS, SpecError, where)
+        absent = [key for key in _MISS_KEYS if not isinstance(record.get(key), str) or not record[key]]
+        if absent:
+            raise SpecError(f"{where}: missing or not a non-empty string: {', '.join(absent)}; "
+                            f"each line needs {list(_MISS_KEYS)}")
+        try:
+            problem = get_kernel(record["kernel"]).problem(record["shape"], record["dtype"])
+        except ValueError as error:
+            raise SpecError(f"{where}: {error}") from None
+        problems.setdefault(problem, set()).add(record["device"])
+    if not problems:
+        raise SpecError(f"{path}: the miss log has no entries")
+    return {problem: frozenset(devices) for problem, devices in problems.items()}

@@ -91,4 +91,5 @@ class ConvTransposeTail(KernelSpec):
         return elements * DTYPES[problem.dtype].itemsize
 
     def heuristic(self, problem: Problem) -> LaunchConfig:
-        return heuristic_config(problem.shape[5], problem.shape[4])
+        return heuristic_config(problem.shape[5], problem.shape[4], problem.shape[1],
+                                DTYPES[problem.dtype])

@@ -1,0 +1,185 @@
+"""Compiles the default config of every shipped kernel for an sm_89 GPU (RTX 4090) without
+a GPU, and prints one JSON object per kernel launch: registers, spills and shared memory.
+
+Run by tests/test_sm89.py in a subprocess: it must run without TRITON_INTERPRET (the
+interpreter replaces @triton.jit kernels with Python). The launch arguments are recorded from
+each kernel's own launcher, so the compiled kernel is exactly what a launch would run.
+Compiled kernels land in Triton's on-disk cache: a second run only reads them back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+import kernels.add_layernorm as add_layernorm  # noqa: E402
+import kernels.add_layernorm_pool_gelu as tail  # noqa: E402
+import kernels.conv_transpose_tail as conv_tail  # noqa: E402
+from kernels.defaults import DeviceProperties  # noqa: E402
+from kernels.model import REFERENCE_INPUT_SHAPE  # noqa: E402
+
+TARGET = GPUTarget("cuda", 89, 32)
+RTX4090 = DeviceProperties(name="NVIDIA GeForce RTX 4090", sm_count=128, max_threads_per_sm=1536,
+                           registers_per_sm=65536, shared_memory_per_block=101376,
+                           l2_bytes=72 << 20, dram_gbps=1008.0, max_programs_per_sm=24,
+                           capability=(8, 9))
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LAYERNORM_WIDTHS = (30, 64, 477, 768, 4096, 5000, 8192, 11267, 16384, 20480, 45288, 65536)
+# The tail's input: the reference conv output, [N, C_out, 2D, 2H, 2W].
+N, C_IN, D, H, W = REFERENCE_INPUT_SHAPE
+C_OUT = 64
+TAIL_SHAPE = (N, C_OUT, 2 * D, 2 * H, 2 * W)
+
+
+def ptxas() -> str | None:
+    """The ptxas Triton would use, if any."""
+    try:
+        from triton import knobs
+        path = knobs.nvidia.ptxas.path
+        if path and os.path.exists(path):
+            return path
+    except (ImportError, AttributeError, RuntimeError):
+        pass
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return str(bundled) if bundled.exists() else shutil.which("ptxas")
+
+
+class Recorder:
+    """Stands in for a @triton.jit kernel: keeps the arguments of a launch or warm-up."""
+
+    def __init__(self, fn, calls: list) -> None:
+        self.fn, self.calls = fn, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.calls.append((self.fn, args, meta))
+
+    def warmup(self, *args, grid, **meta):
+        self.calls.append((self.fn, args, meta))
+
+
+def record_launches() -> list[tuple[str, object, tuple, dict]]:
+    """(label, kernel, args, meta) of the default-config launch of every case."""
+    cases = []
+    for module, name in ((add_layernorm, "_add_layernorm_kernel"),
+                         (tail, "_add_layernorm_pool_gelu_kernel"),
+                         (tail, "_add_layernorm_pool_gelu_cl_kernel"),
+                         (conv_tail, "_conv_transpose_tail_kernel")):
+        calls: list = []
+        setattr(module, name, Recorder(getattr(module, name), calls))
+        module.__dict__.setdefault("_recorded", {})[name] = calls
+    # The defaults an RTX 4090 gets: every module that asks for the device's properties.
+    for module in (add_layernorm, tail, conv_tail):
+        module.device_properties = lambda device=None: RTX4090
+
+    def take(module, name, label):
+        fn, args, meta = module._recorded[name].pop()
+        cases.append((label, fn, args, meta))
+
+    for dtype_name, dtype in DTYPES.items():
+        for width in LAYERNORM_WIDTHS:
+            rows = max(1, (64 << 20) // (width * dtype.itemsize))
+            config = add_layernorm.heuristic_config(rows, width, dtype, RTX4090.name)
+            add_layernorm.compile_config(rows, width, dtype, config, sum_weight_dtype=dtype,
+                                         device="cpu")
+            take(add_layernorm, "_add_layernorm_kernel",
+                 f"add_layernorm {rows}x{width} {dtype_name} {config.key()}")
+    n, c, d, h, w = TAIL_SHAPE
+    for dtype_name in ("float32", "bfloat16"):
+        dtype = DTYPES[dtype_name]
+        for channels_last, name in ((False, "_add_layernorm_pool_gelu_kernel"),
+                                    (True, "_add_layernorm_pool_gelu_cl_kernel")):
+            config, _ = tail.select_config(n * c * (d // 2) * (h // 2), w, dtype, (2, 2, 2), h,
+                                           "none", RTX4090.name, channels_last=channels_last,
+                                           channels=c)
+            tail.compile_config(TAIL_SHAPE, dtype, config, channels_last=channels_last,
+                                sum_weight_dtype=dtype, device="cpu")
+            take(tail, name, f"add_layernorm_pool_gelu{' channels_last' if channels_last else ''} "
+                             f"{'x'.join(map(str, TAIL_SHAPE))} {dtype_name} {config.key()}")
+        # The whole-model kernel has no compile_config: run its launcher on empty CPU tensors
+        # (the recorder launches nothing).
+        conv_tail.check_device = lambda x: None
+        x = torch.empty(REFERENCE_INPUT_SHAPE, dtype=dtype)
+        weight = torch.empty((C_IN, C_OUT, 3, 3, 3), dtype=dtype)
+        vector = torch.empty(C_OUT, dtype=dtype)
+        ln = torch.empty(2 * W, dtype=dtype)
+        conv_tail.fused_conv_transpose_tail(x, weight, vector, torch.tensor(1.0, dtype=dtype),
+                                            ln, ln)
+        config, _ = conv_tail.select_config(REFERENCE_INPUT_SHAPE, C_OUT, dtype, "none",
+                                            RTX4090.name)
+        take(conv_tail, "_conv_transpose_tail_kernel",
+             f"conv_transpose_tail {'x'.join(map(str, REFERENCE_INPUT_SHAPE))} {dtype_name} "
+             f"{config.key()}")
+    return cases
+
+
+def compile_for_sm89(fn, args: tuple, meta: dict):
+    """``triton.compile`` of one launch for :data:`TARGET` (Triton 3.6 to 3.9 internals)."""
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **meta)
+    if hasattr(fn, "_pack_args"):
+        options, signature, constexprs, attrs = fn._pack_args(backend, meta, bound_args,
+                                                              specialization, options)
+    else:  # Triton 3.6/3.7 inline this in JITFunction.run
+        from triton._utils import find_paths_if, get_iterable_path
+
+        options = backend.parse_options(meta)
+        sigvals = [value[0] for value in specialization]
+        signature = {param.name: value for param, value in zip(fn.params, sigvals)}
+        paths = find_paths_if(sigvals, lambda _, value: value == "constexpr")
+        constexprs = {path: get_iterable_path(list(bound_args.values()), path) for path in paths}
+        attrvals = ["" if value[0] == "constexpr" else value[1] for value in specialization]
+        paths = find_paths_if(attrvals, lambda _, value: isinstance(value, str))
+        attrs = {path: backend.parse_attr(get_iterable_path(attrvals, path)) for path in paths}
+    source = ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(source, target=TARGET, options=options.__dict__)
+
+
+def resources(compiled, ptxas_path: str) -> dict:
+    """Registers and spill bytes from ``ptxas -v`` on the kernel's PTX, shared memory from
+    Triton's metadata (a CompiledKernel only reads them from the driver, with a GPU)."""
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = Path(folder) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        report = subprocess.run([ptxas_path, "-v", f"--gpu-name=sm_{TARGET.arch}", str(ptx),
+                                 "-o", str(Path(folder) / "kernel.cubin")],
+                                capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = [int(value) for value in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
+    metadata = compiled.metadata
+    shared = metadata["shared"] if isinstance(metadata, dict) else metadata.shared
+    return {"registers": int(registers.group(1)) if registers else None,
+            "spill_bytes": sum(spills), "shared": shared,
+            "num_warps": metadata["num_warps"] if isinstance(metadata, dict) else metadata.num_warps}
+
+
+def main() -> int:
+    path = ptxas()
+    if path is None:
+        print(json.dumps({"skip": "ptxas not found (Triton's bundled one, TRITON_PTXAS_PATH "
+                                  "or PATH)"}))
+        return 0
+    for label, fn, args, meta in record_launches():
+        compiled = compile_for_sm89(fn, args, meta)
+        print(json.dumps({"case": label, **resources(compiled, path)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,27 +9,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .storage import one_line, open_storage, redact
 from .sweep import SpecError, build_problems, load_spec
 
 DEFAULT_STORAGE = "sqlite:///tuner.db"
-_URL = re.compile(r"^[a-z][a-z0-9+]*://")
 
 
 class UsageError(ValueError):
     """Bad command-line input; printed without a traceback."""
-
-
-def make_storage(url: str):
-    """An Optuna storage from a URL, with a clear error for a malformed or unreachable one."""
-    import optuna
-
-    if not _URL.match(url):
-        raise UsageError(f"bad --storage {url!r}: expected an Optuna storage URL such as "
-                         "sqlite:///tuner.db, postgresql://user:pass@host/db or mysql://...")
-    try:
-        return optuna.storages.get_storage(url)
-    except Exception as error:
-        raise UsageError(f"cannot open --storage {url!r}: {type(error).__name__}: {error}") from None
 
 
 def _positive(kind):
@@ -56,6 +43,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS, else "
                              "start a local one)")
+    parser.add_argument("--connect-timeout", type=_positive(float), default=30.0,
+                        help="seconds to wait for the Ray cluster at --address (default 30)")
     parser.add_argument("--accelerator-type", default=None,
                         help="only use GPUs of this Ray accelerator type (e.g. H100)")
     parser.add_argument("--resource", default=None,
@@ -123,14 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def device_file_name(device: str) -> str:
-    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3.json``."""
-    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") + ".json"
+    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3.json``: letters, digits and dashes
+    only, so a hostile device name cannot leave the --out folder."""
+    stem = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:100].strip("-")
+    return (stem or "unnamed-device") + ".json"
 
 
 def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
     from .driver import Driver, Progress
+    from .preflight import check_address, check_fits
     from .report import print_summary
     from .space import load_space
     from .study import Settings
@@ -139,7 +131,7 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
     import ray
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it all
-    storage = make_storage(args.storage)
+    storage = open_storage(args.storage)
     space = load_space(args.space) if getattr(args, "space", None) else None
     settings = Settings(trials=args.trials or defaults.get("trials") or 48,
                         timeout=args.timeout or defaults.get("timeout"),
@@ -149,8 +141,13 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
         # Without an address Ray would join any cluster already running on this machine;
         # "local" starts our own, as --help promises (RAY_ADDRESS, as set by Ray Jobs, still wins).
         address = args.address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, include_dashboard=False, log_to_driver=True,
-                 logging_level="WARNING")
+        check_address(address, args.connect_timeout)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                     logging_level="WARNING")
+        except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError...
+            raise UsageError(f"cannot join the Ray cluster at {address}: "
+                             f"{type(error).__name__}: {one_line(error)}") from None
     pool = WorkerPool(PoolOptions(workers=args.workers, interpret=args.interpret,
                                   accelerator_type=args.accelerator_type,
                                   resource=args.resource, seed=args.seed,
@@ -161,8 +158,17 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
         print(f"tuner: {error}", file=sys.stderr)
         return 2
     devices = sorted({worker.device for worker in workers})
+    memory: dict[str, int] = {}
+    for worker in workers:
+        size = worker.info.get("memory_bytes") or 0
+        memory[worker.device] = min(memory.get(worker.device, size), size)
+    try:
+        check_fits(list(problems), memory)
+    except ValueError:
+        pool.shutdown()
+        raise
     print(f"{len(workers)} workers on {', '.join(devices)}; {len(problems)} problems; "
-          f"storage {args.storage}", file=sys.stderr)
+          f"storage {redact(args.storage)}", file=sys.stderr)
     driver = Driver(pool, storage, settings, table_for_device, space=space, progress=Progress())
     try:
         results = driver.run(list(problems))
@@ -181,7 +187,7 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
             (f"first error: {errors[0]}" if errors else "no trial ran")
         print(f"no result for {run.problem} on {run.device}: {len(errors)} failed trials; {reason}",
               file=sys.stderr)
-    for device in devices:
+    for device in sorted({result.device for result in results}):  # only tables written
         print(f"table for {device}: {table_for_device(device)}", file=sys.stderr)
     return 1 if unfinished else 0
 
@@ -191,11 +197,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        return _command(args, parser)
+    except KeyboardInterrupt:  # before or after the search loop, which handles its own
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .preflight import check_table
+    from .storage import check_writable_folder
+
+    try:
         if args.command == "search":
             from .problems import get_kernel
 
             problem = get_kernel(args.kernel).problem(args.shape, args.dtype)
             table = Path(args.table)
+            check_table(table)
             return _run(args, [problem], lambda device: table, {})
         if args.command == "sweep":
             if bool(args.spec) == bool(args.shapes):
@@ -209,11 +227,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           args.dtypes.split(","))
                 defaults = {}
             out = Path(args.out)
+            check_writable_folder(out, f"--out {out}")
             return _run(args, problems, lambda device: out / device_file_name(device), defaults)
         if args.command == "export":
             from .export import export_storage
 
-            count = export_storage(make_storage(args.storage), args.out, args.device)
+            storage = open_storage(args.storage, readonly=True)
+            check_table(args.out)
+            count = export_storage(storage, args.out, args.device)
             print(f"exported {count} entries to {args.out}")
             return 0
         if args.command == "show":
@@ -228,5 +249,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                 show_table(path, sys.stdout)
             return 0
     except (UsageError, SpecError, ValueError) as error:
-        parser.exit(2, f"tuner: error: {error}\n")
+        parser.exit(2, f"tuner: error: {redact(str(error))}\n")
     return 2

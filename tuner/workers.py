@@ -89,7 +89,8 @@ class TuningWorker:
             return None
 
     def info(self) -> dict[str, Any]:
-        """Device name (from the CUDA driver), compute capability, versions, copy bandwidth."""
+        """Device name (from the CUDA driver), compute capability, versions, copy bandwidth,
+        device memory in bytes."""
         import torch
         import triton
 
@@ -99,7 +100,11 @@ class TuningWorker:
 
         if self._copy_gbps is None:
             self._copy_gbps = copy_bandwidth_gbps(self.device)
-        return {"device": device_name(self.device if self.device.type == "cuda" else None),
+        if self.device.type == "cuda":
+            memory = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return {"memory_bytes": memory, "device": device_name(self.device if self.device.type == "cuda" else None),
                 "compute_capability": compute_capability(self.device if self.device.type == "cuda" else None),
                 "torch": torch.__version__.split("+")[0], "triton": triton.__version__,
                 "copy_gbps": self._copy_gbps, "node": ray.get_runtime_context().get_node_id(),

@@ -13,6 +13,9 @@ from .storage import one_line, open_storage, redact
 from .sweep import SpecError, build_problems, load_spec
 
 DEFAULT_STORAGE = "sqlite:///tuner.db"
+# Watchdogs of the local Ray instances this process started: referenced until exit, as closing
+# their stdin tells them the driver is gone.
+_WATCHDOGS: list = []
 
 
 class UsageError(ValueError):
@@ -122,7 +125,7 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
     from .driver import Driver, Progress
-    from .preflight import check_address, check_fits
+    from .preflight import check_address, check_fits, host_memory_bytes
     from .report import print_summary
     from .space import load_space
     from .study import Settings
@@ -131,23 +134,29 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
     import ray
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it all
+    if args.interpret:  # workers share this machine's memory; GPUs are checked once known
+        check_fits(list(problems), {"this machine (--interpret)": host_memory_bytes()})
     storage = open_storage(args.storage)
     space = load_space(args.space) if getattr(args, "space", None) else None
     settings = Settings(trials=args.trials or defaults.get("trials") or 48,
                         timeout=args.timeout or defaults.get("timeout"),
                         patience=args.patience or defaults.get("patience"),
                         trial_timeout=args.trial_timeout, seed=args.seed)
+    # Without an address Ray would join any cluster already running on this machine; "local"
+    # starts our own, as --help promises (RAY_ADDRESS, as set by Ray Jobs, still wins).
+    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    check_address(address, args.connect_timeout)
     if not ray.is_initialized():
-        # Without an address Ray would join any cluster already running on this machine;
-        # "local" starts our own, as --help promises (RAY_ADDRESS, as set by Ray Jobs, still wins).
-        address = args.address or os.environ.get("RAY_ADDRESS") or "local"
-        check_address(address, args.connect_timeout)
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=True,
                      logging_level="WARNING")
         except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError...
             raise UsageError(f"cannot join the Ray cluster at {address}: "
                              f"{type(error).__name__}: {one_line(error)}") from None
+        if address == "local":  # ours to clean up, even after kill -9 of this process
+            from .watchdog import watch_ray_processes
+
+            _WATCHDOGS.append(watch_ray_processes())
     pool = WorkerPool(PoolOptions(workers=args.workers, interpret=args.interpret,
                                   accelerator_type=args.accelerator_type,
                                   resource=args.resource, seed=args.seed,

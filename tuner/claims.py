@@ -73,6 +73,8 @@ class _Heartbeats:
             held = self._held.get(id(storage))
             if held:
                 held[1].discard(trial_id)
+                if not held[1]:
+                    del self._held[id(storage)]
 
     def _run(self, interval: float) -> None:
         while True:
@@ -100,11 +102,14 @@ class ClaimBook:
         self.heartbeats = self.enabled and bool(storage.get_heartbeat_interval())
         self.token = uuid.uuid4().hex
         self.owner = f"{HOST}/{os.getpid()}/{self.token}"
+        self.held: set[int] = set()
         _LIVE_TOKENS.add(self.token)
 
     def close(self) -> None:
         """Forgets this book: claims still held count as left by a dead driver."""
         _LIVE_TOKENS.discard(self.token)
+        for trial_id in self.held:
+            _HEARTBEATS.remove(self.storage, trial_id)
 
     def is_live_claim(self, trial: FrozenTrial) -> bool:
         """A RUNNING claim whose owner may still measure it."""
@@ -124,6 +129,7 @@ class ClaimBook:
             # Without a first heartbeat a claim never goes stale, so it is recorded at once.
             self.storage.record_heartbeat(trial_id)
             _HEARTBEATS.add(self.storage, trial_id)
+        self.held.add(trial_id)
         number = self.storage.get_trial_number_from_id(trial_id)
         for trial in self.storage.get_all_trials(self.study_id, deepcopy=False):
             if trial.number < number and trial.user_attrs.get("config") == key and (
@@ -135,6 +141,7 @@ class ClaimBook:
     def finish(self, trial_id: int, frozen: FrozenTrial) -> None:
         """Turns the claim into the measured trial ``frozen`` (attributes, then state)."""
         _HEARTBEATS.remove(self.storage, trial_id)
+        self.held.discard(trial_id)
         try:
             for name, value in frozen.user_attrs.items():
                 self.storage.set_trial_user_attr(trial_id, name, value)
@@ -148,6 +155,7 @@ class ClaimBook:
     def release(self, trial_id: int, reason: str) -> None:
         """Gives a claim up unmeasured: its config may be claimed again."""
         _HEARTBEATS.remove(self.storage, trial_id)
+        self.held.discard(trial_id)
         try:
             self.storage.set_trial_user_attr(trial_id, "released", reason)
             self.storage.set_trial_state_values(trial_id, TrialState.FAIL)

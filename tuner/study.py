@@ -140,6 +140,7 @@ class StudyRun:
         trials = self.study.get_trials(deepcopy=False)
         if self.claims.enabled:
             self.claims.expire(trials, self.study)
+            trials = self.study.get_trials(deepcopy=False)
             self.exhausted = False  # configs whose claims expired can be proposed again
         others = set()
         for trial in trials:

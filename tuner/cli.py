@@ -259,4 +259,7 @@ def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             return 0
     except (UsageError, SpecError, ValueError) as error:
         parser.exit(2, f"tuner: error: {redact(str(error))}\n")
+    except OSError as error:  # a path given on the command line: a folder, unreadable...
+        parser.exit(2, f"tuner: error: {error.filename or ''}: "
+                       f"{error.strerror or type(error).__name__}\n")
     return 2

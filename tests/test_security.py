@@ -30,7 +30,7 @@ def test_nothing_read_is_unpickled_or_evaluated():
 
 def test_ray_keeps_token_auth_and_a_loopback_dashboard():
     text = "\n".join(path.read_text() for path in SOURCES) + (ROOT / "cluster.yaml").read_text()
-    assert "RAY_AUTH_MODE" not in text  # Ray's default (token authentication) stays in force
+    assert "RAY_AUTH_MODE=disabled" not in text and "RAY_AUTH_MODE=token" in text
     assert not re.search(r"dashboard[-_]host[= :]+['\"]?0\.0\.0\.0", text)
     assert "include_dashboard=False" in (ROOT / "tuner" / "cli.py").read_text()
 

@@ -190,24 +190,6 @@ def test_claims_of_a_dead_driver_on_this_host_expire_at_once(tmp_path, owner):
     assert expired.state == TrialState.FAIL and expired.user_attrs["released"].startswith("expired")
 
 
-@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
-def test_claim_of_a_driver_elsewhere_expires_after_its_heartbeat_grace(tmp_path):
-    url = f"sqlite:///{tmp_path}/t.db"
-    storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=1)
-    config = SPACE.candidates(SPEC.table_key(PROBLEM))[0]
-    claim_by(storage, "gpu-host-7/4242/token", config)
-    run = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, storage, Settings(trials=8))
-    assert run.others == {config.key()}
-    keys = propose_all(run)
-    assert len(keys) == 7 and config.key() not in keys  # held by the live-looking claim
-    assert run.waiting and not run.search_finished(0.0, None)
-    time.sleep(2.5)  # no heartbeat since: stale
-    run.refresh()
-    assert not run.waiting
-    assert propose_all(run) == [config.key()]
-    assert run.search_finished(0.0, None)
-
-
 # -- unwritable storage or table ---------------------------------------------------------------
 def test_unwritable_storage_and_table_are_refused_before_any_trial(tmp_path, capsys):
     blocker = tmp_path / "a-file"

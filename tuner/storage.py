@@ -116,13 +116,19 @@ def _attempt(url: str, open_it, retries: int = 1) -> optuna.storages.BaseStorage
         try:
             return open_it()
         except Exception as error:  # SQLAlchemy, drivers and Optuna raise many kinds
-            if attempt < retries and "IntegrityError" in type(error).__name__ + str(error):
+            if attempt < retries and _creation_race(error):
                 time.sleep(0.2 * attempt)
                 continue
             hint = ("; install its database driver or name one in the URL, such as "
                     "postgresql+psycopg2://..." if isinstance(error, ImportError) else "")
             raise StorageError(f"cannot open --storage {redact(url)}: "
                                f"{type(error).__name__}: {one_line(error)}{hint}") from None
+
+
+def _creation_race(error: BaseException) -> bool:
+    """Whether another driver was creating the schema at the same moment."""
+    text = f"{type(error).__name__} {error}"
+    return "IntegrityError" in text or "already exists" in text or "DuplicateTable" in text
 
 
 def one_line(error: BaseException) -> str:

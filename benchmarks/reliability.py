@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import datetime
 import io
+import itertools
 import json
 import os
 import platform
@@ -224,11 +225,14 @@ def fault_node_killed(tmp: Path) -> dict:
     return {"lost": lost(trials, SETTINGS.trials) + failed, "corrupt": not table_ok(tmp / "t.json")}
 
 
+KILL_POINTS = itertools.cycle(["json.dump", "os.fsync", "os.replace"])
+
+
 def fault_table_write_crash(tmp: Path) -> dict:
     """SIGKILL at one of three points of a table merge; the table must be the old or the new."""
     table = tmp / "t.json"
     merge_entries(table, [entry(128)])
-    point = random.choice(["json.dump", "os.fsync", "os.replace"])
+    point = next(KILL_POINTS)
     before_death = {"json.dump": "a[1].write(a[0].__class__.__name__[:3]); a[1].flush()",
                     "os.fsync": "real(*a)", "os.replace": "pass"}[point]
     code = (f"import os, signal, json\nimport kernels.table as t\nreal = {point}\n"

@@ -21,7 +21,7 @@ from tuner.space import SpaceError, parse_space
 from tuner.storage import StorageError, open_storage, redact
 from tuner.sweep import SpecError, parse_spec
 
-FAST = settings(max_examples=60, deadline=None,
+FAST = settings(max_examples=40, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 SCRATCH = Path(tempfile.mkdtemp(prefix="tuner-bad-input-"))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 from kernels import LaunchConfig, TableEntry, load_table, merge_entries
@@ -36,9 +37,10 @@ from tuner.workers import PoolOptions, WorkerPool
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = get_kernel("add_layernorm")
 PROBLEM = SPEC.problem("128x64", "float32")
-SPACE = parse_space({"kernel": "add_layernorm", "restrictions": {}, "parameters": {
-    "block_rows": [2, 4], "block_w": [64], "num_warps": [1, 2], "num_stages": [1],
-    "eviction_policy": ["", "evict_first"]}})  # 8 configs
+SPACE_YAML = ("kernel: add_layernorm\nrestrictions: {}\nparameters:\n  block_rows: [2, 4]\n"
+              "  block_w: [64]\n  num_warps: [1, 2]\n  num_stages: [1]\n  eviction_policy: ['']\n")
+SPACE = parse_space(yaml.safe_load(SPACE_YAML))  # 4 configs: few trials keep these tests short
+CONFIGS = sorted(config.key() for config in SPACE.candidates(SPEC.table_key(PROBLEM)))
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +91,7 @@ def test_bad_address_is_a_clear_error(address):
 # -- concurrent drivers on one storage ------------------------------------------------------------
 def test_concurrent_drivers_split_a_study_and_measure_nothing_twice(ray_cluster, tmp_path):
     url = f"sqlite:///{tmp_path}/shared.db"
-    settings = Settings(trials=8, confirm_top=2, confirm_rounds=1)
+    settings = Settings(trials=4, confirm_top=1, confirm_rounds=1)
     results, errors, pools = {}, [], [WorkerPool(PoolOptions(workers=1, interpret=True))
                                       for _ in range(2)]
 
@@ -112,14 +114,10 @@ def test_concurrent_drivers_split_a_study_and_measure_nothing_twice(ray_cluster,
         for pool in pools:
             pool.shutdown()
     assert not errors, errors
-    trials = measured(url)
-    configs = [t.user_attrs["config"] for t in trials]
-    assert sorted(configs) == sorted(SPACE.candidates(SPEC.table_key(PROBLEM))[i].key()
-                                     for i in range(8))
-    assert len(set(configs)) == 8, f"a config was measured twice: {configs}"
-    owners = {t.user_attrs["claim"] for t in trials}
-    assert len(owners) == 2, "both drivers measured"
-    assert all(results[index][0].trials == 8 for index in range(2))
+    configs = sorted(t.user_attrs["config"] for t in measured(url))
+    assert configs == CONFIGS, f"each config measured once: {configs}"
+    # Both results stand for all four trials, whichever driver measured them.
+    assert all(results[index][0].trials == 4 for index in range(2))
     study = optuna.load_study(study_name=study_name(PROBLEM, "interpreter"), storage=url)
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
 
@@ -271,12 +269,10 @@ def test_no_table_line_when_no_table_was_written(ray_cluster, tmp_path, capsys, 
 def test_driver_sigkilled_mid_search_leaves_no_ray_behind_and_resumes(ray_cluster, tmp_path):
     url = f"sqlite:///{tmp_path}/k.db"
     space_file = tmp_path / "space.yaml"
-    space_file.write_text("kernel: add_layernorm\nrestrictions: {}\nparameters:\n"
-                          "  block_rows: [2, 4]\n  block_w: [64]\n  num_warps: [1, 2]\n"
-                          "  num_stages: [1]\n  eviction_policy: ['', evict_first]\n")
+    space_file.write_text(SPACE_YAML)
     driver = subprocess.Popen(
         [sys.executable, "-m", "tuner", "search", "--shape", "128x64", "--interpret", "--trials",
-         "8", "--workers", "1", "--space", str(space_file), "--storage", url,
+         "4", "--workers", "1", "--space", str(space_file), "--storage", url,
          "--table", str(tmp_path / "t.json")],
         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -286,7 +282,7 @@ def test_driver_sigkilled_mid_search_leaves_no_ray_behind_and_resumes(ray_cluste
             time.sleep(0.5)
             if (tmp_path / "k.db").exists():
                 try:
-                    if len(measured(url)) >= 2:
+                    if measured(url):
                         break
                 except KeyError:  # the study is not created yet
                     pass
@@ -295,7 +291,7 @@ def test_driver_sigkilled_mid_search_leaves_no_ray_behind_and_resumes(ray_cluste
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     before = {t.user_attrs["config"] for t in measured(url)}
-    assert 2 <= len(before) < 8
+    assert 1 <= len(before) < 4
     # Its Ray instance (GCS, raylet and their agents) goes with it.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in ray_processes):
@@ -304,17 +300,17 @@ def test_driver_sigkilled_mid_search_leaves_no_ray_behind_and_resumes(ray_cluste
             and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
     assert not left, f"processes left behind: {left}"
 
-    pool = WorkerPool(PoolOptions(workers=2, interpret=True))
+    pool = WorkerPool(PoolOptions(workers=1, interpret=True))
     try:
         pool.start()
-        [result] = Driver(pool, url, Settings(trials=8, confirm_top=2, confirm_rounds=1),
+        [result] = Driver(pool, url, Settings(trials=4, confirm_top=1, confirm_rounds=1),
                           lambda d: tmp_path / "t.json", space=SPACE,
                           progress=Progress(stream=io.StringIO())).run([PROBLEM])
     finally:
         pool.shutdown()
     configs = [t.user_attrs["config"] for t in measured(url)]
-    assert len(configs) == len(set(configs)) == 8 and before <= set(configs)
-    assert result.trials == 8 and load_table(tmp_path / "t.json")[0].config == result.config
+    assert sorted(configs) == CONFIGS and before <= set(configs)
+    assert result.trials == 4 and load_table(tmp_path / "t.json")[0].config == result.config
     study = optuna.load_study(study_name=study_name(PROBLEM, "interpreter"), storage=url)
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
 

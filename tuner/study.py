@@ -96,7 +96,8 @@ class StudyRun:
         self.table_key = spec.table_key(problem)
         self.choices = space.choices(self.table_key)
         self.valid = {config.key(): config for config in space.candidates(self.table_key)}
-        # The storage holds one trial per measured config. Proposals come from an in-memory
+        # The storage holds one trial per measured config (and claims given up unmeasured,
+        # failed, on storages other processes share). Proposals come from an in-memory
         # twin study, so restriction-rejected, duplicate and abandoned proposals cost no storage
         # writes (with SQLite they cost ~40 ms each, and TPE makes several per measurement).
         # Each measured config is first claimed in the storage, so that concurrent drivers on

@@ -104,11 +104,11 @@ class TuningWorker:
             memory = torch.cuda.get_device_properties(self.device).total_memory
         else:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return {"memory_bytes": memory, "device": device_name(self.device if self.device.type == "cuda" else None),
+        return {"device": device_name(self.device if self.device.type == "cuda" else None),
                 "compute_capability": compute_capability(self.device if self.device.type == "cuda" else None),
                 "torch": torch.__version__.split("+")[0], "triton": triton.__version__,
                 "copy_gbps": self._copy_gbps, "node": ray.get_runtime_context().get_node_id(),
-                "pid": os.getpid()}
+                "pid": os.getpid(), "memory_bytes": memory}
 
     def _bench(self, problem: Problem):
         from .measure import ProblemBench

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .storage import one_line, open_storage, redact
 from .sweep import SpecError, build_problems, load_spec
 
 DEFAULT_STORAGE = "sqlite:///tuner.db"
@@ -128,6 +127,7 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
     from .preflight import check_address, check_fits, host_memory_bytes
     from .report import print_summary
     from .space import load_space
+    from .storage import one_line, open_storage, redact
     from .study import Settings
     from .workers import NoGPUError, PoolOptions, WorkerPool
     import optuna
@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .preflight import check_table
-    from .storage import check_writable_folder
+    from .storage import check_writable_folder, open_storage, redact
 
     try:
         if args.command == "search":

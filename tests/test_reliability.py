@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,24 @@ def test_unreachable_address_exits_2_within_the_connect_timeout(tmp_path, capsys
                     capsys)
     assert time.monotonic() - started < 10
     assert "cannot reach the Ray cluster at 192.0.2.123:6379" in err
+
+
+def test_a_port_that_is_no_ray_head_exits_2_within_the_connect_timeout(tmp_path):
+    with socket.socket() as listener:  # accepts connections, never speaks Ray
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "tuner", "search", "--shape", "128x64", "--interpret",
+             "--address", address, "--connect-timeout", "3", "--storage",
+             f"sqlite:///{tmp_path}/t.db", "--table", str(tmp_path / "t.json")],
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+            timeout=120)
+    assert result.returncode == 2
+    assert f"the Ray cluster at {address} did not answer within 3 s" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60
 
 
 @pytest.mark.parametrize("address,parsed", [("local", None), ("auto", None),

@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -120,6 +121,12 @@ def device_file_name(device: str) -> str:
     return (stem or "unnamed-device") + ".json"
 
 
+def _give_up(address: str, timeout: float) -> None:
+    print(f"tuner: error: the Ray cluster at {address} did not answer within {timeout:g} s "
+          "(--connect-timeout); is it a Ray head's GCS port?", file=sys.stderr, flush=True)
+    os._exit(2)
+
+
 def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -147,12 +154,20 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     check_address(address, args.connect_timeout)
     if not ray.is_initialized():
+        # A port that answers but is no Ray head keeps ray.init retrying for minutes, in C++
+        # code no signal interrupts: past the timeout the CLI says so and exits.
+        timer = threading.Timer(args.connect_timeout, _give_up, (address, args.connect_timeout))
+        timer.daemon = True
+        if address != "local":
+            timer.start()
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=True,
                      logging_level="WARNING")
         except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError...
             raise UsageError(f"cannot join the Ray cluster at {address}: "
                              f"{type(error).__name__}: {one_line(error)}") from None
+        finally:
+            timer.cancel()
         if address == "local":  # ours to clean up, even after kill -9 of this process
             from .watchdog import watch_ray_processes
 

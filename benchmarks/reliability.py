@@ -17,6 +17,7 @@ import os
 import platform
 import random
 import signal
+import socket
 import string
 import subprocess
 import sys
@@ -264,14 +265,23 @@ def entry(rows: int) -> TableEntry:
                       rows=rows, config=LaunchConfig(block_rows=4, block_w=64, num_warps=2))
 
 
-def fault_unreachable_address(tmp: Path) -> dict:
+def fault_unreachable_address(tmp: Path, address: str = "192.0.2.123:6379",
+                              timeout: str = "30") -> dict:
     started = time.monotonic()
-    process = cli(["search", "--shape", "128x64", "--interpret", "--address", "192.0.2.123:6379",
-                   "--storage", f"sqlite:///{tmp}/t.db", "--table", str(tmp / "t.json")], tmp)
-    _, err = process.communicate(timeout=120)
+    process = cli(["search", "--shape", "128x64", "--interpret", "--address", address,
+                   "--connect-timeout", timeout, "--storage", f"sqlite:///{tmp}/t.db",
+                   "--table", str(tmp / "t.json")], tmp)
+    _, err = process.communicate(timeout=300)
     ok = process.returncode == 2 and err.count("\n") == 1
     return {"lost": 0, "corrupt": False, "failed": int(not ok),
-            "note": f"exit {process.returncode} after {time.monotonic() - started:.0f} s"}
+            "note": f"exit {process.returncode} within {time.monotonic() - started:.0f} s"}
+
+
+def fault_silent_port(tmp: Path) -> dict:
+    with socket.socket() as listener:  # accepts connections, never speaks Ray
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        return fault_unreachable_address(tmp, f"127.0.0.1:{listener.getsockname()[1]}", "10")
 
 
 FAULTS = {
@@ -280,7 +290,8 @@ FAULTS = {
     "two drivers on one SQLite study at once": fault_concurrent_drivers,
     "four drivers creating one new SQLite storage at once": fault_storage_creation_race,
     "table write SIGKILLed (in dump, fsync or rename)": fault_table_write_crash,
-    "unreachable --address (default --connect-timeout 30)": fault_unreachable_address,
+    "unreachable --address (TEST-NET host; --connect-timeout 30)": fault_unreachable_address,
+    "--address port that answers but is no Ray head (--connect-timeout 10)": fault_silent_port,
     "driver SIGKILLed mid-sweep, then the same command again": fault_driver_sigkill,
     "Ray worker node killed with a trial in flight (2-node cluster)": fault_node_killed,
 }

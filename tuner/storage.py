@@ -3,7 +3,6 @@ read-only opening for export/show, and passwords kept out of every message."""
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 import time

@@ -160,6 +160,9 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
         timer.daemon = True
         if address != "local":
             timer.start()
+            # Ray's own first connect warning would come before ours: it waits longer.
+            os.environ.setdefault("RAY_gcs_rpc_server_connect_timeout_s",
+                                  str(int(args.connect_timeout) + 5))
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=True,
                      logging_level="WARNING")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import shutil
 import signal
 import socket
@@ -246,8 +247,11 @@ def test_read_only_folder_is_refused_for_a_regular_user():
         finally:
             os._exit(0)
     os.close(write)
+    ready, _, _ = select.select([read], [], [], 60)  # a child forked beside threads may hang
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
     with os.fdopen(read) as pipe:
-        message = pipe.read()
+        message = pipe.read() if ready else "the child hung"
     os.waitpid(pid, 0)
     shutil.rmtree(base)
     assert f"cannot write in folder {folder}: Permission denied" in message

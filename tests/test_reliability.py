@@ -28,7 +28,7 @@ from tuner import cli
 from tuner.claims import HOST
 from tuner.driver import Driver, Progress
 from tuner.measure import Measurement
-from tuner.preflight import PreflightError, check_fits, parse_address
+from tuner.preflight import PreflightError, check_fits, connect_deadline, parse_address
 from tuner.problems import get_kernel
 from tuner.space import parse_space
 from tuner.storage import StorageError, open_storage
@@ -92,6 +92,15 @@ def test_a_port_that_is_no_ray_head_exits_2_within_the_connect_timeout(tmp_path)
     assert result.stderr.startswith(f"tuner: error: the Ray cluster at {address} did not "
                                     "answer within 3 s") and result.stderr.count("\n") == 1
     assert time.monotonic() - started < 60
+
+
+def test_output_held_during_a_connect_is_shown_when_it_ends(capfd):
+    with pytest.raises(RuntimeError):
+        with connect_deadline("10.0.0.1:6379", 60):
+            os.write(2, b"ray: warning while connecting\n")
+            assert capfd.readouterr().err == ""
+            raise RuntimeError("connection refused")
+    assert capfd.readouterr().err == "ray: warning while connecting\n"
 
 
 @pytest.mark.parametrize("address,parsed", [("local", None), ("auto", None),

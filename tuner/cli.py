@@ -6,7 +6,6 @@ import argparse
 import os
 import re
 import sys
-import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -121,17 +120,11 @@ def device_file_name(device: str) -> str:
     return (stem or "unnamed-device") + ".json"
 
 
-def _give_up(address: str, timeout: float) -> None:
-    print(f"tuner: error: the Ray cluster at {address} did not answer within {timeout:g} s "
-          "(--connect-timeout); is it a Ray head's GCS port?", file=sys.stderr, flush=True)
-    os._exit(2)
-
-
 def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
     from .driver import Driver, Progress
-    from .preflight import check_address, check_fits, host_memory_bytes
+    from .preflight import check_address, check_fits, connect_deadline, host_memory_bytes
     from .report import print_summary
     from .space import load_space
     from .storage import one_line, open_storage, redact
@@ -154,23 +147,13 @@ def _run(args: argparse.Namespace, problems, table_for_device, defaults) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     check_address(address, args.connect_timeout)
     if not ray.is_initialized():
-        # A port that answers but is no Ray head keeps ray.init retrying for minutes, in C++
-        # code no signal interrupts: past the timeout the CLI says so and exits.
-        timer = threading.Timer(args.connect_timeout, _give_up, (address, args.connect_timeout))
-        timer.daemon = True
-        if address != "local":
-            timer.start()
-            # Ray's own first connect warning would come before ours: it waits longer.
-            os.environ.setdefault("RAY_gcs_rpc_server_connect_timeout_s",
-                                  str(int(args.connect_timeout) + 5))
-        try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=True,
-                     logging_level="WARNING")
-        except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError...
-            raise UsageError(f"cannot join the Ray cluster at {address}: "
-                             f"{type(error).__name__}: {one_line(error)}") from None
-        finally:
-            timer.cancel()
+        with connect_deadline(address, args.connect_timeout):
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                         logging_level="WARNING")
+            except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError...
+                raise UsageError(f"cannot join the Ray cluster at {address}: "
+                                 f"{type(error).__name__}: {one_line(error)}") from None
         if address == "local":  # ours to clean up, even after kill -9 of this process
             from .watchdog import watch_ray_processes
 

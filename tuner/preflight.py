@@ -3,9 +3,14 @@ each problem fits in the memory of the devices that would measure it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
+import tempfile
+import threading
 from pathlib import Path
+from typing import Iterator
 
 from kernels import TableError, load_table
 
@@ -62,6 +67,43 @@ def check_address(address: str, timeout: float) -> None:
         reason = error.strerror or type(error).__name__
         raise PreflightError(f"cannot reach the Ray cluster at {address}: {host}:{port}: "
                              f"{reason}") from None
+
+
+@contextlib.contextmanager
+def connect_deadline(address: str, timeout: float) -> Iterator[None]:
+    """Runs the body (``ray.init``) with a deadline: past it, a one-line error and exit status 2.
+
+    A port that answers but is no Ray head keeps ``ray.init`` retrying for minutes, in C++ code
+    no signal interrupts, and printing warnings meanwhile: those are held back and shown only
+    if the body ends. ``local`` (a Ray this process starts) has no deadline.
+    """
+    if address == "local":
+        yield
+        return
+    sys.stderr.flush()
+    real_stderr = os.dup(2)
+    held = tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+
+    def give_up() -> None:
+        os.dup2(real_stderr, 2)
+        os.write(2, f"tuner: error: the Ray cluster at {address} did not answer within "
+                    f"{timeout:g} s (--connect-timeout); is it a Ray head's GCS port?\n".encode())
+        os._exit(2)
+
+    timer = threading.Timer(timeout, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        sys.stderr.flush()
+        os.dup2(real_stderr, 2)
+        os.close(real_stderr)
+        held.seek(0)
+        os.write(2, held.read())
+        held.close()
 
 
 def check_table(path: str | os.PathLike) -> None:

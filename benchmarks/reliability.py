@@ -332,7 +332,10 @@ def report(results: dict[str, list[dict]], tally: dict, repeat: int, seconds: fl
                      if outcome.startswith("TRACEBACK"))
     lines += ["", f"Tracebacks: {tracebacks} (goal 0). `exit 2` is the CLI's one-line error; "
               "ValueError subclasses (SpaceError, SpecError, TableError, StorageError) are the "
-              "API's answers.", ""]
+              "API's answers.", "", "## Not run here", "",
+              "A config whose kernel makes an illegal memory access needs a GPU: "
+              "`PYTHONPATH=$PWD python benchmarks/reliability_gpu.py` (writes "
+              "`benchmarks/results/reliability_gpu.json`).", ""]
     return "\n".join(lines)
 
 

@@ -557,9 +557,12 @@ def test_ctrl_c_keeps_finished_trials_and_resume_completes(ray_cluster, tmp_path
         study = optuna.load_study(study_name=STUDY, storage=storage_url)
         finished = {t.user_attrs["config"] for t in measured_trials(study)}
         assert len(finished) >= 2  # nothing measured before Ctrl-C is lost
-        # The trials in flight were dropped: the storage holds only finished measurements.
-        assert len(study.trials) == len(finished)
-        assert all(t.state == TrialState.COMPLETE for t in study.trials)
+        # The trials in flight were dropped: their claims are released (FAIL, unmeasured).
+        assert all(t.state == TrialState.COMPLETE for t in measured_trials(study))
+        released = [t for t in study.trials if not t.user_attrs.get("measured")]
+        assert len(study.trials) == len(finished) + len(released)
+        assert all(t.state == TrialState.FAIL and t.user_attrs["released"] == "interrupted"
+                   for t in released)
         assert not table.exists()
 
         # The same run again completes the budget without measuring a finished config twice.

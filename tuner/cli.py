@@ -22,47 +22,15 @@ from typing import Any, Callable, Sequence  # noqa: E402
 from .pools import NoGPUError, PoolOptions  # noqa: E402
 
 DEFAULT_STORAGE = "sqlite:///tuner.db"
-_URL = re.compile(r"^[a-z][a-z0-9+]*://")
-
-
 class UsageError(ValueError):
     """Bad command-line input; printed without a traceback."""
 
 
-def make_storage(url: str):
-    """An Optuna storage from a URL, with a clear error for a malformed or unreachable one."""
+def make_storage(url: str, readonly: bool = False):
+    """An Optuna storage from a URL (tuner.storage.open_storage: clear one-line errors)."""
     from .storage import open_storage
 
-    if not _URL.match(url):
-        raise UsageError(f"bad --storage {url!r}: expected an Optuna storage URL such as "
-                         "sqlite:///tuner.db, postgresql://user:pass@host/db or mysql://...")
-    try:
-        if url.startswith("sqlite:"):
-            _sqlite_write_ahead_log()
-        return open_storage(url)
-    except Exception as error:
-        hint = " (pip install the [postgres] extra: psycopg)" if isinstance(error, ImportError) \
-            and url.startswith("postgres") else ""
-        raise UsageError(f"cannot open --storage {url!r}: {type(error).__name__}: {error}{hint}") from None
-
-
-def _sqlite_write_ahead_log() -> None:
-    """SQLite storages journal ahead (WAL) and sync at checkpoints: a trial's commit costs a
-    third as much, and a committed trial still survives the process being killed."""
-    import sqlalchemy
-
-    if getattr(_sqlite_write_ahead_log, "installed", False):
-        return
-
-    @sqlalchemy.event.listens_for(sqlalchemy.engine.Engine, "connect")
-    def _pragmas(connection, _record) -> None:
-        if type(connection).__module__.startswith("sqlite3"):
-            cursor = connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-
-    _sqlite_write_ahead_log.installed = True
+    return open_storage(url, readonly=readonly)
 
 
 def _positive(kind):
@@ -91,6 +59,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster to run on: auto or HOST:PORT; its warm pool (tuner serve) "
                              "if it has one (default: $RAY_ADDRESS, else a process per local GPU, "
                              "no Ray)")
+    parser.add_argument("--connect-timeout", type=_positive(float), default=30.0,
+                        help="seconds to wait for the Ray cluster at --address (default 30)")
     parser.add_argument("--accelerator-type", default=None,
                         help="only use GPUs of this Ray accelerator type (e.g. H100)")
     parser.add_argument("--resource", default=None,
@@ -192,8 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def device_file_name(device: str) -> str:
-    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3.json``."""
-    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") + ".json"
+    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3.json``: letters, digits and dashes
+    only, so a hostile device name cannot leave the --out folder."""
+    stem = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:100].strip("-")
+    return (stem or "unnamed-device") + ".json"
 
 
 def _use_ray(args: argparse.Namespace) -> bool:
@@ -263,6 +235,11 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
         problem_list, run_defaults = problems(), defaults()
         if no_gpu is not None:
             raise no_gpu
+        from .preflight import check_fits, host_memory_bytes
+        from .storage import redact
+
+        if args.interpret:  # workers share this machine's memory; GPUs are checked once known
+            check_fits(problem_list, {"this machine (--interpret)": host_memory_bytes()})
         clock.mark("imports")
         quiet_library_noise()  # the progress bar says it all
         storage = make_storage(args.storage)
@@ -277,9 +254,14 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
         workers = pool.start()
         clock.mark("workers ready")
         devices = sorted({worker.device for worker in workers})
+        memory: dict[str, int] = {}
+        for worker in workers:
+            size = worker.info.get("memory_bytes") or 0
+            memory[worker.device] = min(memory.get(worker.device, size), size)
+        check_fits(problem_list, memory)
         warm = " (the warm pool of tuner serve)" if getattr(pool, "served", False) else ""
         info(f"{len(workers)} workers on {', '.join(devices)}{warm}; {len(problem_list)} "
-             f"problems; storage {args.storage}")
+             f"problems; storage {redact(args.storage)}")
         wanted = only_on()
         absent = sorted({device for models in (wanted or {}).values() for device in models}
                         - set(devices))
@@ -321,7 +303,8 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
             (f"first error: {errors[0]}" if errors else "no trial ran")
         failures.append((run, f"{len(errors)} failed trials; {reason}"))
         print(f"no result for {run.problem} on {run.device}: {failures[-1][1]}", file=sys.stderr)
-    tables = {device: str(table_for_device(device)) for device in devices}
+    tables = {device: str(table_for_device(device))  # only the tables written
+              for device in sorted({result.device for result in results})}
     if args.json:
         json.dump(results_document(results, failures, tables), sys.stdout, indent=1)
         print()
@@ -332,22 +315,32 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
     return 1 if unfinished else 0
 
 
-def _connect_ray(address: str | None) -> None:
+def _connect_ray(address: str | None, timeout: float) -> None:
+    """Joins the Ray cluster at ``address`` (or $RAY_ADDRESS); a one-line error if it does
+    not answer within ``timeout`` seconds."""
     from .pools import resolve_address
 
     address = resolve_address(address or os.environ.get("RAY_ADDRESS"))
     import ray
 
-    if not ray.is_initialized():
-        # Without an address Ray would join any cluster already running on this machine;
-        # "local" starts our own (RAY_ADDRESS, as set by Ray Jobs, still wins).
-        ray.init(address=address or "local",
-                 include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+    from .preflight import check_address, connect_deadline
+    from .storage import one_line
+
+    if ray.is_initialized():
+        return
+    check_address(address, timeout)
+    with connect_deadline(address, timeout):
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                     logging_level="WARNING")
+        except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError...
+            raise UsageError(f"cannot join the Ray cluster at {address}: "
+                             f"{type(error).__name__}: {one_line(error)}") from None
 
 
 def _ray_pool(args: argparse.Namespace):
     """The warm pool of ``tuner serve`` on the cluster if it has one, else new actors."""
-    _connect_ray(args.address)
+    _connect_ray(args.address, args.connect_timeout)
     from .serve import attach
     from .workers import WorkerPool
 
@@ -372,6 +365,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        return _command(args, parser)
+    except KeyboardInterrupt:  # before or after the search loop, which handles its own
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    # Imports stay inside each branch: `search` and `sweep` start their workers before any.
+    try:
         if args.command == "search":
             def problems() -> list:
                 from .problems import get_kernel
@@ -384,9 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return Path(args.table) if args.table else user_table_path()
 
             def problems_and_table() -> list:
-                from kernels import load_table
+                from .preflight import check_table
 
-                load_table(table(""))  # a bad table is an error now, not after the search
+                check_table(table(""))  # a bad or unwritable table is an error now, not after
                 return problems()
 
             return _run(args, problems_and_table, table, dict)
@@ -398,8 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             misses: dict[str, Any] = {}
 
             def sweep_problems() -> list:
+                from .storage import check_writable_folder
                 from .sweep import build_problems, load_misses, load_spec
 
+                check_writable_folder(out, f"--out {out}")
                 if args.misses:
                     misses["only_on"] = load_misses(args.misses)
                     return list(misses["only_on"])
@@ -422,11 +426,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError("--table, --kernel, --dtype and --meta apply only to "
                                  "--format triton-configs")
             if args.format == "triton-configs":
-                storage = None if args.table else make_storage(args.storage)
+                storage = None if args.table else make_storage(args.storage, readonly=True)
                 count = write_triton_configs(args, storage)
                 print(f"exported {count} configs to {args.out}", file=sys.stderr)
                 return 0
-            count = export_storage(make_storage(args.storage), args.out, args.device)
+            from .preflight import check_table
+
+            storage = make_storage(args.storage, readonly=True)
+            check_table(args.out)
+            count = export_storage(storage, args.out, args.device)
             print(f"exported {count} entries to {args.out}")
             return 0
         if args.command == "report":
@@ -451,6 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in paths:
                 show_table(path, sys.stdout)
             return 0
-    except ValueError as error:  # UsageError, SpecError, SpaceError and bad shapes or dtypes
-        parser.exit(2, f"tuner: error: {error}\n")
+    except ValueError as error:  # UsageError, SpecError, StorageError, bad shapes or dtypes
+        from .storage import redact
+
+        parser.exit(2, f"tuner: error: {redact(str(error))}\n")
+    except OSError as error:  # a path given on the command line: a folder, unreadable...
+        parser.exit(2, f"tuner: error: {error.filename or ''}: "
+                       f"{error.strerror or type(error).__name__}\n")
     return 2

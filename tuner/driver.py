@@ -131,6 +131,12 @@ class Driver:
             if not self.inflight:
                 if all(run.stage == "done" for run in self.runs):
                     return
+                waiting = [run for run in self.runs if run.waiting]
+                if waiting:  # other drivers on the storage are measuring the last configs
+                    time.sleep(0.5)
+                    for run in waiting:
+                        run.refresh()
+                    continue
                 idle_rounds += 1
                 if idle_rounds > 3:  # work remains that no worker can take
                     stranded = [run for run in self.runs if run.stage != "done"]

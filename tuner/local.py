@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .pools import NoGPUError, PoolOptions
-from .tuning_worker import TuningWorker, default_compile_processes
+from .tuning_worker import TuningWorker, default_compile_processes, die_with_parent
 
 _worker: TuningWorker | None = None  # the TuningWorker of this process, once started
 
@@ -27,6 +27,7 @@ def _start_worker(gpu: str | None, seed: int, compile_processes: int,
                   env_vars: dict[str, str]) -> None:
     """Initialiser of a worker process: pins the GPU before CUDA starts, builds the worker."""
     global _worker
+    die_with_parent()
     os.environ.update(env_vars)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu

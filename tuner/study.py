@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import random
+import time
 from typing import Any
 
 import optuna
@@ -12,9 +13,11 @@ from optuna.trial import Trial, TrialState
 
 from kernels import LaunchConfig, nearest_configs
 
+from .claims import ClaimBook
 from .measure import Measurement
 from .problems import KernelSpec, Problem
 from .space import PARAMETERS, SearchSpace
+from .storage import open_storage
 
 # Once this share of a study's trials is measured, the unmeasured neighbours of its best
 # configs are proposed before TPE's picks: TPE finds the right region, the neighbours the
@@ -24,6 +27,8 @@ LOCAL_SEARCH_AFTER = 0.5
 LOCAL_SEARCH_TOP = 3
 # Proposals in a row that the restrictions reject before a random valid config is enqueued.
 MAX_REJECTED_PROPOSALS = 32
+# Seconds between looks at what other drivers on the same storage measured and claimed.
+REFRESH_S = 1.0
 
 
 @dataclasses.dataclass
@@ -97,11 +102,19 @@ class StudyRun:
         self.table_key = spec.table_key(problem)
         self.choices = space.choices(self.table_key)
         self.valid = {config.key(): config for config in space.candidates(self.table_key)}
-        # The storage holds one trial per measured config. Proposals come from an in-memory
+        # The storage holds one trial per measured config (and claims given up unmeasured,
+        # failed, on storages other processes share). Proposals come from an in-memory
         # twin study, so restriction-rejected, duplicate and abandoned proposals cost no storage
         # writes (with SQLite they cost ~40 ms each, and TPE makes several per measurement).
-        self.study = optuna.create_study(study_name=study_name(problem, device), storage=storage,
-                                         direction="minimize", load_if_exists=True)
+        # Each measured config is first claimed in the storage, so that concurrent drivers on
+        # one storage split the configs (tuner.claims).
+        self.storage = optuna.storages.get_storage(
+            open_storage(storage) if isinstance(storage, str) else storage)
+        self.study = optuna.create_study(study_name=study_name(problem, device),
+                                         storage=self.storage, direction="minimize",
+                                         load_if_exists=True)
+        self.claims = ClaimBook(self.storage,
+                                self.storage.get_study_id_from_name(self.study.study_name))
         self.sampler = optuna.create_study(
             direction="minimize", sampler=optuna.samplers.TPESampler(
                 seed=settings.seed, multivariate=True, constant_liar=True))
@@ -116,6 +129,10 @@ class StudyRun:
         self.best: tuple[float, str] | None = None
         self.since_improvement = 0
         self.inflight: dict[str, Trial] = {}
+        self.claimed: dict[str, int] = {}  # config key -> trial id of this run's claim
+        self.others: set[str] = set()  # configs other live drivers claimed and are measuring
+        self._loaded: set[int] = set()  # numbers of finished trials already learned from
+        self._refreshed = 0.0
         self.exhausted = False
         self.rng = random.Random(settings.seed)
         self.result: StudyResult | None = None
@@ -125,11 +142,25 @@ class StudyRun:
             self._enqueue_seeds()
 
     # -- state ---------------------------------------------------------------------------------
-    def _load_existing(self) -> None:
-        """Rebuilds the measured cache, and the sampler's history, from storage."""
-        for trial in self.study.get_trials(deepcopy=False):
+    def refresh(self) -> None:
+        """Learns the measurements stored since the last look (by earlier runs or other
+        drivers) and which configs other live drivers hold; fails dead drivers' claims."""
+        self._refreshed = time.monotonic()
+        trials = self.study.get_trials(deepcopy=False)
+        if self.claims.enabled:
+            self.claims.expire(trials, self.study)
+            trials = self.study.get_trials(deepcopy=False)
+            self.exhausted = False  # configs whose claims expired can be proposed again
+        others = set()
+        for trial in trials:
             key = trial.user_attrs.get("config")
-            if not key or not trial.user_attrs.get("measured"):
+            if not key:
+                continue
+            if self.claims.is_live_claim(trial):
+                if trial.user_attrs.get("claim") != self.claims.owner:
+                    others.add(key)
+                continue
+            if trial.number in self._loaded or not trial.user_attrs.get("measured"):
                 continue
             if trial.state == TrialState.COMPLETE:
                 value = trial.value
@@ -137,9 +168,22 @@ class StudyRun:
                 value = None
             else:
                 continue
+            self._loaded.add(trial.number)
+            if key in self.measured:  # told by this run already
+                continue
             self._note(key, value)
             if key in self.valid:  # configs of an older, different space teach nothing
                 self.sampler.add_trial(self._frozen(self.valid[key], value, {}))
+        self.others = others - set(self.measured)
+
+    @property
+    def waiting(self) -> bool:
+        """True while the search waits for configs other drivers are measuring."""
+        return self.stage == "search" and bool(self.others)
+
+    def _load_existing(self) -> None:
+        """Rebuilds the measured cache, and the sampler's history, from storage."""
+        self.refresh()
         stored = self.study.user_attrs.get("result")
         # The stored winner counts only if it was confirmed over every measured trial: a run
         # interrupted between its last trial and its confirm stage must confirm on resume.
@@ -148,12 +192,13 @@ class StudyRun:
             self.result = StudyResult.from_json(stored)
             self.stage = "done"
 
-    def _frozen(self, config: LaunchConfig, value: float | None,
-                user_attrs: dict[str, Any]) -> optuna.trial.FrozenTrial:
+    def _frozen(self, config: LaunchConfig, value: float | None, user_attrs: dict[str, Any],
+                state: TrialState | None = None) -> optuna.trial.FrozenTrial:
+        if state is None:
+            state = TrialState.COMPLETE if value is not None else TrialState.FAIL
         return optuna.trial.create_trial(
             params=config.as_dict(), distributions=self.distributions, value=value,
-            state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
-            user_attrs=user_attrs)
+            state=state, user_attrs=user_attrs)
 
     def _trial_budget(self) -> int:
         return min(self.settings.trials, len(self.valid))
@@ -198,8 +243,14 @@ class StudyRun:
         """True when no further trial should be proposed."""
         if self.stage != "search":
             return True
-        return (self.exhausted or self.n_measured + len(self.inflight) >= self._trial_budget()
-                or self.stopped(now, deadline))
+        if self.stopped(now, deadline):
+            return True
+        # A budget filled by other drivers' claims is finished once their results are in.
+        return self._full() and not self.others
+
+    def _full(self) -> bool:
+        return self.exhausted or \
+            self.n_measured + len(self.inflight) + len(self.others) >= self._trial_budget()
 
     # -- ask / tell ----------------------------------------------------------------------------
     def ask(self) -> tuple[Trial, LaunchConfig] | None:
@@ -208,14 +259,18 @@ class StudyRun:
         Configs the restrictions reject are told PRUNED (TPE learns to avoid them); configs
         measured before are told their stored value without measuring again.
         """
+        if self.claims.enabled and time.monotonic() - self._refreshed >= REFRESH_S:
+            self.refresh()
         rejected = 0
         if self.n_measured >= LOCAL_SEARCH_AFTER * self._trial_budget():
             local = self._unmeasured_neighbour()
             if local is not None:
                 self.sampler.enqueue_trial(local.as_dict())
         while True:
-            if len(self.measured) + len(self.inflight) >= len(self.valid):
+            if len(self.measured) + len(self.inflight) + len(self.others) >= len(self.valid):
                 self.exhausted = True
+                return None
+            if self._full():
                 return None
             trial = self.sampler.ask()
             params = {name: trial.suggest_categorical(name, self.choices[name]) for name in PARAMETERS}
@@ -239,11 +294,19 @@ class StudyRun:
                     self.sampler.tell(trial, value)
                 self.since_improvement += 1
                 continue
-            if key in self.inflight:
+            if key in self.inflight or key in self.others:
                 trial.set_user_attr("duplicate", True)
                 self.sampler.tell(trial, state=TrialState.PRUNED)
                 self._enqueue_random_unmeasured()
                 continue
+            if self.claims.enabled:
+                claim = self.claims.claim(self._frozen(config, None, {}, TrialState.RUNNING), key)
+                if claim is None:  # another driver claimed it first
+                    self.others.add(key)
+                    trial.set_user_attr("duplicate", True)
+                    self.sampler.tell(trial, state=TrialState.PRUNED)
+                    continue
+                self.claimed[key] = claim
             self.inflight[key] = trial
             return trial, config
 
@@ -292,7 +355,8 @@ class StudyRun:
         return None
 
     def _enqueue_random_unmeasured(self) -> None:
-        left = [key for key in self.valid if key not in self.measured and key not in self.inflight]
+        left = [key for key in self.valid
+                if key not in self.measured and key not in self.inflight and key not in self.others]
         if left:
             self.sampler.enqueue_trial(self.valid[self.rng.choice(left)].as_dict())
 
@@ -305,7 +369,12 @@ class StudyRun:
             value = getattr(measurement, name)
             if value is not None:
                 attrs[name] = value
-        self.study.add_trial(self._frozen(config, measurement.ms, attrs))
+        frozen = self._frozen(config, measurement.ms, attrs)
+        claim = self.claimed.pop(config.key(), None)
+        if claim is None:
+            self.study.add_trial(frozen)
+        else:
+            self.claims.finish(claim, frozen)
         if measurement.ms is None:
             self.sampler.tell(trial, state=TrialState.FAIL)
         else:
@@ -316,9 +385,12 @@ class StudyRun:
             self.since_improvement += 1
 
     def abandon(self, trial: Trial, config: LaunchConfig, reason: str) -> None:
-        """Ends a proposal that was not measured (interrupted): nothing is stored, and the
+        """Ends a proposal that was not measured (interrupted): its claim is released, and the
         config can be proposed again."""
         self.inflight.pop(config.key(), None)
+        claim = self.claimed.pop(config.key(), None)
+        if claim is not None:
+            self.claims.release(claim, reason)
         trial.set_user_attr("interrupted", reason)
         self.sampler.tell(trial, state=TrialState.FAIL)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -13,6 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # a local worker imports torch and the kernels once it has started
     from .problems import Problem
+
+
+def die_with_parent() -> None:
+    """On Linux, has the kernel kill this process when its parent dies, even by SIGKILL, so
+    that no worker or compile process outlives the driver that started it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pools' shutdown still ends them
+        pass
 
 
 def _warm_up_compiler() -> None:
@@ -76,7 +88,8 @@ class TuningWorker:
             # Started now, and warmed up (imports, CUDA context) without waiting for them:
             # the first trials compile inline while these come up.
             self._compiler = concurrent.futures.ProcessPoolExecutor(
-                self._compile_processes, mp_context=multiprocessing.get_context("spawn"))
+                self._compile_processes, mp_context=multiprocessing.get_context("spawn"),
+                initializer=die_with_parent)
             for _ in range(self._compile_processes):
                 self._compiler.submit(_warm_up_compiler)
 
@@ -118,16 +131,21 @@ class TuningWorker:
             return None
 
     def info(self) -> dict[str, Any]:
-        """Device name (from the CUDA driver), compute capability, versions, node and pid."""
+        """Device name (from the CUDA driver), compute capability, versions, node, pid and the
+        device's memory in bytes."""
         import torch
         import triton
 
         from kernels.device import compute_capability, device_name
 
         cuda = self.device if self.device.type == "cuda" else None
+        if cuda is not None:
+            memory = torch.cuda.get_device_properties(cuda).total_memory
+        else:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return {"device": device_name(cuda), "compute_capability": compute_capability(cuda),
                 "torch": torch.__version__.split("+")[0], "triton": triton.__version__,
-                "node": _node_id(), "pid": os.getpid()}
+                "node": _node_id(), "pid": os.getpid(), "memory_bytes": memory}
 
     def copy_gbps(self) -> float:
         """Device-to-device copy bandwidth, measured once per worker (on first use)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import itertools
+import time
 from typing import Any
 
 import ray
@@ -130,8 +131,15 @@ class WorkerPool:
         worker.kill()
         self.workers.remove(worker)
         actor = self._new_actor()
+        ready = actor.info.remote()
+        deadline = time.monotonic() + 300
+        # A worker lost with its node leaves no GPU to start on: give up once Ray marks the
+        # node dead (seconds) instead of waiting out the whole start-up timeout.
+        while not ray.wait([ready], timeout=2.0)[0] and time.monotonic() < deadline \
+                and self._capacity() > len(self.workers):
+            pass
         try:
-            info = ray.get(actor.info.remote(), timeout=300)
+            info = ray.get(ready, timeout=0)
         except Exception:
             ray.kill(actor, no_restart=True)
             return None

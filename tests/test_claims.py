@@ -1,0 +1,132 @@
+"""Claims on SQLite and PostgreSQL: concurrent study runs split the configs and measure each once;
+a claim whose heartbeat stopped expires after the grace period. No Ray: measurements are fake."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tuner.measure import Measurement
+from tuner.problems import get_kernel
+from tuner.space import parse_space
+from tuner.study import Settings, StudyRun
+
+SPEC = get_kernel("add_layernorm")
+PROBLEM = SPEC.problem("128x64", "float32")
+SPACE = parse_space({"kernel": "add_layernorm", "restrictions": {}, "parameters": {
+    "block_rows": [2, 4, 8], "block_w": [64], "num_warps": [1, 2], "num_stages": [1],
+    "eviction_policy": ["", "evict_first"]}})  # 12 configs
+CONFIGS = sorted(config.key() for config in SPACE.candidates(SPEC.table_key(PROBLEM)))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL server, run as the ``postgres`` user (it refuses root)."""
+    if not shutil.which("initdb") or not shutil.which("runuser"):
+        pytest.skip("PostgreSQL is not installed")
+    folder = Path(tempfile.mkdtemp(prefix="tuner-pg-"))
+    shutil.chown(folder, "postgres")
+    port, data = free_port(), folder / "data"
+
+    def as_postgres(*args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True,
+                       capture_output=True, timeout=120)
+
+    as_postgres("initdb", "-A", "trust", "-U", "postgres", "-D", str(data))
+    as_postgres("pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
+                f"-p {port} -k {folder} -h 127.0.0.1", "start")
+    yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    as_postgres("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/claims.db"
+    database = f"t{random.getrandbits(32)}"  # a fresh database per test
+    server = request.getfixturevalue("postgres")
+    engine = __import__("sqlalchemy").create_engine(server, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {database}")
+    engine.dispose()
+    return server.rsplit("/", 1)[0] + f"/{database}"
+
+
+def drive(url: str, errors: list, seed: int) -> None:
+    """One driver's loop: ask, 'measure' for a few ms, tell; wait while others finish."""
+    try:
+        rng = random.Random(seed)
+        run = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, url, Settings(trials=len(CONFIGS)))
+        while not run.search_finished(0.0, None):
+            proposal = run.ask()
+            if proposal is None:
+                time.sleep(0.02)
+                run.refresh()
+                continue
+            trial, config = proposal
+            time.sleep(rng.uniform(0, 0.02))
+            run.tell(trial, config, Measurement(config.key(), ms=rng.uniform(1, 2)), f"d{seed}")
+        assert run.n_measured == len(CONFIGS)
+    except BaseException as error:  # reported by the main thread
+        errors.append(error)
+
+
+def test_concurrent_runs_measure_each_config_once(url):
+    errors: list = []
+    threads = [threading.Thread(target=drive, args=(url, errors, seed)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    study = optuna.load_study(study_name="add_layernorm:interpreter:float32:128x64", storage=url)
+    measured = [t.user_attrs["config"] for t in study.trials if t.user_attrs.get("measured")]
+    assert sorted(measured) == CONFIGS, "every config measured exactly once"
+    assert len({t.user_attrs["worker"] for t in study.trials if t.user_attrs.get("measured")}) > 1
+    others = [t for t in study.trials if not t.user_attrs.get("measured")]
+    assert all(t.state == TrialState.FAIL and t.user_attrs["released"].startswith("lost")
+               for t in others), "the only other trials are claims that lost a race"
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_claim_of_a_driver_elsewhere_expires_after_its_heartbeat_grace(url):
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=3)
+    config = SPACE.candidates(SPEC.table_key(PROBLEM))[0]
+    run = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, storage, Settings(trials=12))
+    frozen = run._frozen(config, None, {"config": config.key(), "claim": "gpu-host-7/42/x"},
+                         TrialState.RUNNING)
+    trial_id = storage.create_new_trial(run.claims.study_id, template_trial=frozen)
+    storage.record_heartbeat(trial_id)  # ... and never again: that host died
+    run.refresh()
+    assert run.others == {config.key()}
+    keys = []
+    while (proposal := run.ask()) is not None:
+        keys.append(proposal[1].key())
+        run.tell(*proposal, Measurement(proposal[1].key(), ms=1.0), "test")
+    assert len(keys) == 11 and config.key() not in keys  # held by the live-looking claim
+    assert run.waiting and not run.search_finished(0.0, None)
+    time.sleep(3.5)
+    run.refresh()
+    assert not run.waiting
+    trial, proposed = run.ask()
+    assert proposed == config
+    run.tell(trial, proposed, Measurement(config.key(), ms=1.0), "test")
+    assert run.search_finished(0.0, None)
+    assert storage.get_trial(trial_id).state == TrialState.FAIL

@@ -38,7 +38,7 @@ from tuner.driver import Driver, Progress  # noqa: E402
 from tuner.problems import get_kernel  # noqa: E402
 from tuner.space import parse_space  # noqa: E402
 from tuner.study import Settings, study_name  # noqa: E402
-from tuner.watchdog import descendants  # noqa: E402
+from tuner.local import descendants  # noqa: E402
 from tuner.workers import PoolOptions, WorkerPool  # noqa: E402
 
 SPEC = get_kernel("add_layernorm")

@@ -33,7 +33,7 @@ from tuner.problems import get_kernel
 from tuner.space import parse_space
 from tuner.storage import StorageError, open_storage
 from tuner.study import Settings, StudyRun, study_name
-from tuner.watchdog import descendants
+from tuner.local import descendants
 from tuner.workers import PoolOptions, WorkerPool
 
 ROOT = Path(__file__).resolve().parents[1]

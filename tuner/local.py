@@ -51,6 +51,23 @@ def visible_gpus() -> list[str]:
     return [str(index) for index in range(torch.cuda.device_count())]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` in the process tree now (Linux; empty elsewhere)."""
+    def children(parent: int) -> list[int]:
+        try:
+            return [int(child) for child in
+                    Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        except OSError:
+            return []
+
+    found, stack = [], children(pid)
+    while stack:
+        child = stack.pop()
+        found.append(child)
+        stack.extend(children(child))
+    return found
+
+
 @dataclasses.dataclass
 class LocalWorker:
     """A worker process and what it said about its device."""

@@ -1,4 +1,4 @@
-# Copied from shared/reference/seed_kernel.py so the benchmarks can run where shared/ does not travel.
+# The starting kernel of this project (one program per row), kept as a benchmark baseline.
 # The starting point: the fused add + LayerNorm kernel and model as first written
 # (one program per row). Kept for comparison in benchmarks; do not import it from the project.
 import math

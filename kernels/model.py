@@ -17,7 +17,7 @@ from .conv_transpose_tail import (
     fused_conv_transpose_tail,
 )
 
-# Constructor arguments of the reference problem (shared/reference/README.md).
+# Constructor arguments of the reference problem (the model this project serves; see README).
 REFERENCE_ARGS = dict(in_channels=32, out_channels=64, kernel_size=(3, 3, 3), stride=(2, 2, 2),
                       padding=(1, 1, 1), output_padding=(1, 1, 1), sum_weight=1.0,
                       norm_shape=(64,), pool_kernel_size=(2, 2, 2))

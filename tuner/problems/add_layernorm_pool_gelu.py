@@ -18,7 +18,7 @@ from kernels.add_layernorm_pool_gelu import (
 
 from .base import DTYPES, KernelSpec, Problem, TableKey
 
-# The reference model's pooling and activation (shared/reference/README.md).
+# The reference model's pooling and activation (kernels/model.py).
 POOL_KERNEL = (2, 2, 2)
 APPROXIMATE = "none"
 

@@ -326,9 +326,10 @@ def _connect_ray(address: str | None, timeout: float) -> None:
     from .preflight import check_address, connect_deadline
     from .storage import one_line
 
+    if address:
+        check_address(address, timeout)
     if ray.is_initialized():
         return
-    check_address(address, timeout)
     with connect_deadline(address, timeout):
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=True,
@@ -432,8 +433,8 @@ def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 return 0
             from .preflight import check_table
 
-            storage = make_storage(args.storage, readonly=True)
             check_table(args.out)
+            storage = make_storage(args.storage, readonly=True)
             count = export_storage(storage, args.out, args.device)
             print(f"exported {count} entries to {args.out}")
             return 0

@@ -17,7 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from .pools import NoGPUError, PoolOptions
+from .pools import NoGPUError, Pool, PoolOptions
 from .tuning_worker import TuningWorker, default_compile_processes, die_with_parent
 
 _worker: TuningWorker | None = None  # the TuningWorker of this process, once started
@@ -95,7 +95,7 @@ class LocalWorker:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-class LocalPool:
+class LocalPool(Pool):
     """One TuningWorker process per GPU of this host; replaces workers that die or hang."""
 
     #: what ``Future.result()`` raises when the worker behind it died
@@ -162,18 +162,3 @@ class LocalPool:
             return None
         self.workers.append(replacement)
         return replacement
-
-    def devices(self) -> dict[str, list[LocalWorker]]:
-        """Workers grouped by the GPU model their CUDA driver reported."""
-        groups: dict[str, list[LocalWorker]] = {}
-        for worker in self.workers:
-            groups.setdefault(worker.device, []).append(worker)
-        return groups
-
-    def shutdown(self) -> None:
-        """Ends every worker process and its compile processes now (nothing in them to save)."""
-        closing = [worker.call("close") for worker in self.workers]
-        concurrent.futures.wait(closing, timeout=5)
-        for worker in self.workers:
-            worker.kill()
-        self.workers = []

@@ -9,11 +9,13 @@ Two pools implement the same interface for the driver (``workers``, ``start``, `
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 # Where `tuner serve` notes the local cluster it started (address, head pid), so that
 # `--address auto` and `serve --stop` find that cluster and not another one on the machine.
@@ -32,6 +34,27 @@ class PoolOptions:
     # Per worker, compiling upcoming configs; None: the host's cores shared by its GPUs; 0: inline.
     compile_processes: int | None = None
     env_vars: dict[str, str] = dataclasses.field(default_factory=dict)  # for the worker processes
+
+
+class Pool:
+    """What both pools do alike with their ``workers``."""
+
+    workers: list[Any]
+
+    def devices(self) -> dict[str, list[Any]]:
+        """Workers grouped by the GPU model their CUDA driver reported."""
+        groups: dict[str, list[Any]] = {}
+        for worker in self.workers:
+            groups.setdefault(worker.device, []).append(worker)
+        return groups
+
+    def shutdown(self) -> None:
+        """Ends every worker and its compile processes now (nothing in them to save)."""
+        closing = [worker.call("close") for worker in self.workers]
+        concurrent.futures.wait(closing, timeout=5)
+        for worker in self.workers:
+            worker.kill()
+        self.workers = []
 
 
 class NoGPUError(RuntimeError):

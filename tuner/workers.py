@@ -13,7 +13,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
 
-from .pools import NoGPUError, PoolOptions
+from .pools import NoGPUError, Pool, PoolOptions
 from .tuning_worker import TuningWorker, default_compile_processes
 
 __all__ = ["NoGPUError", "PoolOptions", "TuningWorker", "Worker", "WorkerPool"]
@@ -42,7 +42,7 @@ class Worker:
             pass
 
 
-class WorkerPool:
+class WorkerPool(Pool):
     """One TuningWorker actor per GPU of a Ray cluster; replaces workers that die or hang."""
 
     #: what ``Future.result()`` raises when the worker behind it died
@@ -146,21 +146,6 @@ class WorkerPool:
         replacement = Worker(actor, info, next(self._slots))
         self.workers.append(replacement)
         return replacement
-
-    def devices(self) -> dict[str, list[Worker]]:
-        """Workers grouped by the GPU model their CUDA driver reported."""
-        groups: dict[str, list[Worker]] = {}
-        for worker in self.workers:
-            groups.setdefault(worker.device, []).append(worker)
-        return groups
-
-    def shutdown(self) -> None:
-        """Ends every worker and its compile processes."""
-        closing = [worker.call("close") for worker in self.workers]
-        concurrent.futures.wait(closing, timeout=5)
-        for worker in self.workers:
-            worker.kill()
-        self.workers = []
 
     def _no_gpu_message(self) -> str:
         wanted = "GPUs"

@@ -140,7 +140,7 @@ def _attempt(url: str, open_it, retries: int = 1) -> optuna.storages.BaseStorage
                 time.sleep(0.2 * attempt)
                 continue
             hint = ("; install its database driver or name one in the URL, such as "
-                    "postgresql+psycopg2://..." if isinstance(error, ImportError) else "")
+                    "postgresql+psycopg://... (pip install the [postgres] extra)" if isinstance(error, ImportError) else "")
             raise StorageError(f"cannot open --storage {redact(url)}: "
                                f"{type(error).__name__}: {one_line(error)}{hint}") from None
 

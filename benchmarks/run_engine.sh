@@ -4,7 +4,6 @@
 #   bash benchmarks/run_engine.sh scaling     # sweep and one-study scaling on 1, 2, 4 GPUs; tables
 # Results land in $OUT; copy them to benchmarks/results/ and BENCHMARKS.md.
 set -euo pipefail
-source .gpu/activate.sh >/dev/null
 cd benchmarks
 case "${1:-quality}" in
   quality) python bench_quality.py --trials 32 --seeds 0,1,2 2>&1 | tee "$OUT/quality.log"

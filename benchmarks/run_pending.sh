@@ -7,7 +7,6 @@
 #   four GPUs: bash benchmarks/run_pending.sh sweep4      (nvidia-h200-x4 / nvidia-h100-x4)
 # Results land in $OUT; copy them to benchmarks/results/ and BENCHMARKS.md.
 set -euo pipefail
-source .gpu/activate.sh >/dev/null
 cd benchmarks
 case "${1:-model}" in
   model)  python bench_model.py --trials 24 2>&1 | tee "$OUT/model.log" ;;

@@ -25,6 +25,11 @@ registers a lane costs. The reasoning:
   full complement of resident programs, so that small problems still use the whole GPU.
 * Masked lanes of a non-power-of-two row cost registers but move no bytes: threads are
   counted from the row's useful bytes, lanes per thread from its power-of-two span.
+* Layout: Triton spreads a tile's threads along the row first, one vector (one element for
+  unaligned rows) each, before it stacks rows; a packed tile of narrow unaligned rows therefore
+  spreads every row over all its warps, and each warp past the first adds a shared-memory
+  exchange and a barrier to both of the row's reductions. Such programs are kept to a few
+  warps and hold more rows per thread instead.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ MAX_REGISTERS_PER_THREAD = 255
 MAX_THREADS_PER_PROGRAM = 1024
 # Triton specialises integer arguments divisible by 16; only then are row starts known aligned.
 ALIGNMENT_ELEMENTS = 16
+# Warps one row of a packed tile may span (see "Layout" above): up to four, a row's reductions
+# cross warps in two shared-memory steps at most.
+MAX_WARPS_PER_ROW = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +232,12 @@ def add_layernorm_default(rows: int, width: int, itemsize: int,
     # Narrow rows: pack rows until the program has its share of threads, then give back rows
     # while the grid is too small to fill every SM.
     block_rows = max(1, program_threads // row_threads)
+    vector = VECTOR_BYTES // itemsize if aligned else 1
+    if span // vector > MAX_WARPS_PER_ROW * 32:
+        # Triton would spread each row over more than MAX_WARPS_PER_ROW warps: a program of
+        # that many warps instead, its threads holding the lanes target across several rows.
+        program_threads = MAX_WARPS_PER_ROW * 32
+        block_rows = max(1, lanes_target * program_threads // span)
     block_rows = min(block_rows, triton.next_power_of_2(max(rows, 1)),
                      _floor_pow2(MAX_TILE_ELEMENTS // block_w))
     while True:

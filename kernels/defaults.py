@@ -182,6 +182,19 @@ def _resident_programs(threads: int, props: DeviceProperties, lanes_per_thread: 
     return max(1, min(by_threads, by_registers, props.max_programs_per_sm))
 
 
+def fullest_program_threads(most: int, lanes_per_thread: int, props: DeviceProperties,
+                            aligned: bool) -> int:
+    """The program size (a power of two from 32 to ``most`` threads) whose resident programs
+    fill the most of an SM's threads, the largest among equals. Registers, not threads, often
+    bound residency, and then only a program size that divides the SM's register budget well
+    uses all of it (e.g. one 512-thread program where six 128-thread ones would fit)."""
+    def resident_threads(threads: int) -> int:
+        return threads * _resident_programs(threads, props, lanes_per_thread, aligned)
+
+    sizes = [32 << shift for shift in range(max(1, most // 32).bit_length())]
+    return max(sizes, key=lambda threads: (resident_threads(threads), threads))
+
+
 def add_layernorm_default(rows: int, width: int, itemsize: int,
                           props: DeviceProperties) -> LaunchConfig:
     """The add+LayerNorm launch config for ``rows x width`` rows of ``itemsize``-byte elements
@@ -229,17 +242,14 @@ def add_layernorm_default(rows: int, width: int, itemsize: int,
         threads = min(max(balanced, triton.cdiv(block_w, most_lanes), 32), widest_program)
         return LaunchConfig(block_rows=1, block_w=block_w, num_warps=threads // 32)
 
-    # Narrow rows: pack rows until the program has its share of threads, then give back rows
-    # while the grid is too small to fill every SM.
-    block_rows = max(1, program_threads // row_threads)
+    # Narrow rows: every thread holds its lanes target, over as many rows as that takes, in
+    # programs that span at most MAX_WARPS_PER_ROW warps of a row and leave the fewest of an
+    # SM's threads unused; then rows are given back while the grid is too small for the GPU.
     vector = VECTOR_BYTES // itemsize if aligned else 1
-    if span // vector > MAX_WARPS_PER_ROW * 32:
-        # Triton would spread each row over more than MAX_WARPS_PER_ROW warps: a program of
-        # that many warps instead, its threads holding the lanes target across several rows.
-        program_threads = MAX_WARPS_PER_ROW * 32
-        block_rows = max(1, lanes_target * program_threads // span)
-    block_rows = min(block_rows, triton.next_power_of_2(max(rows, 1)),
-                     _floor_pow2(MAX_TILE_ELEMENTS // block_w))
+    if block_w // vector > MAX_WARPS_PER_ROW * 32:
+        program_threads = min(program_threads, MAX_WARPS_PER_ROW * 32)
+    program_threads = fullest_program_threads(program_threads, lanes_target, props, aligned)
+    block_rows = max(1, lanes_target * program_threads // block_w)
     while True:
         threads = max(32, min(program_threads, block_rows * row_threads))
         lanes = block_rows * block_w // threads

@@ -31,8 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backward_reduce import (  # REDUCTIONS: re-exported, callers name the choice from here
-    REDUCTIONS,
+from .backward_reduce import (
     choose_reduction,
     column_sums,
     partial_sums,

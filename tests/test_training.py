@@ -25,11 +25,9 @@ from kernels import (
     fused_add_layernorm_pool_gelu,
     fused_conv_transpose_tail,
 )
-from kernels.add_layernorm_backward import (
-    REDUCTIONS,
-    add_layernorm_backward,
-    select_config as select_backward_config,
-)
+from kernels.add_layernorm_backward import add_layernorm_backward
+from kernels.add_layernorm_backward import select_config as select_backward_config
+from kernels.backward_reduce import REDUCTIONS
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = ("fp32", "fp16", "bf16")

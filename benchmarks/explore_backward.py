@@ -364,8 +364,8 @@ def explore(problem: Problem, budget_s: float) -> tuple[dict, list[list]]:
         config = LaunchConfig.from_dict(record["config"]).key()
         rows.append([name, f"{label} ({config}, {record['reduction']}, "
                            f"{record.get('programs')} programs)",
-                     f"{record.get('ms', float('nan')):.3f}", percent(0.6 * floor, record.get("ms")),
-                     ""])
+                     f"{record.get('ms', float('nan')):.3f}",
+                     percent(0.6 * floor, record.get("ms")), ""])
     rows += [[name, f"fwd+bwd {label}", f"{ms:.3f}", percent(floor, ms), f"{compile_ms / ms:.2f}x"]
              for label, ms in fwd_bwd.items()]
     rows.append([name, "host ms a step: ours / torch.compile",

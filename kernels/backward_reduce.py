@@ -95,13 +95,19 @@ def resident_programs(kernel: Any, args: Sequence[Any], meta: dict[str, Any],
     key = (kernel, x.device.index, x.dtype, x.shape[-1] % 16 == 0, tuple(meta.items()))
     found = _resident.get(key)
     if found is None:
-        compiled = kernel.warmup(*args, grid=(1,), **meta)
-        compiled._init_handles()  # loads the binary, which sets n_regs (as Triton's tutorials do)
         props = device_properties(device_name(x.device))
-        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        compiled = kernel.warmup(*args, grid=(1,), **meta)
+        if hasattr(compiled, "result"):  # compiled under triton.AsyncCompileMode
+            compiled = compiled.result()
+        if compiled is None:  # a compile hook declined: count by threads alone
+            registers, shared = 1, 0
+        else:
+            # Loading the binary sets n_regs (as Triton's fused-softmax tutorial does).
+            compiled._init_handles()
+            registers, shared = compiled.n_regs, compiled.metadata.shared
         found = _resident[key] = props.sm_count * programs_per_multiprocessor(
-            compiled.n_regs, compiled.metadata.shared, meta["num_warps"], props,
-            _shared_bytes_per_multiprocessor(index))
+            registers, shared, meta["num_warps"], props,
+            _shared_bytes_per_multiprocessor(x.device.index))
     return found
 
 
@@ -154,6 +160,6 @@ def column_sums(partials: torch.Tensor, width: int, count: int,
     block_c = min(64, triton.next_power_of_2(columns))
     block_p = max(1, min(64, 4096 // block_c, triton.next_power_of_2(partial_rows)))
     _column_sums_kernel[(triton.cdiv(columns, block_c),)](
-        partials, outputs[0], outputs[-1], partial_rows, columns, width, TWO=count == 2, BLOCK_P=block_p,
-        BLOCK_C=block_c, num_warps=4)
+        partials, outputs[0], outputs[-1], partial_rows, columns, width, TWO=count == 2,
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
     return outputs

@@ -26,15 +26,16 @@ from .defaults import DeviceProperties, device_properties
 from .device import device_name, interpreter_enabled
 
 REDUCTIONS: tuple[str, ...] = ("partials", "atomics")
-# Width from which the reduction defaults to partial sums. Both costs grow with the programs P
-# (one wave) times the 2W columns they add out, all at the very end of the kernel, where
-# nothing overlaps them. Atomics: each of the 2W addresses takes P adds, serialised at the L2
-# slice that owns it, so the tail grows with P * W. Partial sums: P * 2W float32 are streamed
-# out and back in at full bandwidth, but summing them is a second pass parallel over columns
-# only: for narrow rows a couple of programs walk all P rows one block after another, a fixed
-# latency that the few atomics of a narrow row do not have. So atomics for narrow rows,
-# partial sums (also bitwise reproducible, unlike atomics) for wide ones; the break-even width
-# is where the Training measurements in BENCHMARKS.md put it.
+# Width from which the reduction defaults to partial sums. With atomics, all P programs of the
+# wave add into one row: each of its 2W float32 addresses takes P adds, serialised at the L2
+# slice that owns it, and as the programs finish together these P-deep queues are the kernel's
+# tail, with nothing to overlap them; their work grows with P * W. Partial sums have no
+# contention but the array's extra traffic, P * 2W float32 written and read back at full
+# bandwidth (small next to the 64 rows or more of x, dy and dx each program moves), and a
+# second pass parallel over columns only: for a narrow row a couple of programs walk all P rows
+# one block after another, a fixed latency. Narrow rows: few addresses, short queues, so
+# atomics. Wide rows: the queues outgrow the traffic, so partial sums, which are also bitwise
+# reproducible. Where the two meet is measured (BENCHMARKS.md, Training).
 PARTIALS_FROM_WIDTH = 1024
 # Each program's partial sums (8 bytes a column, written and read again) cost 16 / (3 * 2 * 64)
 # = 4% of the 16-bit backward's bytes (x, dy, dx) over 64 rows.

@@ -17,9 +17,9 @@ A persistent grid (``kernels/backward_reduce.py``) of programs each walks many t
 ``BLOCK_ROWS`` rows, so that the column sums for dweight and dbias are accumulated in registers
 across tiles and added out once per program, into a program's own row of partial sums or, with
 atomics, into one shared row (``reduction``). Rows wider than ``BLOCK_W`` are walked in chunks
-twice (the row sums first, then dx); their column sums are added into the program's row with
-atomics, as a plain read-modify-write of global memory by one program is not ordered between
-its threads.
+twice (the row sums dx needs first, then dx; once when dx is not wanted); their column sums
+are added into the program's row with atomics, as a plain read-modify-write of global memory
+by one program is not ordered between its threads.
 """
 
 from __future__ import annotations

@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
-import kernels.add_layernorm as forward_module
-import kernels.add_layernorm_backward as backward_module
-from common import out_dir, print_table, versions, write_json
+from common import out_dir, print_table, versions, write_json  # first: puts the repo on sys.path
 from kernels import LaunchConfig, fused_add_layernorm
+from kernels import add_layernorm as forward_module
+from kernels import add_layernorm_backward as backward_module
 from kernels.add_layernorm_backward import add_layernorm_backward
 from kernels.backward_reduce import REDUCTIONS, choose_reduction
 from tuner.measure import copy_bandwidth_gbps, time_ms

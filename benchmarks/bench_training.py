@@ -31,8 +31,9 @@ import triton
 
 from common import copy_bandwidth_gbps, out_dir, print_table, time_ms, versions, write_json
 from kernels import LaunchConfig, Model, ModelNew, fused_add_layernorm, reload_tables
-from kernels.add_layernorm_backward import REDUCTIONS, add_layernorm_backward
+from kernels.add_layernorm_backward import add_layernorm_backward
 from kernels.add_layernorm_backward import select_config as select_backward_config
+from kernels.backward_reduce import REDUCTIONS
 from kernels.model import REFERENCE_ARGS, REFERENCE_INPUT_SHAPE
 
 SHAPES = [(4194304, 64, torch.float32), (4194304, 64, torch.bfloat16),

@@ -281,7 +281,8 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
             busy = driver.busy_fractions()
             print(f"{driver.progress.measured} trials in {driver.wall_seconds:.2f} s of dispatch loop "
                  f"({driver.progress.measured / max(driver.wall_seconds, 1e-9):.1f}/s); each "
-                 "worker busy " + ", ".join(f"{fraction:.0%}" for _, fraction in sorted(busy.items())))
+                 "worker busy " + ", ".join(f"{fraction:.0%}" for _, fraction in sorted(busy.items())),
+                 file=sys.stderr)  # beside the start-up breakdown, apart from the results
         clock.mark("first trial sent", driver.first_dispatch)
         clock.mark("first result", driver.first_result)
         clock.mark("done")

@@ -20,6 +20,7 @@ plain read-modify-write of global memory by one program is not ordered between i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -27,11 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import stand_in_tensors
 from .config import LaunchConfig
+from .descriptor import RowsCall, RowsDescriptor
 from .device import device_name, interpreter_enabled
-from .table import lookup_config
 
-KERNEL_NAME = "add_layernorm_backward"
 REDUCTIONS: tuple[str, ...] = ("partials", "atomics")
 # The interpreter runs programs one after another: a few programs still walk several tiles each.
 _INTERPRETER_MULTIPROCESSORS = 1
@@ -276,15 +277,6 @@ def heuristic_config(rows: int, width: int, dtype: torch.dtype) -> LaunchConfig:
                         num_warps=max(1, min(8, block_rows * block_w // 512)))
 
 
-def select_config(rows: int, width: int, dtype: torch.dtype,
-                  device: str | None = None) -> tuple[LaunchConfig, str]:
-    """The backward's launch config and where it came from (``table...`` or ``heuristic``):
-    the tables under this kernel's own name, else :func:`heuristic_config`."""
-    device = device if device is not None else device_name()
-    return lookup_config(KERNEL_NAME, device, str(dtype).removeprefix("torch."), width, rows,
-                         heuristic=lambda: heuristic_config(rows, width, dtype))
-
-
 class Gradients(NamedTuple):
     """The backward's results; None where not asked for."""
 
@@ -300,26 +292,70 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _launch(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None,
-            weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
-            sum_tensor: torch.Tensor | None, sum_value: float, partials: tuple,
-            rows: int, width: int, config: LaunchConfig, programs: int, tiles_per_program: int,
-            compute: tuple[bool, bool, bool], atomic: bool, warmup: bool = False) -> None:
-    """Launches the backward kernel (or, with ``warmup``, only compiles it)."""
-    dweight_partial, dbias_partial, dsum_partial = partials
-    args = (x, dy, dx if dx is not None else x, weight if weight is not None else x, mean, rstd,
-            sum_tensor if sum_tensor is not None else x, sum_value,
-            dweight_partial, dbias_partial, dsum_partial, rows, width, tiles_per_program)
-    meta = dict(BLOCK_ROWS=config.block_rows, BLOCK_W=config.block_w,
-                SINGLE_PASS=config.block_w >= width, HAS_WEIGHT=weight is not None,
-                SUM_FROM_PTR=sum_tensor is not None, STORE_DX=dx is not None,
-                COMPUTE_DWEIGHT=compute[0], COMPUTE_DBIAS=compute[1], COMPUTE_DSUM=compute[2],
-                ATOMIC_REDUCE=atomic, EVICTION_POLICY=config.eviction_policy,
-                num_warps=config.num_warps, num_stages=config.num_stages)
-    if warmup:
-        _add_layernorm_backward_kernel.warmup(*args, grid=(programs,), **meta)
-    else:
-        _add_layernorm_backward_kernel[(programs,)](*args, **meta)
+@dataclasses.dataclass(frozen=True)
+class AddLayerNormBackwardCall(RowsCall):
+    """A call of :func:`add_layernorm_backward` on ``rows`` rows of ``width``: whether weight
+    is given, sum_weight's dtype (None: a Python number) and the reduction of the column sums."""
+
+    has_weight: bool = True
+    sum_weight_dtype: torch.dtype | None = None
+    reduction: str = "partials"
+
+
+class AddLayerNormBackward(RowsDescriptor[AddLayerNormBackwardCall]):
+    """The add + LayerNorm backward kernel, with all four gradients. The tuner measures it as
+    a training step of ModelNew runs it: weight given, sum_weight a tensor of x's dtype."""
+
+    name = "add_layernorm_backward"
+
+    def make_call(self, rows: int, width: int, dtype: torch.dtype) -> AddLayerNormBackwardCall:
+        return AddLayerNormBackwardCall(rows, width, dtype, sum_weight_dtype=dtype)
+
+    def default_config(self, call: AddLayerNormBackwardCall,
+                       device: str | None = None) -> LaunchConfig:
+        return heuristic_config(call.rows, call.width, call.dtype)
+
+    def compile(self, call: AddLayerNormBackwardCall, config: LaunchConfig,
+                device: torch.device | str = "cuda") -> None:
+        """A no-op under the interpreter, which compiles nothing."""
+        _check_reduction(call.reduction)
+        if interpreter_enabled():
+            return
+        device = torch.device(device)
+        tiny, weight, _, sum_tensor = stand_in_tensors(call.dtype, call.has_weight, False,
+                                                       call.sum_weight_dtype, device)
+        stats = torch.empty(16, dtype=torch.float32, device=device)
+        row_tiles = triton.cdiv(call.rows, config.block_rows)
+        programs = program_count(row_tiles, config.block_rows, config.num_warps, device)
+        self.launch(tiny, tiny, tiny, weight, stats, stats, sum_tensor, 0.0,
+                    (stats, stats, stats), call.rows, call.width, config, programs,
+                    triton.cdiv(row_tiles, programs), (call.has_weight, True, True),
+                    call.reduction == "atomics", warmup=True)
+
+    def launch(self, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None,
+               weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+               sum_tensor: torch.Tensor | None, sum_value: float, partials: tuple,
+               rows: int, width: int, config: LaunchConfig, programs: int,
+               tiles_per_program: int, compute: tuple[bool, bool, bool], atomic: bool,
+               warmup: bool = False) -> None:
+        """Launches the backward kernel (or, with ``warmup``, only compiles it)."""
+        dweight_partial, dbias_partial, dsum_partial = partials
+        args = (x, dy, dx if dx is not None else x, weight if weight is not None else x, mean, rstd,
+                sum_tensor if sum_tensor is not None else x, sum_value,
+                dweight_partial, dbias_partial, dsum_partial, rows, width, tiles_per_program)
+        meta = dict(BLOCK_ROWS=config.block_rows, BLOCK_W=config.block_w,
+                    SINGLE_PASS=config.block_w >= width, HAS_WEIGHT=weight is not None,
+                    SUM_FROM_PTR=sum_tensor is not None, STORE_DX=dx is not None,
+                    COMPUTE_DWEIGHT=compute[0], COMPUTE_DBIAS=compute[1], COMPUTE_DSUM=compute[2],
+                    ATOMIC_REDUCE=atomic, EVICTION_POLICY=config.eviction_policy,
+                    num_warps=config.num_warps, num_stages=config.num_stages)
+        if warmup:
+            _add_layernorm_backward_kernel.warmup(*args, grid=(programs,), **meta)
+        else:
+            _add_layernorm_backward_kernel[(programs,)](*args, **meta)
+
+
+ADD_LAYERNORM_BACKWARD = AddLayerNormBackward()
 
 
 def add_layernorm_backward(
@@ -353,7 +389,10 @@ def add_layernorm_backward(
     need_dx, need_dweight, need_dbias, need_dsum = needs
     need_dweight = need_dweight and weight is not None
     if config is None:
-        config, _ = select_config(rows, width, x.dtype, device_name(x.device))
+        call = AddLayerNormBackwardCall(
+            rows, width, x.dtype, weight is not None,
+            sum_weight.dtype if isinstance(sum_weight, torch.Tensor) else None, reduction)
+        config, _ = ADD_LAYERNORM_BACKWARD.select(call, device_name(x.device))
     dx = None
     if need_dx:
         dx = torch.empty_like(x) if dx_out is None else dx_out
@@ -378,37 +417,13 @@ def add_layernorm_backward(
     dsum_partial = (torch.zeros if atomic else torch.empty)(partial_rows, dtype=torch.float32,
                                                             device=x.device) \
         if need_dsum else mean
-    _launch(x, dy, dx, weight, mean, rstd, sum_tensor, sum_value,
-            (dweight_partial, dbias_partial, dsum_partial), rows, width, config, programs,
-            tiles_per_program, (need_dweight, need_dbias, need_dsum), atomic)
+    ADD_LAYERNORM_BACKWARD.launch(x, dy, dx, weight, mean, rstd, sum_tensor, sum_value,
+                                  (dweight_partial, dbias_partial, dsum_partial), rows, width,
+                                  config, programs, tiles_per_program,
+                                  (need_dweight, need_dbias, need_dsum), atomic)
     return Gradients(
         dx,
         sum_partials(dweight_partial, x.dtype) if need_dweight else None,
         sum_partials(dbias_partial, x.dtype) if need_dbias else None,
         sum_partials(dsum_partial[:, None], torch.float32)[0] if need_dsum else None,
     )
-
-
-def compile_config(rows: int, width: int, dtype: torch.dtype, config: LaunchConfig, *,
-                   has_weight: bool = True, sum_weight_dtype: torch.dtype | None = None,
-                   reduction: str = "partials", device: torch.device | str = "cuda") -> None:
-    """Compiles, without launching, the backward kernel that a ``rows x width`` problem in
-    ``dtype`` runs with ``config`` (all four gradients), into Triton's cache.
-
-    ``sum_weight_dtype`` is the dtype of a tensor ``sum_weight``; None for a Python number.
-    A no-op under the interpreter, which compiles nothing.
-    """
-    _check_reduction(reduction)
-    if interpreter_enabled():
-        return
-    device = torch.device(device)
-    tiny = torch.empty(16, dtype=dtype, device=device)  # 16-byte aligned, like any allocation
-    stats = torch.empty(16, dtype=torch.float32, device=device)
-    sum_tensor = None if sum_weight_dtype is None else torch.empty(1, dtype=sum_weight_dtype,
-                                                                   device=device)
-    row_tiles = triton.cdiv(rows, config.block_rows)
-    programs = program_count(row_tiles, config.block_rows, config.num_warps, device)
-    _launch(tiny, tiny, tiny, tiny if has_weight else None, stats, stats, sum_tensor, 0.0,
-            (stats, stats, stats), rows, width, config, programs,
-            triton.cdiv(row_tiles, programs), (has_weight, True, True), reduction == "atomics",
-            warmup=True)

@@ -26,11 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import stand_in_tensors
+from ._pool_gelu import PoolGeluCall, PoolGeluDescriptor
 from .add_layernorm_backward import Gradients, program_count, sum_partials
 from .config import MAX_TILE_ELEMENTS, LaunchConfig
-from .device import interpreter_enabled
-
-KERNEL_NAME = "add_layernorm_pool_gelu_backward"
+from .device import device_name, interpreter_enabled
 
 
 @triton.jit
@@ -350,43 +350,80 @@ def _tiling(dims: tuple[int, ...], pool_kernel: tuple[int, int, int], config: La
     return block_wo, kw_pad, row_tiles, programs
 
 
-def _launch(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None,
-            weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
-            rstd: torch.Tensor, sum_tensor: torch.Tensor | None, sum_value: float,
-            partials: tuple, dims: tuple[int, ...], pool_kernel: tuple[int, int, int],
-            approximate: str, config: LaunchConfig, channels_last: bool,
-            compute: tuple[bool, bool, bool], warmup: bool = False) -> None:
-    """Launches the row or channels-last backward kernel for x of shape ``dims`` (or, with
-    ``warmup``, only compiles it)."""
-    batch, channels, depth, height, width = dims
-    kd, kh, kw = pool_kernel
-    out_depth, out_height, out_width = depth // kd, height // kh, width // kw
-    block_wo, kw_pad, row_tiles, programs = _tiling(dims, pool_kernel, config, channels_last,
-                                                    x.device)
-    args = (x, dy, dx if dx is not None else x, weight if weight is not None else x,
-            bias if bias is not None else x, mean, rstd,
-            sum_tensor if sum_tensor is not None else x, sum_value, *partials)
-    meta = dict(BLOCK_WO=block_wo, KD=kd, KH=kh, KW=kw, KW_PAD=kw_pad,
-                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                SUM_FROM_PTR=sum_tensor is not None, APPROX_TANH=approximate == "tanh",
-                STORE_DX=dx is not None, COMPUTE_DWEIGHT=compute[0], COMPUTE_DBIAS=compute[1],
-                COMPUTE_DSUM=compute[2], EVICTION_POLICY=config.eviction_policy,
-                num_warps=config.num_warps, num_stages=config.num_stages)
-    sizes = (depth, height, width, out_depth, out_height, out_width,
-             triton.cdiv(row_tiles, programs))
-    groups = batch * out_depth * out_height
-    if channels_last:
-        kernel = _add_layernorm_pool_gelu_backward_cl_kernel
-        args += (channels, triton.cdiv(channels, config.block_rows), groups) + sizes
-        meta["BLOCK_C"] = config.block_rows
-    else:
-        kernel = _add_layernorm_pool_gelu_backward_kernel
-        args += (groups * channels,) + sizes
-        meta["BLOCK_ROWS"] = config.block_rows
-    if warmup:
-        kernel.warmup(*args, grid=(programs,), **meta)
-    else:
-        kernel[(programs,)](*args, **meta)
+class AddLayerNormPoolGeluBackward(PoolGeluDescriptor):
+    """The fused tail's backward kernel, with all four gradients, on contiguous or
+    (``channels_last``) channels-last x, dy and dx."""
+
+    def __init__(self, channels_last: bool) -> None:
+        super().__init__("add_layernorm_pool_gelu_backward", channels_last)
+
+    def default_config(self, call: PoolGeluCall, device: str | None = None) -> LaunchConfig:
+        """The forward's tile with a warp per 256 elements of it (1 to 16 warps, never fewer
+        than the forward's), as the backward keeps several float32 values per element live
+        where the forward keeps one."""
+        forward = self.forward_default(call, device)
+        kw = call.pool_kernel[2]
+        tile = forward.block_rows * triton.next_power_of_2(triton.cdiv(forward.block_w, kw)) \
+            * triton.next_power_of_2(kw)
+        num_warps = max(forward.num_warps, min(16, triton.next_power_of_2(max(1, tile // 256))))
+        return LaunchConfig(block_rows=forward.block_rows, block_w=forward.block_w,
+                            num_warps=num_warps)
+
+    def compile(self, call: PoolGeluCall, config: LaunchConfig,
+                device: torch.device | str = "cuda") -> None:
+        """A no-op under the interpreter, which compiles nothing."""
+        if interpreter_enabled():
+            return
+        device = torch.device(device)
+        tiny, weight, bias, sum_tensor = stand_in_tensors(call.dtype, call.has_weight,
+                                                          call.has_bias, call.sum_weight_dtype,
+                                                          device)
+        stats = torch.empty(16, dtype=torch.float32, device=device)
+        self.launch(tiny, tiny, tiny, weight, bias, stats, stats, sum_tensor, 0.0,
+                    (stats, stats, stats), call.shape, call.pool_kernel, call.approximate, config,
+                    (call.has_weight, call.has_bias, True), warmup=True)
+
+    def launch(self, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None,
+               weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
+               rstd: torch.Tensor, sum_tensor: torch.Tensor | None, sum_value: float,
+               partials: tuple, dims: tuple[int, ...], pool_kernel: tuple[int, int, int],
+               approximate: str, config: LaunchConfig, compute: tuple[bool, bool, bool],
+               warmup: bool = False) -> None:
+        """Launches the row or channels-last backward kernel for x of shape ``dims`` (or, with
+        ``warmup``, only compiles it)."""
+        batch, channels, depth, height, width = dims
+        kd, kh, kw = pool_kernel
+        out_depth, out_height, out_width = depth // kd, height // kh, width // kw
+        block_wo, kw_pad, row_tiles, programs = _tiling(dims, pool_kernel, config,
+                                                        self.channels_last, x.device)
+        args = (x, dy, dx if dx is not None else x, weight if weight is not None else x,
+                bias if bias is not None else x, mean, rstd,
+                sum_tensor if sum_tensor is not None else x, sum_value, *partials)
+        meta = dict(BLOCK_WO=block_wo, KD=kd, KH=kh, KW=kw, KW_PAD=kw_pad,
+                    HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                    SUM_FROM_PTR=sum_tensor is not None, APPROX_TANH=approximate == "tanh",
+                    STORE_DX=dx is not None, COMPUTE_DWEIGHT=compute[0], COMPUTE_DBIAS=compute[1],
+                    COMPUTE_DSUM=compute[2], EVICTION_POLICY=config.eviction_policy,
+                    num_warps=config.num_warps, num_stages=config.num_stages)
+        sizes = (depth, height, width, out_depth, out_height, out_width,
+                 triton.cdiv(row_tiles, programs))
+        groups = batch * out_depth * out_height
+        if self.channels_last:
+            kernel = _add_layernorm_pool_gelu_backward_cl_kernel
+            args += (channels, triton.cdiv(channels, config.block_rows), groups) + sizes
+            meta["BLOCK_C"] = config.block_rows
+        else:
+            kernel = _add_layernorm_pool_gelu_backward_kernel
+            args += (groups * channels,) + sizes
+            meta["BLOCK_ROWS"] = config.block_rows
+        if warmup:
+            kernel.warmup(*args, grid=(programs,), **meta)
+        else:
+            kernel[(programs,)](*args, **meta)
+
+
+ADD_LAYERNORM_POOL_GELU_BACKWARD = AddLayerNormPoolGeluBackward(channels_last=False)
+ADD_LAYERNORM_POOL_GELU_BACKWARD_CHANNELS_LAST = AddLayerNormPoolGeluBackward(channels_last=True)
 
 
 def add_layernorm_pool_gelu_backward(
@@ -399,7 +436,7 @@ def add_layernorm_pool_gelu_backward(
     sum_weight: torch.Tensor | float,
     pool_kernel: tuple[int, int, int],
     approximate: str,
-    config: LaunchConfig,
+    config: LaunchConfig | None = None,
     *,
     channels_last: bool = False,
     needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
@@ -413,8 +450,8 @@ def add_layernorm_pool_gelu_backward(
     rows in x's layout (only those a pooling window covers are read). ``needs`` says which of
     (dx, dweight, dbias, dsum_weight) to compute; dweight and dbias come in x's dtype,
     dsum_weight as a float32 scalar. ``config``: ``block_rows`` pooled rows (channels, for
-    channels-last) per tile, ``block_w`` covering W. ``dx_out`` is an optional buffer for dx
-    in x's layout.
+    channels-last) per tile, ``block_w`` covering W; None: the tables', else the default.
+    ``dx_out`` is an optional buffer for dx in x's layout.
     """
     batch, channels, depth, height, width = x.shape
     kd, kh, kw = pool_kernel
@@ -422,6 +459,13 @@ def add_layernorm_pool_gelu_backward(
     if tuple(dy.shape) != (batch, channels, out_depth, out_height, out_width):
         raise ValueError(f"dy has shape {tuple(dy.shape)}, expected the pooled shape "
                          f"{(batch, channels, out_depth, out_height, out_width)}")
+    descriptor = ADD_LAYERNORM_POOL_GELU_BACKWARD_CHANNELS_LAST if channels_last \
+        else ADD_LAYERNORM_POOL_GELU_BACKWARD
+    if config is None:
+        call = PoolGeluCall(tuple(x.shape), x.dtype, tuple(pool_kernel), approximate,
+                            weight is not None, bias is not None,
+                            sum_weight.dtype if isinstance(sum_weight, torch.Tensor) else None)
+        config, _ = descriptor.select(call, device_name(x.device))
     _, _, row_tiles, programs = _tiling(tuple(x.shape), pool_kernel, config, channels_last,
                                         x.device)
     need_dx, need_dweight, need_dbias, need_dsum = needs
@@ -445,35 +489,12 @@ def add_layernorm_pool_gelu_backward(
         else mean
     sum_tensor, sum_value = (sum_weight, 0.0) if isinstance(sum_weight, torch.Tensor) \
         else (None, float(sum_weight))
-    _launch(x, dy, dx, weight, bias, mean, rstd, sum_tensor, sum_value,
-            (dweight_partial, dbias_partial, dsum_partial), tuple(x.shape), pool_kernel,
-            approximate, config, channels_last, (need_dweight, need_dbias, need_dsum))
+    descriptor.launch(x, dy, dx, weight, bias, mean, rstd, sum_tensor, sum_value,
+                      (dweight_partial, dbias_partial, dsum_partial), tuple(x.shape), pool_kernel,
+                      approximate, config, (need_dweight, need_dbias, need_dsum))
     return Gradients(
         dx,
         sum_partials(dweight_partial, x.dtype) if need_dweight else None,
         sum_partials(dbias_partial, x.dtype) if need_dbias else None,
         sum_partials(dsum_partial[:, None], torch.float32)[0] if need_dsum else None,
     )
-
-
-def compile_config(shape: tuple[int, ...], dtype: torch.dtype, config: LaunchConfig, *,
-                   pool_kernel: tuple[int, int, int] = (2, 2, 2), approximate: str = "none",
-                   channels_last: bool = False, has_weight: bool = True, has_bias: bool = True,
-                   sum_weight_dtype: torch.dtype | None = None,
-                   device: torch.device | str = "cuda") -> None:
-    """Compiles, without launching, the backward kernel that x of ``shape`` [N, C, D, H, W] in
-    ``dtype`` runs with ``config`` (all four gradients), into Triton's cache.
-
-    ``sum_weight_dtype`` is the dtype of a tensor ``sum_weight``; None for a Python number.
-    A no-op under the interpreter, which compiles nothing.
-    """
-    if interpreter_enabled():
-        return
-    device = torch.device(device)
-    tiny = torch.empty(16, dtype=dtype, device=device)  # 16-byte aligned, like any allocation
-    stats = torch.empty(16, dtype=torch.float32, device=device)
-    sum_tensor = None if sum_weight_dtype is None else torch.empty(1, dtype=sum_weight_dtype,
-                                                                   device=device)
-    _launch(tiny, tiny, tiny, tiny if has_weight else None, tiny if has_bias else None, stats,
-            stats, sum_tensor, 0.0, (stats, stats, stats), tuple(shape), tuple(pool_kernel),
-            approximate, config, channels_last, (has_weight, has_bias, True), warmup=True)

@@ -89,12 +89,12 @@ class Progress:
 
     @staticmethod
     def _studies(runs: list[StudyRun]) -> str:
-        return f"studies {sum(run.stage == 'done' for run in runs)}/{len(runs)} done"
+        return f"studies {sum(run.done for run in runs)}/{len(runs)} done"
 
     @staticmethod
     def _focus(runs: list[StudyRun]) -> StudyRun | None:
         """The one study worth detailing: the only one, or the only one still running."""
-        active = [run for run in runs if run.stage != "done"]
+        active = [run for run in runs if not run.done]
         if len(runs) == 1 or len(active) == 1:
             return (active or runs)[0]
         return None

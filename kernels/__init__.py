@@ -1,7 +1,9 @@
 """The runtime: fused Triton kernels, their descriptors, their launch-config lookup tables and
 the model.
 
-Needs only torch and triton.
+Needs only torch and triton. (The backward functions stay in their modules,
+``kernels.add_layernorm_backward`` and ``kernels.add_layernorm_pool_gelu_backward``, whose
+names they share.)
 """
 
 from .add_layernorm import (
@@ -16,7 +18,6 @@ from .add_layernorm_backward import (
     ADD_LAYERNORM_BACKWARD,
     AddLayerNormBackward,
     AddLayerNormBackwardCall,
-    add_layernorm_backward,
 )
 from .add_layernorm_pool_gelu import (
     ADD_LAYERNORM_POOL_GELU,
@@ -29,7 +30,6 @@ from .add_layernorm_pool_gelu_backward import (
     ADD_LAYERNORM_POOL_GELU_BACKWARD,
     ADD_LAYERNORM_POOL_GELU_BACKWARD_CHANNELS_LAST,
     AddLayerNormPoolGeluBackward,
-    add_layernorm_pool_gelu_backward,
 )
 from .config import EVICTION_POLICIES, LaunchConfig
 from .conv_transpose_tail import (
@@ -91,8 +91,6 @@ __all__ = [
     "TableError",
     "TableKey",
     "TableWarning",
-    "add_layernorm_backward",
-    "add_layernorm_pool_gelu_backward",
     "device_name",
     "fused_add_layernorm",
     "fused_add_layernorm_pool_gelu",

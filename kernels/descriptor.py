@@ -17,7 +17,7 @@ import abc
 import dataclasses
 import math
 import os
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import torch
 
@@ -36,9 +36,9 @@ class Call(Protocol):
 CallT = TypeVar("CallT", bound=Call)
 
 
-@dataclasses.dataclass(frozen=True)
-class TableKey:
-    """A call's coordinates in the lookup tables, besides kernel, device and dtype."""
+class TableKey(NamedTuple):
+    """A call's coordinates in the lookup tables, besides kernel, device and dtype (a tuple:
+    built on every kernel call)."""
 
     width: int
     rows: int

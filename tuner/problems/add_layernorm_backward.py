@@ -7,7 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import ADD_LAYERNORM_BACKWARD, LaunchConfig, add_layernorm_backward
+from kernels import ADD_LAYERNORM_BACKWARD, LaunchConfig
+from kernels.add_layernorm_backward import add_layernorm_backward
 
 from .add_layernorm import AddLayerNorm
 from .base import DTYPES, Problem

@@ -11,8 +11,8 @@ from kernels import (
     ADD_LAYERNORM_POOL_GELU_BACKWARD,
     ADD_LAYERNORM_POOL_GELU_BACKWARD_CHANNELS_LAST,
     LaunchConfig,
-    add_layernorm_pool_gelu_backward,
 )
+from kernels.add_layernorm_pool_gelu_backward import add_layernorm_pool_gelu_backward
 
 from .add_layernorm_pool_gelu import APPROXIMATE, POOL_KERNEL, AddLayerNormPoolGelu
 from .base import DTYPES, Problem

@@ -6,9 +6,10 @@ and the runtime's default config of each shape.
     python benchmarks/bench_exhaustive.py --shapes 4096x64:float32 --gpus 1
 
 Every config is compiled ahead in a process pool (the host's cores split over the GPUs) into a
-fresh Triton cache, then checked against the float64 reference and timed twice: the full
-``do_bench`` median (what the tuner records) and a quick one (what a screening pass would see).
-Results: $OUT/bench_exhaustive.json.
+Triton cache (fresh, or ``--cache DIR`` to keep it for a later search), then checked against the
+float64 reference and timed twice by ``ProblemBench.time`` (CUDA-graph replays over copies of
+the inputs, tuner.timing): carefully (the ground truth) and quickly (what a search trial sees).
+Results: $OUT/bench_exhaustive.json, rewritten as each shape finishes.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def _torch_compile_ms(inputs: dict, time_ms) -> float | None:
         return None
 
 
-def run_gpu(gpu: int, shapes: list[tuple[str, str]], compile_processes: int, cache: str) -> dict:
-    """One GPU's share of the shapes; runs in its own process."""
+def run_gpu(gpu: int, shapes: list[tuple[str, str]], compile_processes: int, cache: str,
+            out: str) -> dict:
+    """One GPU's share of the shapes; runs in its own process, writing ``out`` as it goes."""
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     os.environ["TRITON_CACHE_DIR"] = cache
     import torch
@@ -80,11 +82,11 @@ def run_gpu(gpu: int, shapes: list[tuple[str, str]], compile_processes: int, cac
                 futures[(problem, config.key())].result()
             except Exception:  # measure() compiles again and records the error
                 pass
-            measured = bench.measure(config, copy)
-            quick = None
+            measured = bench.measure(config, copy, quick=True)
+            careful = None
             if measured.ms is not None:
-                quick = bench.time(config, quick=True)
-            rows.append({"config": config.key(), "ms": measured.ms, "quick_ms": quick,
+                careful = bench.time(config)
+            rows.append({"config": config.key(), "params": config.as_dict(), "ms": careful, "quick_ms": measured.ms,
                          "error": measured.error})
         heuristic = spec.heuristic(problem)
         heuristic_ms = next((row["ms"] for row in rows if row["config"] == heuristic.key()), None)
@@ -104,6 +106,7 @@ def run_gpu(gpu: int, shapes: list[tuple[str, str]], compile_processes: int, cac
         print(f"[gpu {gpu}] {name}: {len(rows)} configs in {results[name]['seconds']:.0f} s, "
               f"best {valid[0][1]} {valid[0][0]:.4f} ms, heuristic {heuristic_ms:.4f} ms, "
               f"compile {compiled_ms}", flush=True)
+        write_json(out, results)
         del bench
         torch.cuda.empty_cache()
     pool.shutdown()
@@ -116,6 +119,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=None, help="ROWSxWIDTH:DTYPE,... (default: held-out set)")
     parser.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all)")
     parser.add_argument("--out", default="bench_exhaustive.json")
+    parser.add_argument("--cache", default=None, help="Triton cache folder (default: a fresh one)")
     args = parser.parse_args()
     import torch
     import triton
@@ -129,11 +133,12 @@ def main() -> None:
     ordered = sorted(shapes, key=lambda item: -input_bytes(item))
     shares = [ordered[index::gpus] for index in range(gpus)]
     compile_processes = max(1, (os.cpu_count() or 2) // gpus - 1)
-    cache = tempfile.mkdtemp(prefix="triton-cache-")
+    cache = args.cache or tempfile.mkdtemp(prefix="triton-cache-")
     start = time.perf_counter()
     with concurrent.futures.ProcessPoolExecutor(
             gpus, mp_context=multiprocessing.get_context("spawn")) as pool:
-        parts = list(pool.map(run_gpu, range(gpus), shares, [compile_processes] * gpus, [cache] * gpus))
+        parts = list(pool.map(run_gpu, range(gpus), shares, [compile_processes] * gpus, [cache] * gpus,
+                              [f"{args.out}.gpu{gpu}" for gpu in range(gpus)]))
     shapes_out = {name: data for part in parts for name, data in part.items()}
     write_json(args.out, {"versions": {"torch": torch.__version__, "triton": triton.__version__},
                           "seconds": time.perf_counter() - start, "gpus": gpus,

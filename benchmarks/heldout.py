@@ -6,14 +6,19 @@ log-uniform over 16-65536 and rounded to any integer (so odd and non-power-of-tw
 dominate), tensor sizes log-uniform over 1 MB-2 GB, and the dtypes cycle through all three.
 
     python benchmarks/heldout.py            # prints the set
+    HELDOUT_SEED=20261127 python benchmarks/bench_default.py ...   # another set, same generator
+
+The first set (seed 20261126) was looked at while the default config's failures on it were
+diagnosed; a claim about a change made after that is checked on a later seed's set.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 
-SEED = 20261126
+SEED = int(os.environ.get("HELDOUT_SEED", "20261126"))
 COUNT = 10
 DTYPES = ("float32", "float16", "bfloat16")
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}

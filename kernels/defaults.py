@@ -25,6 +25,11 @@ registers a lane costs. The reasoning:
   full complement of resident programs, so that small problems still use the whole GPU.
 * Masked lanes of a non-power-of-two row cost registers but move no bytes: threads are
   counted from the row's useful bytes, lanes per thread from its power-of-two span.
+* Layout: Triton spreads a tile's threads along the row first, one vector (one element for
+  unaligned rows) each, before it stacks rows; a packed tile of narrow unaligned rows therefore
+  spreads every row over all its warps, and each warp past the first adds a shared-memory
+  exchange and a barrier to both of the row's reductions. Such programs are kept to a few
+  warps and hold more rows per thread instead.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ MAX_REGISTERS_PER_THREAD = 255
 MAX_THREADS_PER_PROGRAM = 1024
 # Triton specialises integer arguments divisible by 16; only then are row starts known aligned.
 ALIGNMENT_ELEMENTS = 16
+# Warps one row of a packed tile may span (see "Layout" above): up to four, a row's reductions
+# cross warps in two shared-memory steps at most.
+MAX_WARPS_PER_ROW = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +182,19 @@ def _resident_programs(threads: int, props: DeviceProperties, lanes_per_thread: 
     return max(1, min(by_threads, by_registers, props.max_programs_per_sm))
 
 
+def fullest_program_threads(most: int, lanes_per_thread: int, props: DeviceProperties,
+                            aligned: bool) -> int:
+    """The program size (a power of two from 32 to ``most`` threads) whose resident programs
+    fill the most of an SM's threads, the largest among equals. Registers, not threads, often
+    bound residency, and then only a program size that divides the SM's register budget well
+    uses all of it (e.g. one 512-thread program where six 128-thread ones would fit)."""
+    def resident_threads(threads: int) -> int:
+        return threads * _resident_programs(threads, props, lanes_per_thread, aligned)
+
+    sizes = [32 << shift for shift in range(max(1, most // 32).bit_length())]
+    return max(sizes, key=lambda threads: (resident_threads(threads), threads))
+
+
 def add_layernorm_default(rows: int, width: int, itemsize: int,
                           props: DeviceProperties) -> LaunchConfig:
     """The add+LayerNorm launch config for ``rows x width`` rows of ``itemsize``-byte elements
@@ -221,11 +242,14 @@ def add_layernorm_default(rows: int, width: int, itemsize: int,
         threads = min(max(balanced, triton.cdiv(block_w, most_lanes), 32), widest_program)
         return LaunchConfig(block_rows=1, block_w=block_w, num_warps=threads // 32)
 
-    # Narrow rows: pack rows until the program has its share of threads, then give back rows
-    # while the grid is too small to fill every SM.
-    block_rows = max(1, program_threads // row_threads)
-    block_rows = min(block_rows, triton.next_power_of_2(max(rows, 1)),
-                     _floor_pow2(MAX_TILE_ELEMENTS // block_w))
+    # Narrow rows: every thread holds its lanes target, over as many rows as that takes, in
+    # programs that span at most MAX_WARPS_PER_ROW warps of a row and leave the fewest of an
+    # SM's threads unused; then rows are given back while the grid is too small for the GPU.
+    vector = VECTOR_BYTES // itemsize if aligned else 1
+    if block_w // vector > MAX_WARPS_PER_ROW * 32:
+        program_threads = min(program_threads, MAX_WARPS_PER_ROW * 32)
+    program_threads = fullest_program_threads(program_threads, lanes_target, props, aligned)
+    block_rows = max(1, lanes_target * program_threads // block_w)
     while True:
         threads = max(32, min(program_threads, block_rows * row_threads))
         lanes = block_rows * block_w // threads

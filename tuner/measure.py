@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 import time
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 from kernels import LaunchConfig
 
 from .problems import KernelSpec, Problem
+from .timing import clone_tensors, copies_needed, do_bench_ms, tensor_bytes, time_calls_ms, wall_time_ms
 
 # Errors after which the CUDA context is unusable: the worker must be replaced.
 FATAL_CUDA_ERRORS = ("illegal memory access", "unspecified launch failure", "misaligned address",
@@ -63,23 +63,12 @@ def is_fatal(error: BaseException) -> bool:
 
 
 def time_ms(fn, device: torch.device, quick: bool = False) -> float:
-    """Median milliseconds of ``fn``.
-
-    On a GPU, triton.testing.do_bench: CUDA events around each call, warm-up, and the L2 cache
-    flushed before every call, so no input is timed cache-resident. Under the interpreter, a
-    few wall-clock runs (the numbers only rank configs for tests).
-    """
+    """Median milliseconds of ``fn``: ``triton.testing.do_bench`` on a GPU (L2 flushed before
+    each call), wall clock under the interpreter. Configs are ranked with
+    :meth:`ProblemBench.time` instead, which keeps the host's launch gaps out of the timing."""
     if device.type == "cuda":
-        import triton.testing
-
-        warmup, rep = (10, 40) if quick else (25, 100)
-        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+        return do_bench_ms(fn, quick)
+    return wall_time_ms(fn)
 
 
 def copy_bandwidth_gbps(device: torch.device, n_bytes: int = 1 << 30) -> float:
@@ -106,6 +95,7 @@ class ProblemBench:
         self.reference_norm = self.reference.norm().item()
         self.tolerance = spec.tolerance[problem.dtype]
         self.n_bytes = spec.bytes_moved(problem)
+        self._rotation: list[tuple[dict[str, Any], torch.Tensor]] | None = None
 
     def check(self, config: LaunchConfig | None) -> None:
         """Runs ``config`` on a NaN-poisoned output and compares it with the reference."""
@@ -122,10 +112,26 @@ class ProblemBench:
             raise WrongResult(f"relative error {error:.3g} exceeds {self.tolerance:g} for {self.problem.dtype}")
 
     def time(self, config: LaunchConfig | None, quick: bool = False) -> float:
-        return time_ms(lambda: self.spec.run(self.inputs, config, out=self.out), self.device, quick)
+        """Median milliseconds of one run of ``config``, each run on its own copy of the inputs
+        (:mod:`tuner.timing`); ``quick`` for a screening trial."""
+        return time_calls_ms([lambda inputs=inputs, out=out: self.spec.run(inputs, config, out=out)
+                              for inputs, out in self._copies()], self.device, quick)
 
     def time_eager(self) -> float:
-        return time_ms(lambda: self.spec.eager(self.inputs), self.device)
+        return time_calls_ms([lambda inputs=inputs: self.spec.eager(inputs)
+                              for inputs, _ in self._copies()], self.device)
+
+    def _copies(self) -> list[tuple[dict[str, Any], torch.Tensor]]:
+        """The inputs and output buffer, and on a GPU enough copies of them to overflow L2
+        (made on first use, kept for the problem's later trials)."""
+        if self._rotation is None:
+            self._rotation = [(self.inputs, self.out)]
+            if self.device.type == "cuda":
+                per_copy = tensor_bytes(self.inputs) + tensor_bytes(self.out)
+                for _ in range(copies_needed(per_copy, self.device) - 1):
+                    inputs = clone_tensors(self.inputs)
+                    self._rotation.append((inputs, self.spec.output_like(inputs)))
+        return self._rotation
 
     def gbps(self, ms: float) -> float:
         return self.n_bytes / ms / 1e6

@@ -1,0 +1,35 @@
+"""tuner.timing: the copies a timing rotates through, and the interpreter's fallback."""
+
+from __future__ import annotations
+
+import torch
+
+from tuner import get_kernel
+from tuner.measure import ProblemBench
+from tuner.timing import clone_tensors, tensor_bytes, time_calls_ms
+
+
+def test_clone_tensors_copies_every_tensor_and_keeps_the_rest():
+    values = {"x": torch.randn(3, 5), "pair": (torch.randn(2), 1.5), "eps": 1e-5}
+    copies = clone_tensors(values)
+    assert copies["eps"] == 1e-5 and copies["pair"][1] == 1.5
+    assert torch.equal(copies["x"], values["x"]) and torch.equal(copies["pair"][0], values["pair"][0])
+    copies["x"].add_(1.0)
+    copies["pair"][0].add_(1.0)
+    assert not torch.equal(copies["x"], values["x"])
+    assert not torch.equal(copies["pair"][0], values["pair"][0])
+
+
+def test_tensor_bytes_counts_nested_tensors_by_dtype():
+    values = {"x": torch.empty(4, 8, dtype=torch.float16), "rest": [torch.empty(3), 7]}
+    assert tensor_bytes(values) == 4 * 8 * 2 + 3 * 4
+
+
+def test_cpu_timing_is_one_copy_and_wall_clock():
+    spec = get_kernel("add_layernorm")
+    bench = ProblemBench(spec, spec.problem("16x32", "float32"), torch.device("cpu"), seed=0)
+    assert len(bench._copies()) == 1  # no L2 to overflow under the interpreter
+    calls = []
+    assert time_calls_ms([lambda: calls.append(1)], torch.device("cpu")) >= 0
+    assert len(calls) == 3
+    assert bench.time(spec.heuristic(bench.problem)) > 0

@@ -1,0 +1,153 @@
+"""Timing a kernel on a GPU the way a user's job runs it: inputs not in L2, no host in the way.
+
+A kernel of a few microseconds is hard to time one launch at a time: between the CUDA events
+around a launch the GPU waits for the host's Python launch path, and on a host busy compiling
+(the tuner's compile processes) that wait varies from trial to trial, so configs are ranked by
+the host's load rather than their speed. Here many launches are captured in one CUDA graph and
+replayed behind a GPU-side sleep, so the host enqueues everything before the GPU starts and the
+events measure GPU time only. Each launch reads its own copy of the inputs, the copies taking
+turns, so that together they overflow L2 and every launch finds its inputs in DRAM, as
+``triton.testing.do_bench`` arranges by flushing L2 before each launch.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+
+# The copies together span this many L2s, so a launch's inputs were evicted since they were
+# last read (L2 replacement is not strictly LRU: one L2's worth would leave some resident).
+L2_MULTIPLE = 3
+MAX_COPIES = 1024
+# At most this share of the free GPU memory goes to copies.
+COPY_MEMORY_SHARE = 0.25
+# Launches per replay: enough to span ``replay_ms``, at most this many (capture costs the host
+# a Python launch each).
+MAX_LAUNCHES = 4096
+# GPU cycles of sleep queued before each replay: longer than the host takes to record an
+# event and launch the graph, so the GPU never waits for it.
+SLEEP_CYCLES = 200_000
+# (replay length in ms, replays) for a screening trial and for a careful re-timing.
+QUICK = (1.0, 5)
+CAREFUL = (3.0, 15)
+
+
+def l2_bytes(device: torch.device) -> int:
+    """The GPU's L2 size in bytes."""
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20)
+
+
+def copies_needed(n_bytes: int, device: torch.device) -> int:
+    """How many copies of a problem's tensors (``n_bytes`` each) keep launches out of L2,
+    bounded by :data:`MAX_COPIES` and a share of the free GPU memory."""
+    wanted = math.ceil(L2_MULTIPLE * l2_bytes(device) / max(1, n_bytes))
+    free, _ = torch.cuda.mem_get_info(device)
+    affordable = int(COPY_MEMORY_SHARE * free // max(1, n_bytes))
+    return max(1, min(wanted, MAX_COPIES, affordable + 1))
+
+
+def tensor_bytes(values: Any) -> int:
+    """Bytes of the tensors among ``values`` (a dict, list or tensor)."""
+    if isinstance(values, torch.Tensor):
+        return values.numel() * values.element_size()
+    if isinstance(values, dict):
+        return sum(tensor_bytes(value) for value in values.values())
+    if isinstance(values, (list, tuple)):
+        return sum(tensor_bytes(value) for value in values)
+    return 0
+
+
+def clone_tensors(values: Any) -> Any:
+    """``values`` with every tensor in it (dict values, list items) replaced by a clone."""
+    if isinstance(values, torch.Tensor):
+        return values.clone()
+    if isinstance(values, dict):
+        return {key: clone_tensors(value) for key, value in values.items()}
+    if isinstance(values, (list, tuple)):
+        return type(values)(clone_tensors(value) for value in values)
+    return values
+
+
+def do_bench_ms(fn: Callable[[], Any], quick: bool = False) -> float:
+    """``triton.testing.do_bench``'s median (L2 flushed before each launch, one launch timed at
+    a time): for callables that cannot be captured in a CUDA graph."""
+    import triton.testing
+
+    warmup, rep = (10, 40) if quick else (25, 100)
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def graph_time_ms(calls: Sequence[Callable[[], Any]], device: torch.device,
+                  quick: bool = False) -> float:
+    """Median milliseconds of one call, from CUDA-graph replays of many launches that cycle
+    through ``calls`` (each call on its own copy of the inputs).
+
+    The calls must already run (compiled, checked). Raises RuntimeError if they cannot be
+    captured in a graph (e.g. they synchronise with the host).
+    """
+    replay_ms, replays = QUICK if quick else CAREFUL
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # lazily initialised state is created outside capture
+        calls[0]()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        sample = calls[:8]
+        start.record()
+        for call in sample:
+            call()
+        end.record()
+    end.synchronize()
+    # An over-estimate (it includes the host's launch gaps): fewer launches, never too many.
+    estimate_ms = max(start.elapsed_time(end) / len(sample), 1e-4)
+    launches = max(len(calls), min(MAX_LAUNCHES, math.ceil(replay_ms / estimate_ms)))
+    launches = math.ceil(launches / len(calls)) * len(calls)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for index in range(launches):
+            calls[index % len(calls)]()
+    samples = []
+    with torch.cuda.stream(stream):
+        graph.replay()  # the first replay uploads the graph
+        for _ in range(replays):
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(SLEEP_CYCLES)
+            before.record()
+            graph.replay()
+            after.record()
+            samples.append((before, after))
+    torch.cuda.synchronize(device)
+    del graph
+    return statistics.median(before.elapsed_time(after) for before, after in samples) / launches
+
+
+def wall_time_ms(fn: Callable[[], Any], runs: int = 3) -> float:
+    """Median wall-clock milliseconds of ``fn`` (the interpreter: numbers only rank configs)."""
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def time_calls_ms(calls: Sequence[Callable[[], Any]], device: torch.device,
+                  quick: bool = False) -> float:
+    """Median milliseconds of one call: :func:`graph_time_ms` on a GPU, falling back to
+    :func:`do_bench_ms` of the first call (with a warning) when the calls cannot be captured;
+    wall clock under the interpreter."""
+    if device.type != "cuda":
+        return wall_time_ms(calls[0])
+    try:
+        return graph_time_ms(calls, device, quick)
+    except RuntimeError as error:
+        if "capture" not in str(error).lower() and "graph" not in str(error).lower():
+            raise
+        warnings.warn(f"timing without a CUDA graph (the call cannot be captured: {error})",
+                      RuntimeWarning, stacklevel=2)
+        torch.cuda.synchronize(device)
+        return do_bench_ms(calls[0], quick)

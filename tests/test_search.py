@@ -142,17 +142,19 @@ def test_cli_search_tunes_the_fused_tail_kernel(ray_cluster, tmp_path, monkeypat
 
 
 def test_cli_search_tunes_the_backward_kernel(ray_cluster, tmp_path, monkeypatch):
-    """The add+LayerNorm backward is tuned like any kernel, and its runtime reads the result."""
+    """The add+LayerNorm backward is tuned like any kernel, and its runtime reads the result.
+    TRITON_INTERPRET=1 (tests/conftest.py) stands for --interpret; --out takes a table per GPU
+    model."""
     from kernels import ADD_LAYERNORM_BACKWARD, AddLayerNormBackwardCall
 
     argv = ["search", "--kernel", "add_layernorm_backward", "--shape", "64x32", "--trials", "3",
-            "--interpret", "--workers", "2", "--storage", f"sqlite:///{tmp_path}/bwd.db",
-            "--table", str(tmp_path / "table.json")]
+            "--workers", "2", "--storage", f"sqlite:///{tmp_path}/bwd.db",
+            "--out", str(tmp_path / "tables")]
     assert cli.main(argv) == 0
-    [entry] = load_table(tmp_path / "table.json")
+    [entry] = load_table(tmp_path / "tables" / "interpreter.json")
     assert (entry.kernel, entry.device, entry.dtype, entry.width, entry.rows, entry.trials) == \
         ("add_layernorm_backward", "interpreter", "float32", 32, 64, 3)
-    monkeypatch.setenv("TUNER_TABLE", str(tmp_path / "table.json"))
+    monkeypatch.setenv("TUNER_TABLE", str(tmp_path / "tables" / "interpreter.json"))
     reload_tables()
     try:
         config, source = ADD_LAYERNORM_BACKWARD.select(

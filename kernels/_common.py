@@ -100,6 +100,16 @@ def stand_in_tensors(dtype: torch.dtype, has_weight: bool, has_bias: bool,
     return tiny, tiny if has_weight else None, tiny if has_bias else None, sum_tensor
 
 
+def launch_or_compile(kernel, grid: tuple[int, ...], args: tuple, meta: dict,
+                      warmup: bool) -> None:
+    """Launches the ``@triton.jit`` ``kernel`` on ``grid``, or with ``warmup`` only compiles it
+    into Triton's cache (what a descriptor's ``compile`` runs on stand-in tensors)."""
+    if warmup:
+        kernel.warmup(*args, grid=grid, **meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
 def sum_weight_dtype(sum_tensor: torch.Tensor | None) -> torch.dtype | None:
     """The dtype a call records for its sum_weight: the tensor's, None for a number."""
     return None if sum_tensor is None else sum_tensor.dtype

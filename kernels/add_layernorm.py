@@ -26,6 +26,7 @@ from ._common import (
     check_param,
     check_tensor,
     gradients_required,
+    launch_or_compile,
     load_shift,
     split_sum_weight,
     stand_in_tensors,
@@ -192,10 +193,7 @@ class AddLayerNorm(RowsDescriptor[AddLayerNormCall]):
                     STORE_STATS=stats is not None,
                     EVICTION_POLICY=config.eviction_policy, num_warps=config.num_warps,
                     num_stages=config.num_stages)
-        if warmup:
-            _add_layernorm_kernel.warmup(*args, grid=grid, **meta)
-        else:
-            _add_layernorm_kernel[grid](*args, **meta)
+        launch_or_compile(_add_layernorm_kernel, grid, args, meta, warmup)
 
 
 ADD_LAYERNORM = AddLayerNorm()

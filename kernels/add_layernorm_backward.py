@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import stand_in_tensors
+from ._common import launch_or_compile, stand_in_tensors
 from .config import LaunchConfig
 from .descriptor import RowsCall, RowsDescriptor
 from .device import device_name, interpreter_enabled
@@ -349,10 +349,7 @@ class AddLayerNormBackward(RowsDescriptor[AddLayerNormBackwardCall]):
                     COMPUTE_DWEIGHT=compute[0], COMPUTE_DBIAS=compute[1], COMPUTE_DSUM=compute[2],
                     ATOMIC_REDUCE=atomic, EVICTION_POLICY=config.eviction_policy,
                     num_warps=config.num_warps, num_stages=config.num_stages)
-        if warmup:
-            _add_layernorm_backward_kernel.warmup(*args, grid=(programs,), **meta)
-        else:
-            _add_layernorm_backward_kernel[(programs,)](*args, **meta)
+        launch_or_compile(_add_layernorm_backward_kernel, (programs,), args, meta, warmup)
 
 
 ADD_LAYERNORM_BACKWARD = AddLayerNormBackward()

@@ -47,18 +47,17 @@ from ._common import (
     check_tensor,
     gelu,
     gradients_required,
+    launch_or_compile,
     load_shift,
     split_sum_weight,
     stand_in_tensors,
     store_stats,
     sum_weight_dtype,
 )
-from ._pool_gelu import APPROXIMATE, POOL_KERNEL, PoolGeluCall, PoolGeluDescriptor, pool_kernel_tuple
-from .add_layernorm_pool_gelu_backward import (
-    ADD_LAYERNORM_POOL_GELU_BACKWARD,
-    ADD_LAYERNORM_POOL_GELU_BACKWARD_CHANNELS_LAST,
-    add_layernorm_pool_gelu_backward,
-)
+# APPROXIMATE and POOL_KERNEL, the tuner's pooling and GELU, are re-exported for tuner/problems.
+from ._pool_gelu import APPROXIMATE, POOL_KERNEL  # noqa: F401
+from ._pool_gelu import PoolGeluCall, PoolGeluDescriptor, pool_kernel_tuple
+from .add_layernorm_pool_gelu_backward import add_layernorm_pool_gelu_backward
 from .autotune import autotune_enabled, tune_add_layernorm_pool_gelu
 from .config import MAX_TILE_ELEMENTS, LaunchConfig
 from .device import device_name, interpreter_enabled
@@ -372,10 +371,7 @@ class AddLayerNormPoolGelu(PoolGeluDescriptor):
             args += (batch * channels * out_depth * out_height,)
             meta["BLOCK_ROWS"] = config.block_rows
         args += (depth, height, width, out_depth, out_height, out_width, eps)
-        if warmup:
-            kernel.warmup(*args, grid=grid, **meta)
-        else:
-            kernel[grid](*args, **meta)
+        launch_or_compile(kernel, grid, args, meta, warmup)
 
 
 ADD_LAYERNORM_POOL_GELU = AddLayerNormPoolGelu(channels_last=False)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import stand_in_tensors
+from ._common import launch_or_compile, stand_in_tensors
 from ._pool_gelu import PoolGeluCall, PoolGeluDescriptor
 from .add_layernorm_backward import Gradients, program_count, sum_partials
 from .config import MAX_TILE_ELEMENTS, LaunchConfig
@@ -416,10 +416,7 @@ class AddLayerNormPoolGeluBackward(PoolGeluDescriptor):
             kernel = _add_layernorm_pool_gelu_backward_kernel
             args += (groups * channels,) + sizes
             meta["BLOCK_ROWS"] = config.block_rows
-        if warmup:
-            kernel.warmup(*args, grid=(programs,), **meta)
-        else:
-            kernel[(programs,)](*args, **meta)
+        launch_or_compile(kernel, (programs,), args, meta, warmup)
 
 
 ADD_LAYERNORM_POOL_GELU_BACKWARD = AddLayerNormPoolGeluBackward(channels_last=False)

@@ -31,6 +31,7 @@ from ._common import (
     check_tensor,
     gelu,
     gradients_required,
+    launch_or_compile,
     load_shift,
     split_sum_weight,
     stand_in_tensors,
@@ -261,10 +262,7 @@ class ConvTransposeTail(KernelDescriptor[ConvTailCall]):
             EXACT_CHANNELS=c_in == block_ci and c_out % config.block_rows == 0,
             num_warps=config.num_warps, num_stages=config.num_stages)
         grid = (batch * in_d * h_blocks * co_blocks,)
-        if warmup:
-            _conv_transpose_tail_kernel.warmup(*args, grid=grid, **meta)
-        else:
-            _conv_transpose_tail_kernel[grid](*args, **meta)
+        launch_or_compile(_conv_transpose_tail_kernel, grid, args, meta, warmup)
 
 
 CONV_TRANSPOSE_TAIL = ConvTransposeTail()

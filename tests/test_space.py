@@ -9,6 +9,7 @@ import pytest
 import triton
 
 from kernels import LaunchConfig, TableKey
+from tuner import InputError
 from tuner.problems import get_kernel
 from tuner.space import PARAMETERS, SearchSpace, SpaceError, load_space, parse_space
 
@@ -191,7 +192,7 @@ def test_bad_space_is_a_clear_error(tmp_path, name):
     with pytest.raises(SpaceError, match=match) as raised:
         load_space(path)
     assert str(raised.value).startswith(f"{path}: ")
-    assert isinstance(raised.value, ValueError)  # the CLI prints ValueErrors without a traceback
+    assert isinstance(raised.value, InputError)  # the CLI prints it without a traceback
 
 
 def test_missing_space_file(tmp_path):

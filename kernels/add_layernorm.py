@@ -1,4 +1,5 @@
-"""Fused ``LayerNorm(x + sum_weight)``: the Triton kernel and its launcher, side by side.
+"""Fused ``LayerNorm(x + sum_weight)``: the Triton kernel, its descriptor (:data:`ADD_LAYERNORM`:
+table key, default config, compile, launch) and the differentiable wrapper, side by side.
 
 Each program normalises a tile of ``BLOCK_ROWS`` rows. When ``BLOCK_W >= width`` the rows stay
 in registers and x is read once; otherwise the row is walked in ``BLOCK_W`` chunks twice (once

@@ -1,4 +1,5 @@
-"""The backward of ``LayerNorm(x + sum_weight)``: the Triton kernels and their launcher.
+"""The backward of ``LayerNorm(x + sum_weight)``: the Triton kernels, their descriptor
+(:data:`ADD_LAYERNORM_BACKWARD`) and launcher.
 
 The forward (``kernels/add_layernorm.py``) saves the per-row mean of ``x + sum_weight`` and
 its rstd in float32. With ``xhat = (x + sum_weight - mean) * rstd`` and ``g = dy * weight``:

@@ -1,5 +1,5 @@
-"""The backward of ``GELU(AvgPool3d(LayerNorm_W(x + sum_weight)))``: the Triton kernels and
-their launcher (the forward is ``kernels/add_layernorm_pool_gelu.py``).
+"""The backward of ``GELU(AvgPool3d(LayerNorm_W(x + sum_weight)))``: the Triton kernels, their
+descriptors and launcher (the forward is ``kernels/add_layernorm_pool_gelu.py``).
 
 Row kernel, for contiguous x ``[N, C, D, H, W]``: each program walks tiles of ``BLOCK_ROWS`` pooled rows
 (programs interleaved, as in ``kernels/add_layernorm_backward.py``). For a tile it rebuilds

@@ -7,13 +7,16 @@ the same config (what any Triton kernel pays), and of ``F.layer_norm`` for scale
 own overhead is the first minus the second. Without a GPU (``TRITON_INTERPRET=1``, CPU
 tensors) the launch is stubbed out and only validation plus the cached lookup is timed.
 
-    python benchmarks/bench_overhead.py
+    python benchmarks/bench_overhead.py [--profile]    # --profile: where the wrapper's time goes
 Results: $OUT/bench_overhead.json.
 """
 
 from __future__ import annotations
 
+import argparse
+import cProfile
 import os
+import pstats
 import time
 
 import torch
@@ -47,6 +50,10 @@ def per_call_us(fn, synchronize) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", action="store_true", help="print the wrapper's profile")
+    args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
@@ -74,6 +81,10 @@ def main() -> None:
             results["fused_add_layernorm(out=...)"] - results["raw Triton launch, same config"])
     write_json("bench_overhead.json", {"versions": versions(), "config": config.key(),
                                        "source": source, "us_per_call": results})
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.runcall(per_call_us, calls["fused_add_layernorm(out=...)"], synchronize)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(15)
     print(f"{versions()['device']}, torch {torch.__version__}; config {config.key()} ({source})")
     print_table(["call", "host us per call"], [[name, f"{us:.2f}"] for name, us in results.items()])
 

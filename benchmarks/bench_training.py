@@ -33,10 +33,10 @@ from common import copy_bandwidth_gbps, out_dir, print_table, time_ms, versions,
 from kernels import LaunchConfig, Model, ModelNew, fused_add_layernorm, reload_tables
 from kernels.add_layernorm_backward import (
     ADD_LAYERNORM_BACKWARD,
-    REDUCTIONS,
     AddLayerNormBackwardCall,
     add_layernorm_backward,
 )
+from kernels.backward_reduce import REDUCTIONS
 from kernels.model import REFERENCE_ARGS, REFERENCE_INPUT_SHAPE
 
 SHAPES = [(4194304, 64, torch.float32), (4194304, 64, torch.bfloat16),

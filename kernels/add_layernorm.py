@@ -211,8 +211,7 @@ class _AddLayerNormFunction(torch.autograd.Function):
                 config: LaunchConfig) -> torch.Tensor:
         rows, width = x.shape
         out = torch.empty_like(x)
-        mean = torch.empty(rows, dtype=torch.float32, device=x.device)
-        rstd = torch.empty_like(mean)
+        mean, rstd = torch.empty((2, rows), dtype=torch.float32, device=x.device)
         if rows:
             ADD_LAYERNORM.launch(x, out, weight, bias, sum_tensor, sum_value, rows, width, eps,
                                  config, stats=(mean, rstd))
@@ -227,10 +226,9 @@ class _AddLayerNormFunction(torch.autograd.Function):
         grads = add_layernorm_backward(
             dy.contiguous(), x, weight, mean, rstd,
             sum_tensor if sum_tensor is not None else ctx.sum_value,
-            needs=(need_dx, need_dweight, need_dbias, need_dsum))
-        dsum = grads.dsum_weight
-        if dsum is not None:
-            dsum = dsum.to(sum_tensor.dtype).reshape(sum_tensor.shape)
+            needs=(need_dx, need_dweight, need_dbias, False))
+        # Zero in exact arithmetic (kernels/add_layernorm_backward.py), made in its own dtype.
+        dsum = torch.zeros_like(sum_tensor) if need_dsum else None
         return grads.dx, dsum, None, grads.dweight, grads.dbias, None, None
 
 
@@ -274,7 +272,8 @@ def fused_add_layernorm(
     track = gradients_required(x, sum_weight, weight, bias)
     check_no_out_with_autograd(out, track)
     if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if not track:  # the autograd path allocates its own
+            out = torch.empty_like(x, memory_format=torch.contiguous_format)
     elif not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype \
             or out.device != x.device or not out.is_contiguous():
         raise ValueError("out must be a contiguous tensor with x's shape, dtype and device")

@@ -1,4 +1,4 @@
-"""The backward of ``LayerNorm(x + sum_weight)``: the Triton kernels, their descriptor
+"""The backward of ``LayerNorm(x + sum_weight)``: the Triton kernel, its descriptor
 (:data:`ADD_LAYERNORM_BACKWARD`) and launcher.
 
 The forward (``kernels/add_layernorm.py``) saves the per-row mean of ``x + sum_weight`` and
@@ -7,16 +7,20 @@ its rstd in float32. With ``xhat = (x + sum_weight - mean) * rstd`` and ``g = dy
     dx          = rstd * (g - mean_row(g) - xhat * mean_row(g * xhat))
     dweight     = sum over rows of dy * xhat
     dbias       = sum over rows of dy
-    dsum_weight = sum of dx over every element
+    dsum_weight = 0
 
-A fixed number of programs (enough resident warps to fill the GPU) each walk many tiles of
+dsum_weight, the sum of dx over every element, is zero in exact arithmetic whatever the inputs:
+LayerNorm subtracts the row mean, so adding a constant to a row changes nothing. Summing dx
+would only add up its rounding errors, at the cost of a third row reduction a tile, so it is
+returned as an exact zero.
+
+A persistent grid (``kernels/backward_reduce.py``) of programs each walks many tiles of
 ``BLOCK_ROWS`` rows, so that the column sums for dweight and dbias are accumulated in registers
-across tiles and written once per program: a ``[programs, width]`` float32 array of partial
-sums, which a second small kernel sums over programs (``reduction="partials"``). The other
-variant, ``reduction="atomics"``, adds each program's sums into a single float32 row with
-atomics instead. Rows wider than ``BLOCK_W`` are walked in chunks twice (the row sums first,
-then dx); their column sums are added into the program's own partial row with atomics, as a
-plain read-modify-write of global memory by one program is not ordered between its threads.
+across tiles and added out once per program, into a program's own row of partial sums or, with
+atomics, into one shared row (``reduction``). Rows wider than ``BLOCK_W`` are walked in chunks
+twice (the row sums dx needs first, then dx; once when dx is not wanted); their column sums
+are added into the program's row with atomics, as a plain read-modify-write of global memory
+by one program is not ordered between its threads.
 """
 
 from __future__ import annotations
@@ -29,26 +33,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch_or_compile, stand_in_tensors
+from ._common import stand_in_tensors
+from .backward_reduce import (
+    choose_reduction,
+    column_sums,
+    partial_sums,
+    program_count,
+    resident_programs,
+)
 from .config import LaunchConfig
 from .descriptor import RowsCall, RowsDescriptor
 from .device import device_name, interpreter_enabled
 
-REDUCTIONS: tuple[str, ...] = ("partials", "atomics")
-# The interpreter runs programs one after another: a few programs still walk several tiles each.
-_INTERPRETER_MULTIPROCESSORS = 1
-# Warps and programs one streaming multiprocessor keeps resident at most (Hopper).
-_WARPS_PER_MULTIPROCESSOR = 64
-_PROGRAMS_PER_MULTIPROCESSOR = 32
-# Waves of programs (at most resident) per launch: the part-empty last one costs 1/8 on average.
-_WAVES = 4
-# Each program's partial sums (8 bytes a column, written and read again) cost 16 / (3 * 2 * 64)
-# = 4% of the 16-bit backward's bytes (x, dy, dx) over 64 rows.
-MIN_ROWS_PER_PROGRAM = 64
-
 
 @triton.jit
-def _add_partials(partial_ptr, offsets, values, mask, ATOMIC: tl.constexpr):
+def _add_column_sums(partial_ptr, offsets, values, mask, ATOMIC: tl.constexpr):
     """Writes a program's column sums: atomically added, or stored into its own row."""
     if ATOMIC:
         tl.atomic_add(partial_ptr + offsets, values, mask=mask)
@@ -56,7 +55,11 @@ def _add_partials(partial_ptr, offsets, values, mask, ATOMIC: tl.constexpr):
         tl.store(partial_ptr + offsets, values, mask=mask)
 
 
-@triton.jit
+# The tile count and the partial sums' row and pointers are touched once a program: not
+# specialised, so that compiling ahead of the launch (resident_programs) with stand-ins gives
+# the very kernel the launch runs.
+@triton.jit(do_not_specialize=["partial_stride", "tiles_per_program"],
+            do_not_specialize_on_alignment=["dweight_partial_ptr", "dbias_partial_ptr"])
 def _add_layernorm_backward_kernel(
     x_ptr,
     dy_ptr,
@@ -68,7 +71,7 @@ def _add_layernorm_backward_kernel(
     sum_weight_value,
     dweight_partial_ptr,
     dbias_partial_ptr,
-    dsum_partial_ptr,
+    partial_stride,
     rows,
     width,
     tiles_per_program,
@@ -80,7 +83,6 @@ def _add_layernorm_backward_kernel(
     STORE_DX: tl.constexpr,
     COMPUTE_DWEIGHT: tl.constexpr,
     COMPUTE_DBIAS: tl.constexpr,
-    COMPUTE_DSUM: tl.constexpr,
     ATOMIC_REDUCE: tl.constexpr,
     EVICTION_POLICY: tl.constexpr,
 ):
@@ -90,13 +92,12 @@ def _add_layernorm_backward_kernel(
     if ATOMIC_REDUCE:
         partial_start = 0
     else:
-        partial_start = pid.to(tl.int64) * width
+        partial_start = pid.to(tl.int64) * partial_stride
     cols = tl.arange(0, BLOCK_W)
     if SUM_FROM_PTR:
         shift = tl.load(sum_weight_ptr).to(tl.float32)
     else:
         shift = sum_weight_value
-    dsum_acc = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
 
     if SINGLE_PASS:
         col_mask = cols < width
@@ -118,28 +119,26 @@ def _add_layernorm_backward_kernel(
             mean = tl.load(mean_ptr + row_ids, mask=row_mask, other=0.0)
             rstd = tl.load(rstd_ptr + row_ids, mask=row_mask, other=0.0)
             xhat = tl.where(mask, (x.to(tl.float32) + shift - mean[:, None]) * rstd[:, None], 0.0)
-            if HAS_WEIGHT:
-                g = dy * weight[None, :]
-            else:
-                g = dy
-            c1 = tl.sum(g * xhat, axis=1) / width
-            c2 = tl.sum(g, axis=1) / width
-            dx = tl.where(mask, (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
             if STORE_DX:
+                if HAS_WEIGHT:
+                    g = dy * weight[None, :]
+                else:
+                    g = dy
+                c1 = tl.sum(g * xhat, axis=1) / width
+                c2 = tl.sum(g, axis=1) / width
+                dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
                 tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask,
                          eviction_policy=EVICTION_POLICY)
-            if COMPUTE_DSUM:
-                dsum_acc += tl.sum(dx, axis=1)
             if COMPUTE_DWEIGHT:
                 dweight_acc += dy * xhat
             if COMPUTE_DBIAS:
                 dbias_acc += dy
         if COMPUTE_DWEIGHT:
-            _add_partials(dweight_partial_ptr, partial_start + cols, tl.sum(dweight_acc, axis=0),
-                          col_mask, ATOMIC_REDUCE)
+            _add_column_sums(dweight_partial_ptr, partial_start + cols,
+                             tl.sum(dweight_acc, axis=0), col_mask, ATOMIC_REDUCE)
         if COMPUTE_DBIAS:
-            _add_partials(dbias_partial_ptr, partial_start + cols, tl.sum(dbias_acc, axis=0),
-                          col_mask, ATOMIC_REDUCE)
+            _add_column_sums(dbias_partial_ptr, partial_start + cols, tl.sum(dbias_acc, axis=0),
+                             col_mask, ATOMIC_REDUCE)
     else:
         for step in range(0, tiles_per_program):
             row_ids = (pid + step * programs).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -147,9 +146,31 @@ def _add_layernorm_backward_kernel(
             row_starts = row_ids * width
             mean = tl.load(mean_ptr + row_ids, mask=row_mask, other=0.0)
             rstd = tl.load(rstd_ptr + row_ids, mask=row_mask, other=0.0)
-            # Pass 1: the row sums of g * xhat and g.
-            sum_gxhat = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
-            sum_g = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+            if STORE_DX:
+                # Pass 1 (only dx needs it): the row sums of g * xhat and g.
+                sum_gxhat = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+                sum_g = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+                for start in range(0, width, BLOCK_W):
+                    col_ids = start + cols
+                    col_mask = col_ids < width
+                    mask = row_mask[:, None] & col_mask[None, :]
+                    offsets = row_starts[:, None] + col_ids[None, :]
+                    x = tl.load(x_ptr + offsets, mask=mask, other=0.0,
+                                eviction_policy=EVICTION_POLICY)
+                    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0,
+                                 eviction_policy=EVICTION_POLICY).to(tl.float32)
+                    xhat = tl.where(mask, (x.to(tl.float32) + shift - mean[:, None])
+                                    * rstd[:, None], 0.0)
+                    if HAS_WEIGHT:
+                        weight = tl.load(weight_ptr + col_ids, mask=col_mask, other=0.0)
+                        g = dy * weight.to(tl.float32)[None, :]
+                    else:
+                        g = dy
+                    sum_gxhat += tl.sum(g * xhat, axis=1)
+                    sum_g += tl.sum(g, axis=1)
+                c1 = sum_gxhat / width
+                c2 = sum_g / width
+            # Pass 2: read x and dy (again), write dx and add the column sums.
             for start in range(0, width, BLOCK_W):
                 col_ids = start + cols
                 col_mask = col_ids < width
@@ -160,102 +181,21 @@ def _add_layernorm_backward_kernel(
                              eviction_policy=EVICTION_POLICY).to(tl.float32)
                 xhat = tl.where(mask, (x.to(tl.float32) + shift - mean[:, None]) * rstd[:, None],
                                 0.0)
-                if HAS_WEIGHT:
-                    weight = tl.load(weight_ptr + col_ids, mask=col_mask, other=0.0)
-                    g = dy * weight.to(tl.float32)[None, :]
-                else:
-                    g = dy
-                sum_gxhat += tl.sum(g * xhat, axis=1)
-                sum_g += tl.sum(g, axis=1)
-            c1 = sum_gxhat / width
-            c2 = sum_g / width
-            # Pass 2: read x and dy again, write dx and add the column sums.
-            for start in range(0, width, BLOCK_W):
-                col_ids = start + cols
-                col_mask = col_ids < width
-                mask = row_mask[:, None] & col_mask[None, :]
-                offsets = row_starts[:, None] + col_ids[None, :]
-                x = tl.load(x_ptr + offsets, mask=mask, other=0.0, eviction_policy=EVICTION_POLICY)
-                dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0,
-                             eviction_policy=EVICTION_POLICY).to(tl.float32)
-                xhat = tl.where(mask, (x.to(tl.float32) + shift - mean[:, None]) * rstd[:, None],
-                                0.0)
-                if HAS_WEIGHT:
-                    weight = tl.load(weight_ptr + col_ids, mask=col_mask, other=0.0)
-                    g = dy * weight.to(tl.float32)[None, :]
-                else:
-                    g = dy
-                dx = tl.where(mask, (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
                 if STORE_DX:
+                    if HAS_WEIGHT:
+                        weight = tl.load(weight_ptr + col_ids, mask=col_mask, other=0.0)
+                        g = dy * weight.to(tl.float32)[None, :]
+                    else:
+                        g = dy
+                    dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
                     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask,
                              eviction_policy=EVICTION_POLICY)
-                if COMPUTE_DSUM:
-                    dsum_acc += tl.sum(dx, axis=1)
                 if COMPUTE_DWEIGHT:
                     tl.atomic_add(dweight_partial_ptr + partial_start + col_ids,
                                   tl.sum(dy * xhat, axis=0), mask=col_mask)
                 if COMPUTE_DBIAS:
                     tl.atomic_add(dbias_partial_ptr + partial_start + col_ids, tl.sum(dy, axis=0),
                                   mask=col_mask)
-    if COMPUTE_DSUM:
-        if ATOMIC_REDUCE:
-            tl.atomic_add(dsum_partial_ptr, tl.sum(dsum_acc, axis=0))
-        else:
-            tl.store(dsum_partial_ptr + pid, tl.sum(dsum_acc, axis=0))
-
-
-@triton.jit
-def _sum_partials_kernel(partial_ptr, out_ptr, partial_rows, width, BLOCK_P: tl.constexpr,
-                         BLOCK_C: tl.constexpr):
-    """``out[c] = sum_p partial[p, c]`` (float32 sums), ``BLOCK_C`` columns a program."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < width
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for start in range(0, partial_rows, BLOCK_P):
-        part_ids = start + tl.arange(0, BLOCK_P)
-        mask = (part_ids < partial_rows)[:, None] & col_mask[None, :]
-        acc += tl.load(partial_ptr + part_ids.to(tl.int64)[:, None] * width + cols[None, :],
-                       mask=mask, other=0.0)
-    tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=col_mask)
-
-
-def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The column sums of a float32 ``[programs, width]`` array, as a ``[width]`` tensor of
-    ``dtype``."""
-    partial_rows, width = partials.shape
-    out = torch.empty(width, dtype=dtype, device=partials.device)
-    # Narrow column blocks: wide rows spread the sum over many programs.
-    block_c = min(64, triton.next_power_of_2(width))
-    block_p = max(1, min(64, 4096 // block_c, triton.next_power_of_2(partial_rows)))
-    _sum_partials_kernel[(triton.cdiv(width, block_c),)](partials, out, partial_rows, width,
-                                                         BLOCK_P=block_p, BLOCK_C=block_c,
-                                                         num_warps=4)
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def program_count(row_tiles: int, rows_per_tile: int, num_warps: int,
-                  device: torch.device) -> int:
-    """How many programs walk ``row_tiles`` tiles of ``rows_per_tile`` rows.
-
-    ``_WAVES`` times as many as the GPU could keep resident if registers allowed (registers
-    usually allow fewer, which only adds waves), so that the last wave, part empty, costs
-    little; but each with at least ``MIN_ROWS_PER_PROGRAM`` rows, so that writing and summing
-    the ``[programs, width]`` partial sums stays a few percent of the backward's traffic.
-    """
-    if device.type == "cuda":
-        multiprocessors = _multiprocessors(device.index if device.index is not None
-                                           else torch.cuda.current_device())
-    else:
-        multiprocessors = _INTERPRETER_MULTIPROCESSORS
-    per_multiprocessor = max(1, min(_PROGRAMS_PER_MULTIPROCESSOR,
-                                    _WARPS_PER_MULTIPROCESSOR // num_warps))
-    enough_rows = triton.cdiv(row_tiles, max(1, MIN_ROWS_PER_PROGRAM // rows_per_tile))
-    return max(1, min(row_tiles, multiprocessors * per_multiprocessor * _WAVES, enough_rows))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -288,24 +228,20 @@ class Gradients(NamedTuple):
     dsum_weight: torch.Tensor | None
 
 
-def _check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class AddLayerNormBackwardCall(RowsCall):
     """A call of :func:`add_layernorm_backward` on ``rows`` rows of ``width``: whether weight
-    is given, sum_weight's dtype (None: a Python number) and the reduction of the column sums."""
+    is given, sum_weight's dtype (None: a Python number) and the reduction of the column sums
+    (None: chosen by width, :func:`kernels.backward_reduce.choose_reduction`)."""
 
     has_weight: bool = True
     sum_weight_dtype: torch.dtype | None = None
-    reduction: str = "partials"
+    reduction: str | None = None
 
 
 class AddLayerNormBackward(RowsDescriptor[AddLayerNormBackwardCall]):
-    """The add + LayerNorm backward kernel, with all four gradients. The tuner measures it as
-    a training step of ModelNew runs it: weight given, sum_weight a tensor of x's dtype."""
+    """The add + LayerNorm backward kernel, with all gradients. The tuner measures it as a
+    training step of ModelNew runs it: weight given, sum_weight a tensor of x's dtype."""
 
     name = "add_layernorm_backward"
 
@@ -319,38 +255,57 @@ class AddLayerNormBackward(RowsDescriptor[AddLayerNormBackwardCall]):
     def compile(self, call: AddLayerNormBackwardCall, config: LaunchConfig,
                 device: torch.device | str = "cuda") -> None:
         """A no-op under the interpreter, which compiles nothing."""
-        _check_reduction(call.reduction)
+        atomic = choose_reduction(call.width, call.reduction) == "atomics"
         if interpreter_enabled():
             return
         device = torch.device(device)
         tiny, weight, _, sum_tensor = stand_in_tensors(call.dtype, call.has_weight, False,
                                                        call.sum_weight_dtype, device)
         stats = torch.empty(16, dtype=torch.float32, device=device)
-        row_tiles = triton.cdiv(call.rows, config.block_rows)
-        programs = program_count(row_tiles, config.block_rows, config.num_warps, device)
-        self.launch(tiny, tiny, tiny, weight, stats, stats, sum_tensor, 0.0,
-                    (stats, stats, stats), call.rows, call.width, config, programs,
-                    triton.cdiv(row_tiles, programs), (call.has_weight, True, True),
-                    call.reduction == "atomics", warmup=True)
+        self.launch(tiny, tiny, tiny, weight, stats, stats, sum_tensor, 0.0, call.rows,
+                    call.width, config, (call.has_weight, True), atomic, warmup=True)
 
     def launch(self, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None,
                weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
-               sum_tensor: torch.Tensor | None, sum_value: float, partials: tuple,
-               rows: int, width: int, config: LaunchConfig, programs: int,
-               tiles_per_program: int, compute: tuple[bool, bool, bool], atomic: bool,
-               warmup: bool = False) -> None:
-        """Launches the backward kernel (or, with ``warmup``, only compiles it)."""
-        dweight_partial, dbias_partial, dsum_partial = partials
-        args = (x, dy, dx if dx is not None else x, weight if weight is not None else x, mean, rstd,
-                sum_tensor if sum_tensor is not None else x, sum_value,
-                dweight_partial, dbias_partial, dsum_partial, rows, width, tiles_per_program)
+               sum_tensor: torch.Tensor | None, sum_value: float, rows: int, width: int,
+               config: LaunchConfig, compute: tuple[bool, bool], atomic: bool,
+               programs: int | None = None, warmup: bool = False) -> torch.Tensor | None:
+        """Launches the backward kernel on its persistent grid (``programs`` programs, default one
+        wave) and returns the float32 ``[rows, columns]`` column sums it added out (dweight's
+        columns first, then dbias's; None when neither is computed). With ``warmup``, only
+        compiles the kernel."""
+        kernel = _add_layernorm_backward_kernel
         meta = dict(BLOCK_ROWS=config.block_rows, BLOCK_W=config.block_w,
                     SINGLE_PASS=config.block_w >= width, HAS_WEIGHT=weight is not None,
                     SUM_FROM_PTR=sum_tensor is not None, STORE_DX=dx is not None,
-                    COMPUTE_DWEIGHT=compute[0], COMPUTE_DBIAS=compute[1], COMPUTE_DSUM=compute[2],
-                    ATOMIC_REDUCE=atomic, EVICTION_POLICY=config.eviction_policy,
-                    num_warps=config.num_warps, num_stages=config.num_stages)
-        launch_or_compile(_add_layernorm_backward_kernel, (programs,), args, meta, warmup)
+                    COMPUTE_DWEIGHT=compute[0], COMPUTE_DBIAS=compute[1], ATOMIC_REDUCE=atomic,
+                    EVICTION_POLICY=config.eviction_policy, num_warps=config.num_warps,
+                    num_stages=config.num_stages)
+
+        def arguments(dweight_partial: torch.Tensor, dbias_partial: torch.Tensor, stride: int,
+                      tiles_per_program: int) -> tuple:
+            return (x, dy, dx if dx is not None else x, weight if weight is not None else x, mean,
+                    rstd, sum_tensor if sum_tensor is not None else x, sum_value, dweight_partial,
+                    dbias_partial, stride, rows, width, tiles_per_program)
+
+        # Stand-ins for what is not specialised on (see the kernel): the kernel they compile is
+        # the one launched.
+        stand_ins = arguments(mean, mean, 0, 2)
+        if warmup:
+            kernel.warmup(*stand_ins, grid=(1,), **meta)
+            return None
+        row_tiles = triton.cdiv(rows, config.block_rows)
+        if programs is None:
+            programs = program_count(row_tiles, config.block_rows,
+                                     resident_programs(kernel, stand_ins, meta, x))
+        columns = (compute[0] + compute[1]) * width
+        # The chunked loop adds chunk by chunk into the program's own row: it starts from zeros.
+        partials = partial_sums(programs, columns, atomic, config.block_w < width, x.device) \
+            if columns else None
+        kernel[(programs,)](*arguments(partials if compute[0] else mean,
+                                       partials[:, columns - width:] if compute[1] else mean,
+                                       columns, triton.cdiv(row_tiles, programs)), **meta)
+        return partials
 
 
 ADD_LAYERNORM_BACKWARD = AddLayerNormBackward()
@@ -366,7 +321,8 @@ def add_layernorm_backward(
     *,
     needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
     config: LaunchConfig | None = None,
-    reduction: str = "partials",
+    reduction: str | None = None,
+    programs: int | None = None,
     dx_out: torch.Tensor | None = None,
 ) -> Gradients:
     """Gradients of ``LayerNorm(x + sum_weight)`` given the output gradient ``dy``.
@@ -375,12 +331,14 @@ def add_layernorm_backward(
     forward's float32 per-row statistics of ``x + sum_weight``; ``weight`` is ``[width]`` or
     None; ``sum_weight`` a one-element tensor or a number. ``needs`` says which of
     (dx, dweight, dbias, dsum_weight) to compute; dweight and dbias come in x's dtype,
-    dsum_weight as a float32 scalar. ``reduction`` is ``"partials"`` or ``"atomics"`` (how
-    the column sums are reduced over programs); ``config`` overrides the table or heuristic
-    config; ``dx_out`` is an optional contiguous buffer for dx.
+    dsum_weight as a float32 scalar zero (see the module doc). ``reduction``, ``"partials"``
+    or ``"atomics"``, says how the column sums are reduced over programs (None: chosen by
+    width, :func:`kernels.backward_reduce.choose_reduction`); ``programs`` overrides the size
+    of the persistent grid (for measuring; None: one wave); ``config`` overrides the table or
+    heuristic config; ``dx_out`` is an optional contiguous buffer for dx.
     """
-    _check_reduction(reduction)
     rows, width = x.shape
+    reduction = choose_reduction(width, reduction)
     if tuple(dy.shape) != (rows, width) or dy.dtype != x.dtype:
         raise ValueError(f"dy must have x's shape {(rows, width)} and dtype {x.dtype}, got "
                          f"{tuple(dy.shape)} {dy.dtype}")
@@ -394,34 +352,17 @@ def add_layernorm_backward(
     dx = None
     if need_dx:
         dx = torch.empty_like(x) if dx_out is None else dx_out
+    dsum = torch.zeros((), device=x.device) if need_dsum else None
     if rows == 0:
         zeros = torch.zeros(width, dtype=x.dtype, device=x.device)
-        return Gradients(dx, zeros if need_dweight else None, zeros if need_dbias else None,
-                         torch.zeros((), device=x.device) if need_dsum else None)
+        return Gradients(dx, zeros if need_dweight else None, zeros if need_dbias else None, dsum)
+    if not (need_dx or need_dweight or need_dbias):
+        return Gradients(None, None, None, dsum)
     sum_tensor, sum_value = (sum_weight, 0.0) if isinstance(sum_weight, torch.Tensor) \
         else (None, float(sum_weight))
-    row_tiles = triton.cdiv(rows, config.block_rows)
-    programs = program_count(row_tiles, config.block_rows, config.num_warps, x.device)
-    tiles_per_program = triton.cdiv(row_tiles, programs)
-    atomic = reduction == "atomics"
-    # Atomics add into zeros; the chunked loop adds chunk by chunk into the program's own row.
-    chunked = config.block_w < width
-    partial_rows = 1 if atomic else programs
-    allocate = torch.zeros if atomic or chunked else torch.empty
-    dweight_partial = allocate((partial_rows, width), dtype=torch.float32, device=x.device) \
-        if need_dweight else mean
-    dbias_partial = allocate((partial_rows, width), dtype=torch.float32, device=x.device) \
-        if need_dbias else mean
-    dsum_partial = (torch.zeros if atomic else torch.empty)(partial_rows, dtype=torch.float32,
-                                                            device=x.device) \
-        if need_dsum else mean
-    ADD_LAYERNORM_BACKWARD.launch(x, dy, dx, weight, mean, rstd, sum_tensor, sum_value,
-                                  (dweight_partial, dbias_partial, dsum_partial), rows, width,
-                                  config, programs, tiles_per_program,
-                                  (need_dweight, need_dbias, need_dsum), atomic)
-    return Gradients(
-        dx,
-        sum_partials(dweight_partial, x.dtype) if need_dweight else None,
-        sum_partials(dbias_partial, x.dtype) if need_dbias else None,
-        sum_partials(dsum_partial[:, None], torch.float32)[0] if need_dsum else None,
-    )
+    partials = ADD_LAYERNORM_BACKWARD.launch(x, dy, dx, weight, mean, rstd, sum_tensor, sum_value,
+                                             rows, width, config, (need_dweight, need_dbias),
+                                             reduction == "atomics", programs)
+    sums = column_sums(partials, width, need_dweight + need_dbias, x.dtype) \
+        if partials is not None else []
+    return Gradients(dx, sums[0] if need_dweight else None, sums[-1] if need_dbias else None, dsum)

@@ -396,8 +396,8 @@ class _AddLayerNormPoolGeluFunction(torch.autograd.Function):
         memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         out = torch.empty((batch, channels, depth // kd, height // kh, width // kw),
                           dtype=x.dtype, device=x.device, memory_format=memory_format)
-        mean = torch.empty(batch * channels * depth * height, dtype=torch.float32, device=x.device)
-        rstd = torch.empty_like(mean)
+        mean, rstd = torch.empty((2, batch * channels * depth * height), dtype=torch.float32,
+                                 device=x.device)
         if out.numel():
             _descriptor(channels_last).launch(x, out, weight, bias, sum_tensor, sum_value, eps,
                                               tuple(x.shape), pool_kernel, approximate, config,
@@ -416,10 +416,9 @@ class _AddLayerNormPoolGeluFunction(torch.autograd.Function):
             dy.contiguous(memory_format=memory_format), x, weight, bias, mean, rstd,
             sum_tensor if sum_tensor is not None else ctx.sum_value, ctx.pool_kernel,
             ctx.approximate, channels_last=ctx.channels_last,
-            needs=(need_dx, need_dweight, need_dbias, need_dsum))
-        dsum = grads.dsum_weight
-        if dsum is not None:
-            dsum = dsum.to(sum_tensor.dtype).reshape(sum_tensor.shape)
+            needs=(need_dx, need_dweight, need_dbias, False))
+        # Zero in exact arithmetic (kernels/add_layernorm_backward.py), made in its own dtype.
+        dsum = torch.zeros_like(sum_tensor) if need_dsum else None
         return grads.dx, dsum, None, grads.dweight, grads.dbias, None, None, None, None, None
 
 

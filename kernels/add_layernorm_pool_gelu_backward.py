@@ -10,9 +10,11 @@ the columns the floor-mode pooling drops), then reads each of the ``KD * KH`` in
 for the LayerNorm backward: ``dx = rstd * (g - mean_row(g) - xhat * mean_row(g * xhat))``
 with ``g = dn * weight``. Input rows that no pooling window covers get a zero gradient.
 A row is loaded as a ``[BLOCK_ROWS, BLOCK_WO, KW_PAD]`` tile holding column ``wo * KW + k``,
-which for a power-of-two ``KW`` is the plain contiguous row. Column sums for dweight and dbias
-go to a ``[programs, width]`` float32 array of partial sums, summed over programs by
-:func:`kernels.add_layernorm_backward.sum_partials`.
+which for a power-of-two ``KW`` is the plain contiguous row. The grid is persistent and each
+program stores its column sums for dweight and dbias into its own row of a float32 array of
+partial sums, summed over programs by :func:`kernels.backward_reduce.column_sums`. The
+gradient of sum_weight is zero in exact arithmetic (the LayerNorm ignores a shift of its row;
+``kernels/add_layernorm_backward.py``) and is not computed.
 
 Channels-last kernel, for x, dy and dx in ``torch.channels_last_3d`` (ModelNew's training
 layout, behind cuDNN's channels-last convolution): the same steps on the channels-last
@@ -26,9 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch_or_compile, stand_in_tensors
+from ._common import stand_in_tensors
 from ._pool_gelu import PoolGeluCall, PoolGeluDescriptor
-from .add_layernorm_backward import Gradients, program_count, sum_partials
+from .add_layernorm_backward import Gradients
+from .backward_reduce import column_sums, partial_sums, program_count, resident_programs
 from .config import MAX_TILE_ELEMENTS, LaunchConfig
 from .device import device_name, interpreter_enabled
 
@@ -60,7 +63,11 @@ def _xhat(x_ptr, mean_ptr, rstd_ptr, row, row_mask, cols, mask, shift, width,
     return xhat, rstd
 
 
-@triton.jit
+# The tile count and the partial sums' row and pointers are touched once a program: not
+# specialised, so that compiling ahead of the launch (resident_programs) with stand-ins gives
+# the very kernel the launch runs.
+@triton.jit(do_not_specialize=["partial_stride", "tiles_per_program"],
+            do_not_specialize_on_alignment=["dweight_partial_ptr", "dbias_partial_ptr"])
 def _add_layernorm_pool_gelu_backward_kernel(
     x_ptr,
     dy_ptr,
@@ -73,7 +80,7 @@ def _add_layernorm_pool_gelu_backward_kernel(
     sum_weight_value,
     dweight_partial_ptr,
     dbias_partial_ptr,
-    dsum_partial_ptr,
+    partial_stride,
     pooled_rows,
     depth,
     height,
@@ -95,7 +102,6 @@ def _add_layernorm_pool_gelu_backward_kernel(
     STORE_DX: tl.constexpr,
     COMPUTE_DWEIGHT: tl.constexpr,
     COMPUTE_DBIAS: tl.constexpr,
-    COMPUTE_DSUM: tl.constexpr,
     EVICTION_POLICY: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -117,7 +123,6 @@ def _add_layernorm_pool_gelu_backward_kernel(
     scale = 1.0 / (KD * KH * KW)
     dweight_acc = tl.zeros([BLOCK_WO, KW_PAD], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_WO, KW_PAD], dtype=tl.float32)
-    dsum_acc = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     for step in range(0, tiles_per_program):
         # 64-bit: rows * width may pass 2**31.
         pooled = (pid + step * programs).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -159,26 +164,21 @@ def _add_layernorm_pool_gelu_backward_kernel(
                 row = first_row + (i * height + j)
                 xhat, rstd = _xhat(x_ptr, mean_ptr, rstd_ptr, row, row_mask, cols, mask, shift,
                                    width, EVICTION_POLICY)
-                c1 = tl.sum(tl.sum(g * xhat, axis=2), axis=1) / width
-                c2 = tl.sum(tl.sum(g, axis=2), axis=1) / width
-                dx = tl.where(mask, (g - c2[:, None, None] - xhat * c1[:, None, None])
-                              * rstd[:, None, None], 0.0)
                 if STORE_DX:
+                    c1 = tl.sum(tl.sum(g * xhat, axis=2), axis=1) / width
+                    c2 = tl.sum(tl.sum(g, axis=2), axis=1) / width
+                    dx = (g - c2[:, None, None] - xhat * c1[:, None, None]) * rstd[:, None, None]
                     tl.store(dx_ptr + (row * width)[:, None, None] + cols[None, :, :],
                              dx.to(dx_ptr.dtype.element_ty), mask=mask,
                              eviction_policy=EVICTION_POLICY)
-                if COMPUTE_DSUM:
-                    dsum_acc += tl.sum(tl.sum(dx, axis=2), axis=1)
                 if COMPUTE_DWEIGHT:
                     dweight_acc += tl.sum(dn * xhat, axis=0)
 
-    partial = pid.to(tl.int64) * width + cols
+    partial = pid.to(tl.int64) * partial_stride + cols
     if COMPUTE_DWEIGHT:
         tl.store(dweight_partial_ptr + partial, dweight_acc, mask=col_mask)
     if COMPUTE_DBIAS:
         tl.store(dbias_partial_ptr + partial, dbias_acc, mask=col_mask)
-    if COMPUTE_DSUM:
-        tl.store(dsum_partial_ptr + pid, tl.sum(dsum_acc, axis=0))
 
 
 @triton.jit
@@ -195,7 +195,8 @@ def _xhat_cl(x_ptr, mean_ptr, rstd_ptr, row, chans, chan_mask, offsets, mask, sh
     return xhat, rstd
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["partial_stride", "tiles_per_program"],
+            do_not_specialize_on_alignment=["dweight_partial_ptr", "dbias_partial_ptr"])
 def _add_layernorm_pool_gelu_backward_cl_kernel(
     x_ptr,
     dy_ptr,
@@ -208,7 +209,7 @@ def _add_layernorm_pool_gelu_backward_cl_kernel(
     sum_weight_value,
     dweight_partial_ptr,
     dbias_partial_ptr,
-    dsum_partial_ptr,
+    partial_stride,
     channels,
     channel_blocks,
     groups,
@@ -232,7 +233,6 @@ def _add_layernorm_pool_gelu_backward_cl_kernel(
     STORE_DX: tl.constexpr,
     COMPUTE_DWEIGHT: tl.constexpr,
     COMPUTE_DBIAS: tl.constexpr,
-    COMPUTE_DSUM: tl.constexpr,
     EVICTION_POLICY: tl.constexpr,
 ):
     """The row kernel's mirror for channels-last x, dy and dx (memory order N, D, H, W, C):
@@ -257,7 +257,6 @@ def _add_layernorm_pool_gelu_backward_cl_kernel(
     scale = 1.0 / (KD * KH * KW)
     dweight_acc = tl.zeros([BLOCK_WO, KW_PAD], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_WO, KW_PAD], dtype=tl.float32)
-    dsum_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for step in range(0, tiles_per_program):
         # 64-bit: offsets may pass 2**31.
         tile = (pid + step * programs).to(tl.int64)
@@ -303,32 +302,27 @@ def _add_layernorm_pool_gelu_backward_cl_kernel(
                 row = first_row + (i * height + j)
                 xhat, rstd = _xhat_cl(x_ptr, mean_ptr, rstd_ptr, row, chans, chan_mask, offsets,
                                       mask, shift, width, channels, EVICTION_POLICY)
-                c1 = tl.sum(tl.sum(g * xhat, axis=1), axis=0) / width
-                c2 = tl.sum(tl.sum(g, axis=1), axis=0) / width
-                dx = tl.where(mask, (g - c2[None, None, :] - xhat * c1[None, None, :])
-                              * rstd[None, None, :], 0.0)
                 if STORE_DX:
+                    c1 = tl.sum(tl.sum(g * xhat, axis=1), axis=0) / width
+                    c2 = tl.sum(tl.sum(g, axis=1), axis=0) / width
+                    dx = (g - c2[None, None, :] - xhat * c1[None, None, :]) * rstd[None, None, :]
                     tl.store(dx_ptr + row * width * channels + offsets,
                              dx.to(dx_ptr.dtype.element_ty), mask=mask,
                              eviction_policy=EVICTION_POLICY)
-                if COMPUTE_DSUM:
-                    dsum_acc += tl.sum(tl.sum(dx, axis=1), axis=0)
                 if COMPUTE_DWEIGHT:
                     dweight_acc += tl.sum(dn * xhat, axis=2)
 
-    partial = pid.to(tl.int64) * width + cols
+    partial = pid.to(tl.int64) * partial_stride + cols
     if COMPUTE_DWEIGHT:
         tl.store(dweight_partial_ptr + partial, dweight_acc, mask=col_mask)
     if COMPUTE_DBIAS:
         tl.store(dbias_partial_ptr + partial, dbias_acc, mask=col_mask)
-    if COMPUTE_DSUM:
-        tl.store(dsum_partial_ptr + pid, tl.sum(dsum_acc, axis=0))
 
 
-def _tiling(dims: tuple[int, ...], pool_kernel: tuple[int, int, int], config: LaunchConfig,
-            channels_last: bool, device: torch.device) -> tuple[int, int, int, int]:
-    """``(block_wo, kw_pad, row_tiles, programs)`` of a launch; a ValueError for a config that
-    cannot run the problem."""
+def _tiling(dims: tuple[int, ...], pool_kernel: tuple[int, int, int],
+            config: LaunchConfig, channels_last: bool) -> tuple[int, int, int]:
+    """``(block_wo, kw_pad, row_tiles)`` of a launch; a ValueError for a config that cannot run
+    the problem."""
     width = dims[4]
     kd, kh, kw = pool_kernel
     if config.block_w < width:
@@ -345,13 +339,11 @@ def _tiling(dims: tuple[int, ...], pool_kernel: tuple[int, int, int], config: La
         row_tiles = groups * triton.cdiv(channels, config.block_rows)
     else:
         row_tiles = triton.cdiv(groups * channels, config.block_rows)
-    # A tile holds block_rows pooled rows (or channels), each of kd * kh input rows.
-    programs = program_count(row_tiles, config.block_rows * kd * kh, config.num_warps, device)
-    return block_wo, kw_pad, row_tiles, programs
+    return block_wo, kw_pad, row_tiles
 
 
 class AddLayerNormPoolGeluBackward(PoolGeluDescriptor):
-    """The fused tail's backward kernel, with all four gradients, on contiguous or
+    """The fused tail's backward kernel, with all gradients, on contiguous or
     (``channels_last``) channels-last x, dy and dx."""
 
     def __init__(self, channels_last: bool) -> None:
@@ -379,44 +371,63 @@ class AddLayerNormPoolGeluBackward(PoolGeluDescriptor):
                                                           call.has_bias, call.sum_weight_dtype,
                                                           device)
         stats = torch.empty(16, dtype=torch.float32, device=device)
-        self.launch(tiny, tiny, tiny, weight, bias, stats, stats, sum_tensor, 0.0,
-                    (stats, stats, stats), call.shape, call.pool_kernel, call.approximate, config,
-                    (call.has_weight, call.has_bias, True), warmup=True)
+        self.launch(tiny, tiny, tiny, weight, bias, stats, stats, sum_tensor, 0.0, call.shape,
+                    call.pool_kernel, call.approximate, config, (call.has_weight, call.has_bias),
+                    warmup=True)
 
     def launch(self, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None,
                weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
                rstd: torch.Tensor, sum_tensor: torch.Tensor | None, sum_value: float,
-               partials: tuple, dims: tuple[int, ...], pool_kernel: tuple[int, int, int],
-               approximate: str, config: LaunchConfig, compute: tuple[bool, bool, bool],
-               warmup: bool = False) -> None:
-        """Launches the row or channels-last backward kernel for x of shape ``dims`` (or, with
-        ``warmup``, only compiles it)."""
+               dims: tuple[int, ...], pool_kernel: tuple[int, int, int], approximate: str,
+               config: LaunchConfig, compute: tuple[bool, bool],
+               warmup: bool = False) -> torch.Tensor | None:
+        """Launches the row or channels-last backward kernel for x of shape ``dims`` on its
+        persistent grid and returns the float32 ``[programs, columns]`` partial sums it stored
+        (dweight's columns first, then dbias's; None when neither is computed). With ``warmup``,
+        only compiles the kernel."""
         batch, channels, depth, height, width = dims
         kd, kh, kw = pool_kernel
         out_depth, out_height, out_width = depth // kd, height // kh, width // kw
-        block_wo, kw_pad, row_tiles, programs = _tiling(dims, pool_kernel, config,
-                                                        self.channels_last, x.device)
-        args = (x, dy, dx if dx is not None else x, weight if weight is not None else x,
-                bias if bias is not None else x, mean, rstd,
-                sum_tensor if sum_tensor is not None else x, sum_value, *partials)
+        block_wo, kw_pad, row_tiles = _tiling(dims, pool_kernel, config, self.channels_last)
         meta = dict(BLOCK_WO=block_wo, KD=kd, KH=kh, KW=kw, KW_PAD=kw_pad,
                     HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                     SUM_FROM_PTR=sum_tensor is not None, APPROX_TANH=approximate == "tanh",
                     STORE_DX=dx is not None, COMPUTE_DWEIGHT=compute[0], COMPUTE_DBIAS=compute[1],
-                    COMPUTE_DSUM=compute[2], EVICTION_POLICY=config.eviction_policy,
-                    num_warps=config.num_warps, num_stages=config.num_stages)
-        sizes = (depth, height, width, out_depth, out_height, out_width,
-                 triton.cdiv(row_tiles, programs))
+                    EVICTION_POLICY=config.eviction_policy, num_warps=config.num_warps,
+                    num_stages=config.num_stages)
         groups = batch * out_depth * out_height
         if self.channels_last:
             kernel = _add_layernorm_pool_gelu_backward_cl_kernel
-            args += (channels, triton.cdiv(channels, config.block_rows), groups) + sizes
+            shape_args = (channels, triton.cdiv(channels, config.block_rows), groups)
             meta["BLOCK_C"] = config.block_rows
         else:
             kernel = _add_layernorm_pool_gelu_backward_kernel
-            args += (groups * channels,) + sizes
+            shape_args = (groups * channels,)
             meta["BLOCK_ROWS"] = config.block_rows
-        launch_or_compile(kernel, (programs,), args, meta, warmup)
+
+        def arguments(dweight_partial: torch.Tensor, dbias_partial: torch.Tensor, stride: int,
+                      tiles_per_program: int) -> tuple:
+            return (x, dy, dx if dx is not None else x, weight if weight is not None else x,
+                    bias if bias is not None else x, mean, rstd,
+                    sum_tensor if sum_tensor is not None else x, sum_value, dweight_partial,
+                    dbias_partial, stride, *shape_args, depth, height, width, out_depth, out_height,
+                    out_width, tiles_per_program)
+
+        # Stand-ins for what is not specialised on (see the kernels): the kernel they compile is
+        # the one launched.
+        stand_ins = arguments(mean, mean, 0, 2)
+        if warmup:
+            kernel.warmup(*stand_ins, grid=(1,), **meta)
+            return None
+        # A tile holds block_rows pooled rows (or channels), each of kd * kh input rows.
+        programs = program_count(row_tiles, config.block_rows * kd * kh,
+                                 resident_programs(kernel, stand_ins, meta, x))
+        columns = (compute[0] + compute[1]) * width
+        partials = partial_sums(programs, columns, False, False, x.device) if columns else None
+        kernel[(programs,)](*arguments(partials if compute[0] else mean,
+                                       partials[:, columns - width:] if compute[1] else mean,
+                                       columns, triton.cdiv(row_tiles, programs)), **meta)
+        return partials
 
 
 ADD_LAYERNORM_POOL_GELU_BACKWARD = AddLayerNormPoolGeluBackward(channels_last=False)
@@ -446,9 +457,9 @@ def add_layernorm_pool_gelu_backward(
     ``mean`` and ``rstd`` are the forward's float32 statistics of the ``N * C * D * H`` input
     rows in x's layout (only those a pooling window covers are read). ``needs`` says which of
     (dx, dweight, dbias, dsum_weight) to compute; dweight and dbias come in x's dtype,
-    dsum_weight as a float32 scalar. ``config``: ``block_rows`` pooled rows (channels, for
-    channels-last) per tile, ``block_w`` covering W; None: the tables', else the default.
-    ``dx_out`` is an optional buffer for dx in x's layout.
+    dsum_weight as a float32 scalar zero (see the module doc). ``config``: ``block_rows``
+    pooled rows (channels, for channels-last) per tile, ``block_w`` covering W; None: the
+    tables', else the default. ``dx_out`` is an optional buffer for dx in x's layout.
     """
     batch, channels, depth, height, width = x.shape
     kd, kh, kw = pool_kernel
@@ -463,8 +474,7 @@ def add_layernorm_pool_gelu_backward(
                             weight is not None, bias is not None,
                             sum_weight.dtype if isinstance(sum_weight, torch.Tensor) else None)
         config, _ = descriptor.select(call, device_name(x.device))
-    _, _, row_tiles, programs = _tiling(tuple(x.shape), pool_kernel, config, channels_last,
-                                        x.device)
+    _, _, row_tiles = _tiling(tuple(x.shape), pool_kernel, config, channels_last)
     need_dx, need_dweight, need_dbias, need_dsum = needs
     need_dweight = need_dweight and weight is not None
     need_dbias = need_dbias and bias is not None
@@ -475,23 +485,17 @@ def add_layernorm_pool_gelu_backward(
         if depth != out_depth * kd or height != out_height * kh:
             # Rows no pooling window covers are never visited: their gradient is zero.
             dx.zero_()
+    dsum = torch.zeros((), device=x.device) if need_dsum else None
     if row_tiles == 0:
         zeros = torch.zeros(width, dtype=x.dtype, device=x.device)
-        return Gradients(dx, zeros if need_dweight else None, zeros if need_dbias else None,
-                         torch.zeros((), device=x.device) if need_dsum else None)
-    partial = torch.empty((programs, width), dtype=torch.float32, device=x.device)
-    dweight_partial = partial if need_dweight else mean
-    dbias_partial = torch.empty_like(partial) if need_dbias else mean
-    dsum_partial = torch.empty(programs, dtype=torch.float32, device=x.device) if need_dsum \
-        else mean
+        return Gradients(dx, zeros if need_dweight else None, zeros if need_dbias else None, dsum)
+    if not (need_dx or need_dweight or need_dbias):
+        return Gradients(None, None, None, dsum)
     sum_tensor, sum_value = (sum_weight, 0.0) if isinstance(sum_weight, torch.Tensor) \
         else (None, float(sum_weight))
-    descriptor.launch(x, dy, dx, weight, bias, mean, rstd, sum_tensor, sum_value,
-                      (dweight_partial, dbias_partial, dsum_partial), tuple(x.shape), pool_kernel,
-                      approximate, config, (need_dweight, need_dbias, need_dsum))
-    return Gradients(
-        dx,
-        sum_partials(dweight_partial, x.dtype) if need_dweight else None,
-        sum_partials(dbias_partial, x.dtype) if need_dbias else None,
-        sum_partials(dsum_partial[:, None], torch.float32)[0] if need_dsum else None,
-    )
+    partials = descriptor.launch(x, dy, dx, weight, bias, mean, rstd, sum_tensor, sum_value,
+                                 tuple(x.shape), pool_kernel, approximate, config,
+                                 (need_dweight, need_dbias))
+    sums = column_sums(partials, width, need_dweight + need_dbias, x.dtype) \
+        if partials is not None else []
+    return Gradients(dx, sums[0] if need_dweight else None, sums[-1] if need_dbias else None, dsum)

@@ -74,15 +74,25 @@ class ModelNew(Model):
     contiguous tail kernel.
 
     Training: when autograd records (grad mode on, and x or a parameter requires grad), the
-    one-kernel path, which has no backward, is skipped: the cuDNN convolution (channels-last
-    as above) and the tail kernels run, whose backward is in Triton
-    (``kernels/add_layernorm_pool_gelu_backward.py`` for either layout, or
-    ``kernels/add_layernorm_backward.py`` with PyTorch pooling and GELU). Under
-    ``torch.no_grad()`` or ``torch.inference_mode()`` the one-kernel path applies as usual.
+    one-kernel path, which has no backward, is skipped: the cuDNN convolution and the tail
+    kernels run, whose backward is in Triton (``kernels/add_layernorm_pool_gelu_backward.py``
+    for either layout, or ``kernels/add_layernorm_backward.py`` with PyTorch pooling and
+    GELU). The convolution is channels-last as above only in the dtypes of
+    :attr:`channels_last_training_dtypes`; in the others it runs in NCDHW, feeding the
+    contiguous tail kernels. Under ``torch.no_grad()`` or ``torch.inference_mode()`` the
+    one-kernel path applies as usual.
     """
 
     #: Run the convolution channels-last when the fused tail is used (see the class doc).
     channels_last_conv: bool = True
+    #: Dtypes in which a training forward keeps the channels-last convolution. A training step
+    #: adds cuDNN's two backward convolutions and the tail's backward, all in the layout the
+    #: forward picked, so the layout that wins the forward need not win the step: measured
+    #: whole (BENCHMARKS.md, Training), channels-last won in float32 and NCDHW in bfloat16. In
+    #: 16-bit the channels-last tail kernels also fall further behind the contiguous ones (a
+    #: tile's contiguous runs, a block of channels at one position, are half as many bytes);
+    #: float16 shares bfloat16's element size and goes with it.
+    channels_last_training_dtypes: tuple[torch.dtype, ...] = (torch.float32,)
 
     @property
     def uses_fused_tail(self) -> bool:
@@ -137,11 +147,14 @@ class ModelNew(Model):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv_transpose
         # The one-kernel path has no backward; the paths below have (cuDNN's and the tail's).
-        if not self._gradients_required(x) and self._triton_conv_tail_applies(x):
+        training = self._gradients_required(x)
+        if not training and self._triton_conv_tail_applies(x):
             return fused_conv_transpose_tail(
                 x, conv.weight, conv.bias, self.sum_weight.to(x.dtype), self.norm.weight,
                 self.norm.bias, self.norm.eps, self.gelu.approximate)
-        if not (self.channels_last_conv and self.uses_fused_tail and x.dim() in (4, 5)
+        channels_last = self.channels_last_conv and (
+            not training or x.dtype in self.channels_last_training_dtypes)
+        if not (channels_last and self.uses_fused_tail and x.dim() in (4, 5)
                 and type(conv) is nn.ConvTranspose3d and conv.padding_mode == "zeros"):
             return super().forward(x)
         batched = x if x.dim() == 5 else x.unsqueeze(0)  # unbatched [C, D, H, W]

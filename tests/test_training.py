@@ -27,10 +27,10 @@ from kernels import (
 )
 from kernels.add_layernorm_backward import (
     ADD_LAYERNORM_BACKWARD,
-    REDUCTIONS,
     AddLayerNormBackwardCall,
     add_layernorm_backward,
 )
+from kernels.backward_reduce import REDUCTIONS
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = ("fp32", "fp16", "bf16")
@@ -371,3 +371,26 @@ def test_modelnew_forward_raises_nothing_and_conv_tail_kernel_refuses_grad():
     with torch.no_grad():
         assert fused_conv_transpose_tail(x, conv.weight, conv.bias, 0.5).shape == (2, 4, 2, 4, 4)
     del model
+
+
+@pytest.mark.parametrize("dtype,training,conv_layout", [
+    (torch.float32, True, "channels_last"), (torch.bfloat16, True, "ncdhw"),
+    (torch.float16, True, "ncdhw"), (torch.bfloat16, False, "channels_last"),
+], ids=["fp32_training", "bf16_training", "fp16_training", "bf16_inference"])
+def test_modelnew_conv_layout_by_dtype_when_training(monkeypatch, dtype, training, conv_layout):
+    model, new = tiny_models(seed=50)
+    new = new.to(dtype)
+    new.conv_in_triton = False  # inference would take the one-kernel path otherwise
+    calls = []
+    real = ModelNew._conv_channels_last
+    monkeypatch.setattr(ModelNew, "_conv_channels_last",
+                        lambda self, x: calls.append(x.dtype) or real(self, x))
+    x = torch.randn(TINY_INPUT, generator=torch.Generator().manual_seed(51)).to(dtype)
+    with torch.set_grad_enabled(training):
+        out = new(x)
+    assert calls == ([dtype] if conv_layout == "channels_last" else [])
+    want = model.double()(x.double())
+    assert relative_error(out.detach(), want) <= TOLERANCE[dtype]
+    if training:
+        out.float().square().sum().backward()
+        assert new.norm.weight.grad is not None and new.conv_transpose.weight.grad is not None

@@ -167,10 +167,10 @@ def bench_tail(compile_: bool, tune: bool) -> list[dict]:
                                     ("channels_last", torch.channels_last_3d)):
             x = conv_out.contiguous(memory_format=layout)
             expected = torch_tail(x.double(), shift.double(), ln_weight.double(), ln_bias.double())
-            pooled_rows = n * c_out * d * h
-            config, source = tail.select_config(pooled_rows, 2 * w, dtype, 2, 2 * h, "none",
-                                                channels_last=layout_name == "channels_last",
-                                                channels=c_out)
+            descriptor = tail.ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST \
+                if layout_name == "channels_last" else tail.ADD_LAYERNORM_POOL_GELU
+            call = tail.PoolGeluCall(tuple(x.shape), dtype)
+            config, source = descriptor.select(call)
             assert source == "heuristic", source
             row = {"kernel": f"add_layernorm_pool_gelu {layout_name}", "dtype": dtype_name,
                    "default_config": config.key()}
@@ -187,9 +187,7 @@ def bench_tail(compile_: bool, tune: bool) -> list[dict]:
                 tail.fused_add_layernorm_pool_gelu(x, shift, ln_weight, ln_bias)  # tunes, saves
                 row["autotune_s"] = time.perf_counter() - started
                 os.environ.pop("TUNER_AUTOTUNE")
-                tuned, _ = tail.select_config(pooled_rows, 2 * w, dtype, 2, 2 * h, "none",
-                                              channels_last=layout_name == "channels_last",
-                                              channels=c_out)
+                tuned, _ = descriptor.select(call)
                 row["autotune_config"] = tuned.key()
                 attempt(row, "autotune_ms", lambda: checked_ms(
                     lambda: tail.fused_add_layernorm_pool_gelu(x, shift, ln_weight, ln_bias,
@@ -204,7 +202,8 @@ def bench_tail(compile_: bool, tune: bool) -> list[dict]:
         model = Model(**REFERENCE_ARGS).to("cuda", dtype)
         x = torch.randn(REFERENCE_INPUT_SHAPE, device="cuda", generator=generator, dtype=dtype)
         conv = model.conv_transpose
-        config, source = conv_tail.select_config(tuple(x.shape), c_out, dtype, "none")
+        config, source = conv_tail.CONV_TRANSPOSE_TAIL.select(
+            conv_tail.ConvTailCall(tuple(x.shape), c_out, dtype))
         assert source == "heuristic", source
         with torch.no_grad():
             expected = Model(**REFERENCE_ARGS).to("cuda", torch.float64)

@@ -92,11 +92,11 @@ def main() -> None:
     for index, problem in enumerate(problems):
         configs = truth_configs[problem] + [picks[seed][problem].config for seed in picks
                                             if problem in picks[seed]]
-        unique = [config.as_dict() for config in dict.fromkeys(configs)]
+        unique = list(dict.fromkeys(configs))
         futures[problem] = workers[index % len(workers)].call("confirm", problem, unique, args.rounds)
     rows, records = [], []
     for problem in problems:
-        medians = futures[problem].result()["ms"]
+        medians = futures[problem].result().ms
         best_key = min(medians, key=medians.get)  # the fastest re-timed: ground truth or a pick
         ratios = {seed: medians[picks[seed][problem].config.key()] / medians[best_key]
                   for seed in picks if problem in picks[seed]}

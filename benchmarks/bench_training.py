@@ -31,8 +31,11 @@ import triton
 
 from common import copy_bandwidth_gbps, out_dir, print_table, time_ms, versions, write_json
 from kernels import LaunchConfig, Model, ModelNew, fused_add_layernorm, reload_tables
-from kernels.add_layernorm_backward import add_layernorm_backward
-from kernels.add_layernorm_backward import select_config as select_backward_config
+from kernels.add_layernorm_backward import (
+    ADD_LAYERNORM_BACKWARD,
+    AddLayerNormBackwardCall,
+    add_layernorm_backward,
+)
 from kernels.backward_reduce import REDUCTIONS
 from kernels.model import REFERENCE_ARGS, REFERENCE_INPUT_SHAPE
 
@@ -132,7 +135,7 @@ def layer_norm_fwd_bwd(rows: int, width: int, dtype: torch.dtype, copy_gbps: flo
         mean = shifted.mean(-1)
         rstd = torch.rsqrt(shifted.var(-1, unbiased=False) + EPS)
         x_plain, w_plain, s_plain = x.detach(), weight.detach(), sum_weight.detach()
-        config, source = select_backward_config(rows, width, dtype)
+        config, source = ADD_LAYERNORM_BACKWARD.select(AddLayerNormBackwardCall(rows, width, dtype))
         result["backward_config"] = {"config": config.key(), "source": source}
         for reduction in REDUCTIONS:
             result["backward_only_ms"][reduction] = time_ms(

@@ -13,6 +13,8 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tuner.columns import format_columns  # noqa: E402
+
 
 def time_ms(fn) -> float:
     """Median milliseconds of ``fn`` (triton.testing.do_bench: CUDA events, L2 flushed)."""
@@ -46,9 +48,6 @@ def write_json(name: str, data) -> None:
 
 
 def print_table(headers: list[str], rows: list[list]) -> None:
-    cells = [[str(value) for value in row] for row in [headers] + rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for index, row in enumerate(cells):
-        print(" | ".join(value.rjust(width) for value, width in zip(row, widths)))
-        if index == 0:
-            print("-+-".join("-" * width for width in widths))
+    """Prints a result table (tuner.columns, the tuner's own printer)."""
+    for line in format_columns(headers, rows):
+        print(line)

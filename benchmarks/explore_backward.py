@@ -217,8 +217,9 @@ class Problem:
         config, _ = forward_module.select_config(self.rows, self.width, self.dtype)
         out = torch.empty_like(x)
         mean, rstd = torch.empty((2, self.rows), dtype=torch.float32, device=DEVICE)
-        return lambda: forward_module._launch(x, out, w, b, s, 0.0, self.rows, self.width, EPS,
-                                              config, stats=(mean, rstd))
+        return lambda: forward_module.ADD_LAYERNORM.launch(x, out, w, b, s, 0.0, self.rows,
+                                                           self.width, EPS, config,
+                                                           stats=(mean, rstd))
 
 
 def measure_backward(problem: Problem, candidate: Candidate) -> dict:
@@ -317,8 +318,8 @@ def explore(problem: Problem, budget_s: float) -> tuple[dict, list[list]]:
     result["forward_config"] = {"config": forward_config.key(), "source": forward_source}
     result["forward_stats_ms"] = time_ms(problem.forward_with_stats(), DEVICE)
 
-    backward_config, backward_source = backward_module.select_config(
-        problem.rows, problem.width, problem.dtype)
+    backward_config, backward_source = backward_module.ADD_LAYERNORM_BACKWARD.select(
+        backward_module.AddLayerNormBackwardCall(problem.rows, problem.width, problem.dtype))
     default = measure_backward(problem, Candidate(backward_config))
     default["source"] = backward_source
     result["backward_default"] = default

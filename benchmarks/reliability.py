@@ -41,6 +41,8 @@ from tuner.study import Settings, study_name  # noqa: E402
 from tuner.local import descendants  # noqa: E402
 from tuner.workers import PoolOptions, WorkerPool  # noqa: E402
 
+from tests.faults import inject  # noqa: E402
+
 SPEC = get_kernel("add_layernorm")
 PROBLEM = SPEC.problem("128x64", "float32")
 SPACE_YAML = ("kernel: add_layernorm\nrestrictions: {}\nparameters:\n  block_rows: [2, 4]\n"
@@ -69,42 +71,34 @@ def table_ok(path: Path) -> bool:
         return False
 
 
-class SignallingDriver(Driver):
-    """Sends ``sig`` to the worker process of the ``at``-th trial right after submitting it."""
-
-    def __init__(self, *args, sig: int, at: int = 3, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.sig, self.at, self.submitted = sig, at, 0
-
-    def _submit(self, job) -> None:
-        super()._submit(job)
-        if not job.is_confirm:
-            self.submitted += 1
-            if self.submitted == self.at:
-                os.kill(job.worker.info["pid"], self.sig)
+def signal_worker(sig: int):
+    """A fault: ``sig`` to the worker's process."""
+    return lambda worker: os.kill(worker.info["pid"], sig)
 
 
-def run_driver(tmp: Path, driver_class=Driver, workers: int = 2, settings=SETTINGS, **kwargs):
+def run_driver(tmp: Path, fault, workers: int = 2, settings=SETTINGS):
+    """A search whose third trial's worker suffers ``fault(worker)`` right after it is sent."""
     storage = optuna.storages.InMemoryStorage()
     pool = WorkerPool(PoolOptions(workers=workers, interpret=True))
     try:
         pool.start()
-        driver_class(pool, storage, settings, lambda d: tmp / "t.json", space=SPACE,
-                     progress=Progress(stream=io.StringIO()), **kwargs).run([PROBLEM])
+        inject(pool, 3, fault)
+        Driver(pool, storage, settings, lambda d: tmp / "t.json", space=SPACE,
+               progress=Progress(stream=io.StringIO())).run([PROBLEM])
     finally:
         pool.shutdown()
     return measured(storage)
 
 
 def fault_worker_sigkill(tmp: Path) -> dict:
-    trials = run_driver(tmp, SignallingDriver, sig=signal.SIGKILL)
+    trials = run_driver(tmp, signal_worker(signal.SIGKILL))
     failed = sum(t.state != TrialState.COMPLETE for t in trials)
     return {"lost": lost(trials, SETTINGS.trials) + failed, "corrupt": not table_ok(tmp / "t.json")}
 
 
 def fault_worker_hang(tmp: Path) -> dict:
     settings = Settings(trials=6, confirm_top=2, confirm_rounds=1, trial_timeout=5.0)
-    trials = run_driver(tmp, SignallingDriver, sig=signal.SIGSTOP, settings=settings)
+    trials = run_driver(tmp, signal_worker(signal.SIGSTOP), settings=settings)
     timed_out = [t for t in trials if "timed out" in t.user_attrs.get("error", "")]
     return {"lost": lost(trials, settings.trials), "corrupt": not table_ok(tmp / "t.json"),
             "note": f"{len(timed_out)} hung trial failed with a timeout, worker replaced"}
@@ -212,19 +206,13 @@ def fault_node_killed(tmp: Path) -> dict:
     nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
 
-    class NodeKillingDriver(Driver):
-        submitted = 0
-
-        def _submit(self, job) -> None:
-            super()._submit(job)
-            NodeKillingDriver.submitted += 1
-            if NodeKillingDriver.submitted == 3:
-                [node] = [n for n in nodes if n.node_id == job.worker.info["node"]]
-                cluster.remove_node(node, allow_graceful=False)
+    def kill_node(worker) -> None:
+        [node] = [n for n in nodes if n.node_id == worker.info["node"]]
+        cluster.remove_node(node, allow_graceful=False)
 
     started = time.monotonic()
     try:
-        trials = run_driver(tmp, NodeKillingDriver)
+        trials = run_driver(tmp, kill_node)
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -1,4 +1,5 @@
-"""The backward of ``LayerNorm(x + sum_weight)``: the Triton kernel and its launcher.
+"""The backward of ``LayerNorm(x + sum_weight)``: the Triton kernel, its descriptor
+(:data:`ADD_LAYERNORM_BACKWARD`) and launcher.
 
 The forward (``kernels/add_layernorm.py``) saves the per-row mean of ``x + sum_weight`` and
 its rstd in float32. With ``xhat = (x + sum_weight - mean) * rstd`` and ``g = dy * weight``:
@@ -24,6 +25,7 @@ by one program is not ordered between its threads.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -31,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import stand_in_tensors
 from .backward_reduce import (
     choose_reduction,
     column_sums,
@@ -39,10 +42,8 @@ from .backward_reduce import (
     resident_programs,
 )
 from .config import LaunchConfig
+from .descriptor import RowsCall, RowsDescriptor
 from .device import device_name, interpreter_enabled
-from .table import lookup_config
-
-KERNEL_NAME = "add_layernorm_backward"
 
 
 @triton.jit
@@ -217,15 +218,6 @@ def heuristic_config(rows: int, width: int, dtype: torch.dtype) -> LaunchConfig:
                         num_warps=max(1, min(8, block_rows * block_w // 512)))
 
 
-def select_config(rows: int, width: int, dtype: torch.dtype,
-                  device: str | None = None) -> tuple[LaunchConfig, str]:
-    """The backward's launch config and where it came from (``table...`` or ``heuristic``):
-    the tables under this kernel's own name, else :func:`heuristic_config`."""
-    device = device if device is not None else device_name()
-    return lookup_config(KERNEL_NAME, device, str(dtype).removeprefix("torch."), width, rows,
-                         heuristic=lambda: heuristic_config(rows, width, dtype))
-
-
 class Gradients(NamedTuple):
     """The backward's results; None where not asked for."""
 
@@ -236,47 +228,87 @@ class Gradients(NamedTuple):
     dsum_weight: torch.Tensor | None
 
 
-def _launch(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None,
-            weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
-            sum_tensor: torch.Tensor | None, sum_value: float, rows: int, width: int,
-            config: LaunchConfig, compute: tuple[bool, bool], atomic: bool,
-            programs: int | None = None, warmup: bool = False) -> torch.Tensor | None:
-    """Launches the backward kernel on its persistent grid (``programs`` programs, default one
-    wave) and returns the float32 ``[rows, columns]`` column sums it added out (dweight's
-    columns first, then dbias's; None when neither is computed). With ``warmup``, only
-    compiles the kernel."""
-    kernel = _add_layernorm_backward_kernel
-    meta = dict(BLOCK_ROWS=config.block_rows, BLOCK_W=config.block_w,
-                SINGLE_PASS=config.block_w >= width, HAS_WEIGHT=weight is not None,
-                SUM_FROM_PTR=sum_tensor is not None, STORE_DX=dx is not None,
-                COMPUTE_DWEIGHT=compute[0], COMPUTE_DBIAS=compute[1], ATOMIC_REDUCE=atomic,
-                EVICTION_POLICY=config.eviction_policy, num_warps=config.num_warps,
-                num_stages=config.num_stages)
+@dataclasses.dataclass(frozen=True)
+class AddLayerNormBackwardCall(RowsCall):
+    """A call of :func:`add_layernorm_backward` on ``rows`` rows of ``width``: whether weight
+    is given, sum_weight's dtype (None: a Python number) and the reduction of the column sums
+    (None: chosen by width, :func:`kernels.backward_reduce.choose_reduction`)."""
 
-    def arguments(dweight_partial: torch.Tensor, dbias_partial: torch.Tensor, stride: int,
-                  tiles_per_program: int) -> tuple:
-        return (x, dy, dx if dx is not None else x, weight if weight is not None else x, mean,
-                rstd, sum_tensor if sum_tensor is not None else x, sum_value, dweight_partial,
-                dbias_partial, stride, rows, width, tiles_per_program)
+    has_weight: bool = True
+    sum_weight_dtype: torch.dtype | None = None
+    reduction: str | None = None
 
-    # Stand-ins for what is not specialised on (see the kernel): the kernel they compile is
-    # the one launched.
-    stand_ins = arguments(mean, mean, 0, 2)
-    if warmup:
-        kernel.warmup(*stand_ins, grid=(1,), **meta)
-        return None
-    row_tiles = triton.cdiv(rows, config.block_rows)
-    if programs is None:
-        programs = program_count(row_tiles, config.block_rows,
-                                 resident_programs(kernel, stand_ins, meta, x))
-    columns = (compute[0] + compute[1]) * width
-    # The chunked loop adds chunk by chunk into the program's own row: it starts from zeros.
-    partials = partial_sums(programs, columns, atomic, config.block_w < width, x.device) \
-        if columns else None
-    kernel[(programs,)](*arguments(partials if compute[0] else mean,
-                                   partials[:, columns - width:] if compute[1] else mean,
-                                   columns, triton.cdiv(row_tiles, programs)), **meta)
-    return partials
+
+class AddLayerNormBackward(RowsDescriptor[AddLayerNormBackwardCall]):
+    """The add + LayerNorm backward kernel, with all gradients. The tuner measures it as a
+    training step of ModelNew runs it: weight given, sum_weight a tensor of x's dtype."""
+
+    name = "add_layernorm_backward"
+
+    def make_call(self, rows: int, width: int, dtype: torch.dtype) -> AddLayerNormBackwardCall:
+        return AddLayerNormBackwardCall(rows, width, dtype, sum_weight_dtype=dtype)
+
+    def default_config(self, call: AddLayerNormBackwardCall,
+                       device: str | None = None) -> LaunchConfig:
+        return heuristic_config(call.rows, call.width, call.dtype)
+
+    def compile(self, call: AddLayerNormBackwardCall, config: LaunchConfig,
+                device: torch.device | str = "cuda") -> None:
+        """A no-op under the interpreter, which compiles nothing."""
+        atomic = choose_reduction(call.width, call.reduction) == "atomics"
+        if interpreter_enabled():
+            return
+        device = torch.device(device)
+        tiny, weight, _, sum_tensor = stand_in_tensors(call.dtype, call.has_weight, False,
+                                                       call.sum_weight_dtype, device)
+        stats = torch.empty(16, dtype=torch.float32, device=device)
+        self.launch(tiny, tiny, tiny, weight, stats, stats, sum_tensor, 0.0, call.rows,
+                    call.width, config, (call.has_weight, True), atomic, warmup=True)
+
+    def launch(self, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None,
+               weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+               sum_tensor: torch.Tensor | None, sum_value: float, rows: int, width: int,
+               config: LaunchConfig, compute: tuple[bool, bool], atomic: bool,
+               programs: int | None = None, warmup: bool = False) -> torch.Tensor | None:
+        """Launches the backward kernel on its persistent grid (``programs`` programs, default one
+        wave) and returns the float32 ``[rows, columns]`` column sums it added out (dweight's
+        columns first, then dbias's; None when neither is computed). With ``warmup``, only
+        compiles the kernel."""
+        kernel = _add_layernorm_backward_kernel
+        meta = dict(BLOCK_ROWS=config.block_rows, BLOCK_W=config.block_w,
+                    SINGLE_PASS=config.block_w >= width, HAS_WEIGHT=weight is not None,
+                    SUM_FROM_PTR=sum_tensor is not None, STORE_DX=dx is not None,
+                    COMPUTE_DWEIGHT=compute[0], COMPUTE_DBIAS=compute[1], ATOMIC_REDUCE=atomic,
+                    EVICTION_POLICY=config.eviction_policy, num_warps=config.num_warps,
+                    num_stages=config.num_stages)
+
+        def arguments(dweight_partial: torch.Tensor, dbias_partial: torch.Tensor, stride: int,
+                      tiles_per_program: int) -> tuple:
+            return (x, dy, dx if dx is not None else x, weight if weight is not None else x, mean,
+                    rstd, sum_tensor if sum_tensor is not None else x, sum_value, dweight_partial,
+                    dbias_partial, stride, rows, width, tiles_per_program)
+
+        # Stand-ins for what is not specialised on (see the kernel): the kernel they compile is
+        # the one launched.
+        stand_ins = arguments(mean, mean, 0, 2)
+        if warmup:
+            kernel.warmup(*stand_ins, grid=(1,), **meta)
+            return None
+        row_tiles = triton.cdiv(rows, config.block_rows)
+        if programs is None:
+            programs = program_count(row_tiles, config.block_rows,
+                                     resident_programs(kernel, stand_ins, meta, x))
+        columns = (compute[0] + compute[1]) * width
+        # The chunked loop adds chunk by chunk into the program's own row: it starts from zeros.
+        partials = partial_sums(programs, columns, atomic, config.block_w < width, x.device) \
+            if columns else None
+        kernel[(programs,)](*arguments(partials if compute[0] else mean,
+                                       partials[:, columns - width:] if compute[1] else mean,
+                                       columns, triton.cdiv(row_tiles, programs)), **meta)
+        return partials
+
+
+ADD_LAYERNORM_BACKWARD = AddLayerNormBackward()
 
 
 def add_layernorm_backward(
@@ -313,7 +345,10 @@ def add_layernorm_backward(
     need_dx, need_dweight, need_dbias, need_dsum = needs
     need_dweight = need_dweight and weight is not None
     if config is None:
-        config, _ = select_config(rows, width, x.dtype, device_name(x.device))
+        call = AddLayerNormBackwardCall(
+            rows, width, x.dtype, weight is not None,
+            sum_weight.dtype if isinstance(sum_weight, torch.Tensor) else None, reduction)
+        config, _ = ADD_LAYERNORM_BACKWARD.select(call, device_name(x.device))
     dx = None
     if need_dx:
         dx = torch.empty_like(x) if dx_out is None else dx_out
@@ -325,30 +360,9 @@ def add_layernorm_backward(
         return Gradients(None, None, None, dsum)
     sum_tensor, sum_value = (sum_weight, 0.0) if isinstance(sum_weight, torch.Tensor) \
         else (None, float(sum_weight))
-    partials = _launch(x, dy, dx, weight, mean, rstd, sum_tensor, sum_value, rows, width, config,
-                       (need_dweight, need_dbias), reduction == "atomics", programs)
+    partials = ADD_LAYERNORM_BACKWARD.launch(x, dy, dx, weight, mean, rstd, sum_tensor, sum_value,
+                                             rows, width, config, (need_dweight, need_dbias),
+                                             reduction == "atomics", programs)
     sums = column_sums(partials, width, need_dweight + need_dbias, x.dtype) \
         if partials is not None else []
     return Gradients(dx, sums[0] if need_dweight else None, sums[-1] if need_dbias else None, dsum)
-
-
-def compile_config(rows: int, width: int, dtype: torch.dtype, config: LaunchConfig, *,
-                   has_weight: bool = True, sum_weight_dtype: torch.dtype | None = None,
-                   reduction: str | None = None, device: torch.device | str = "cuda") -> None:
-    """Compiles, without launching, the backward kernel that a ``rows x width`` problem in
-    ``dtype`` runs with ``config`` (all gradients; ``reduction`` as
-    :func:`add_layernorm_backward` takes it), into Triton's cache.
-
-    ``sum_weight_dtype`` is the dtype of a tensor ``sum_weight``; None for a Python number.
-    A no-op under the interpreter, which compiles nothing.
-    """
-    atomic = choose_reduction(width, reduction) == "atomics"
-    if interpreter_enabled():
-        return
-    device = torch.device(device)
-    tiny = torch.empty(16, dtype=dtype, device=device)  # 16-byte aligned, like any allocation
-    stats = torch.empty(16, dtype=torch.float32, device=device)
-    sum_tensor = None if sum_weight_dtype is None else torch.empty(1, dtype=sum_weight_dtype,
-                                                                   device=device)
-    _launch(tiny, tiny, tiny, tiny if has_weight else None, stats, stats, sum_tensor, 0.0, rows,
-            width, config, (has_weight, True), atomic, warmup=True)

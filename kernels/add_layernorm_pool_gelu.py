@@ -17,8 +17,7 @@ input tile itself is loaded as ``[BLOCK_ROWS, BLOCK_WO, KW_PAD]`` (column ``wo *
 statistics and the pooling both come from that single load.
 
 Channels-last x (``torch.channels_last_3d``: memory order N, D, H, W, C) has its own kernel,
-so that a channels-last convolution in front needs no ``.contiguous()`` copy (~2.4 ms at the
-reference shape on an H100). One program takes one ``(n, do, ho)`` and ``BLOCK_C`` channels
+so that a channels-last convolution in front needs no ``.contiguous()`` copy. One program takes one ``(n, do, ho)`` and ``BLOCK_C`` channels
 (``LaunchConfig.block_rows`` counts channels there). For each of the ``KD * KH`` input rows
 ``(d, h)`` the ``[W, C]`` slab is contiguous, so the program loads a ``[BLOCK_W, BLOCK_C]``
 tile, coalesced along C, whose column c is the LayerNorm row of channel c; the statistics are
@@ -26,49 +25,42 @@ taken along axis 0 and the rest mirrors the row kernel (W pooled by a reshape to
 ``[BLOCK_WO, KW, BLOCK_C]``, or a ``[BLOCK_WO, KW_PAD, BLOCK_C]`` tile for other ``KW``). The
 output is written channels-last too: its ``[Wo, BLOCK_C]`` tile is contiguous, one store.
 Both kernels share the small ``@triton.jit`` helpers for sum_weight, the normalisation, the
-affine step and GELU.
+affine step and GELU. Their descriptors, :data:`ADD_LAYERNORM_POOL_GELU` and
+:data:`ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST`, share one table kernel name.
 """
 
 from __future__ import annotations
 
-import functools
-from numbers import Real
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from .add_layernorm import (
-    _check_param,
-    _dtype_name,
-    _store_stats,
+from ._common import (
+    affine,
+    check_approximate,
     check_device,
+    check_eps,
+    check_no_out_with_autograd,
+    check_param,
+    check_tensor,
+    gelu,
     gradients_required,
+    launch_or_compile,
+    load_shift,
     split_sum_weight,
     stand_in_tensors,
+    store_stats,
+    sum_weight_dtype,
 )
-from .add_layernorm_pool_gelu_backward import KERNEL_NAME as BACKWARD_KERNEL_NAME
+# APPROXIMATE and POOL_KERNEL, the tuner's pooling and GELU, are re-exported for tuner/problems.
+from ._pool_gelu import APPROXIMATE, POOL_KERNEL  # noqa: F401
+from ._pool_gelu import PoolGeluCall, PoolGeluDescriptor, pool_kernel_tuple
 from .add_layernorm_pool_gelu_backward import add_layernorm_pool_gelu_backward
 from .autotune import autotune_enabled, tune_add_layernorm_pool_gelu
 from .config import MAX_TILE_ELEMENTS, LaunchConfig
-from .defaults import add_layernorm_pool_gelu_default, device_properties
 from .device import device_name, interpreter_enabled
-from .table import lookup_config
-
-KERNEL_NAME = "add_layernorm_pool_gelu"
-APPROXIMATIONS: tuple[str, ...] = ("none", "tanh")
-
-
-@triton.jit
-def _shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR: tl.constexpr):
-    """``sum_weight`` in float32: read on the device, or the Python number passed in."""
-    if SUM_FROM_PTR:
-        shift = tl.load(sum_weight_ptr).to(tl.float32)
-    else:
-        shift = sum_weight_value
-    return shift
-
 
 @triton.jit
 def _row_sum(x, AXIS: tl.constexpr, AXIS2: tl.constexpr):
@@ -101,33 +93,6 @@ def _normalized(x, mask, shift, width, eps, AXIS: tl.constexpr, AXIS2: tl.conste
     centered = tl.where(mask, x - _unreduce(mean, AXIS, AXIS2), 0.0)
     rstd = tl.rsqrt(_row_sum(centered * centered, AXIS, AXIS2) / width + eps)
     return centered * _unreduce(rstd, AXIS, AXIS2), mean, rstd
-
-
-@triton.jit
-def _affine(acc, weight_ptr, bias_ptr, cols, col_mask, AXIS: tl.constexpr,
-            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr):
-    """``acc`` = sum over ``COUNT`` rows of normalised values; returns the sum of
-    ``(n * w + b)``, i.e. ``w * acc + COUNT * b``. ``weight``/``bias`` are loaded at the W
-    positions ``cols`` and broadcast to acc's shape by a new axis ``AXIS``."""
-    if HAS_WEIGHT:
-        w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        acc = acc * tl.expand_dims(w, AXIS)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        acc = acc + COUNT * tl.expand_dims(b, AXIS)
-    return acc
-
-
-@triton.jit
-def _gelu(v, APPROX_TANH: tl.constexpr):
-    """GELU in float32, exact (erf) or the tanh approximation."""
-    if APPROX_TANH:
-        # 0.5 * v * (1 + tanh(z)) == v * sigmoid(2 * z)
-        z = 0.7978845608028654 * (v + 0.044715 * v * v * v)
-        y = v * tl.sigmoid(2.0 * z)
-    else:
-        y = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
-    return y
 
 
 @triton.jit
@@ -177,7 +142,7 @@ def _add_layernorm_pool_gelu_kernel(
     # The first input row (n, c, do * KD, ho * KH) of each pooled row.
     first_row = (nc * depth + do * KD) * height + ho * KH
     wo = tl.arange(0, BLOCK_WO)
-    shift = _shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR)
+    shift = load_shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR)
 
     if POOL_BY_RESHAPE:
         # Row tile [BLOCK_ROWS, BLOCK_W]; W pooled by a reshape to [.., BLOCK_WO, KW].
@@ -193,9 +158,9 @@ def _add_layernorm_pool_gelu_kernel(
                 normalized, mean, rstd = _normalized(x, mask, shift, width, eps, 1, -1)
                 acc += normalized
                 if STORE_STATS:
-                    _store_stats(mean_ptr, rstd_ptr, first_row + (i * height + j), mean, rstd,
+                    store_stats(mean_ptr, rstd_ptr, first_row + (i * height + j), mean, rstd,
                                  row_mask)
-        acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 0, HAS_WEIGHT, HAS_BIAS,
+        acc = affine(acc, weight_ptr, bias_ptr, cols, col_mask, 0, HAS_WEIGHT, HAS_BIAS,
                       KD * KH)
         if KW == 1:
             total = acc
@@ -217,13 +182,13 @@ def _add_layernorm_pool_gelu_kernel(
                 normalized, mean, rstd = _normalized(x, mask, shift, width, eps, 2, 1)
                 acc += normalized
                 if STORE_STATS:
-                    _store_stats(mean_ptr, rstd_ptr, first_row + (i * height + j), mean, rstd,
+                    store_stats(mean_ptr, rstd_ptr, first_row + (i * height + j), mean, rstd,
                                  row_mask)
-        acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 0, HAS_WEIGHT, HAS_BIAS,
+        acc = affine(acc, weight_ptr, bias_ptr, cols, col_mask, 0, HAS_WEIGHT, HAS_BIAS,
                       KD * KH)
         total = tl.sum(acc, axis=2)
 
-    y = _gelu(total * (1.0 / (KD * KH * KW)), APPROX_TANH)
+    y = gelu(total * (1.0 / (KD * KH * KW)), APPROX_TANH)
     out_mask = row_mask[:, None] & (wo < out_width)[None, :]
     tl.store(out_ptr + pooled[:, None] * out_width + wo[None, :], y.to(out_ptr.dtype.element_ty),
              mask=out_mask, eviction_policy=EVICTION_POLICY)
@@ -283,7 +248,7 @@ def _add_layernorm_pool_gelu_cl_kernel(
     # first_row * W * C.
     first_row = (n * depth + do * KD) * height + ho * KH
     wo = tl.arange(0, BLOCK_WO)
-    shift = _shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR)
+    shift = load_shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR)
 
     if POOL_BY_RESHAPE:
         # Slab tile [BLOCK_W, BLOCK_C], contiguous along C; W pooled by a reshape to
@@ -301,9 +266,9 @@ def _add_layernorm_pool_gelu_cl_kernel(
                 normalized, mean, rstd = _normalized(x, mask, shift, width, eps, 0, -1)
                 acc += normalized
                 if STORE_STATS:
-                    _store_stats(mean_ptr, rstd_ptr, (first_row + (i * height + j)) * channels
+                    store_stats(mean_ptr, rstd_ptr, (first_row + (i * height + j)) * channels
                                  + chans, mean, rstd, chan_mask)
-        acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 1, HAS_WEIGHT, HAS_BIAS,
+        acc = affine(acc, weight_ptr, bias_ptr, cols, col_mask, 1, HAS_WEIGHT, HAS_BIAS,
                       KD * KH)
         if KW == 1:
             total = acc
@@ -326,13 +291,13 @@ def _add_layernorm_pool_gelu_cl_kernel(
                 normalized, mean, rstd = _normalized(x, mask, shift, width, eps, 1, 0)
                 acc += normalized
                 if STORE_STATS:
-                    _store_stats(mean_ptr, rstd_ptr, (first_row + (i * height + j)) * channels
+                    store_stats(mean_ptr, rstd_ptr, (first_row + (i * height + j)) * channels
                                  + chans, mean, rstd, chan_mask)
-        acc = _affine(acc, weight_ptr, bias_ptr, cols, col_mask, 2, HAS_WEIGHT, HAS_BIAS,
+        acc = affine(acc, weight_ptr, bias_ptr, cols, col_mask, 2, HAS_WEIGHT, HAS_BIAS,
                       KD * KH)
         total = tl.sum(acc, axis=1)
 
-    y = _gelu(total * (1.0 / (KD * KH * KW)), APPROX_TANH)
+    y = gelu(total * (1.0 / (KD * KH * KW)), APPROX_TANH)
     # Output channels-last too: the [Wo, BLOCK_C] tile of (n, do, ho) is contiguous along C.
     out_mask = (wo < out_width)[:, None] & chan_mask[None, :]
     out_offsets = (group * out_width + wo[:, None]) * channels + chans[None, :]
@@ -340,182 +305,81 @@ def _add_layernorm_pool_gelu_cl_kernel(
              eviction_policy=EVICTION_POLICY)
 
 
-def _pool_kernel_tuple(pool_kernel: int | Sequence[int]) -> tuple[int, int, int]:
-    """``pool_kernel`` as three positive ints (an int means the same size on each dim)."""
-    if isinstance(pool_kernel, int) and not isinstance(pool_kernel, bool):
-        pool_kernel = (pool_kernel,) * 3
-    try:
-        kernel = tuple(pool_kernel)
-    except TypeError:
-        raise TypeError(f"pool_kernel must be an int or 3 ints, got {pool_kernel!r}") from None
-    if len(kernel) != 3 or any(not isinstance(k, int) or isinstance(k, bool) for k in kernel):
-        raise TypeError(f"pool_kernel must be an int or 3 ints, got {pool_kernel!r}")
-    if any(k < 1 for k in kernel):
-        raise ValueError(f"pool_kernel {kernel} must be positive")
-    return kernel
+class AddLayerNormPoolGelu(PoolGeluDescriptor):
+    """The fused tail's forward kernel, on contiguous or (``channels_last``) channels-last x."""
+
+    def __init__(self, channels_last: bool) -> None:
+        super().__init__("add_layernorm_pool_gelu", channels_last)
+
+    def default_config(self, call: PoolGeluCall, device: str | None = None) -> LaunchConfig:
+        return self.forward_default(call, device)
+
+    def compile(self, call: PoolGeluCall, config: LaunchConfig,
+                device: torch.device | str = "cuda") -> None:
+        """A no-op under the interpreter, which compiles nothing."""
+        if interpreter_enabled():
+            return
+        x, weight, bias, sum_tensor = stand_in_tensors(call.dtype, call.has_weight, call.has_bias,
+                                                       call.sum_weight_dtype, device)
+        self.launch(x, x, weight, bias, sum_tensor, 0.0, 1e-5, call.shape, call.pool_kernel,
+                    call.approximate, config, warmup=True)
+
+    def launch(self, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,
+               bias: torch.Tensor | None, sum_tensor: torch.Tensor | None, sum_value: float,
+               eps: float, dims: tuple[int, ...], pool_kernel: tuple[int, int, int],
+               approximate: str, config: LaunchConfig, warmup: bool = False,
+               stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Launches the row or channels-last kernel for x of shape ``dims`` (or, with ``warmup``,
+        only compiles it). ``stats``, float32 ``(mean, rstd)`` of ``N * C * D * H`` elements each,
+        receive the statistics of the input rows (in x's layout: channels fastest when
+        channels-last)."""
+        batch, channels, depth, height, width = dims
+        kd, kh, kw = pool_kernel
+        out_depth, out_height, out_width = depth // kd, height // kh, width // kw
+        pool_by_reshape = kw & (kw - 1) == 0
+        if pool_by_reshape:
+            block_wo, kw_pad = config.block_w // kw, kw
+        else:
+            block_wo, kw_pad = triton.next_power_of_2(triton.cdiv(config.block_w, kw)), \
+                triton.next_power_of_2(kw)
+            if config.block_rows * block_wo * kw_pad > MAX_TILE_ELEMENTS:
+                raise ValueError(f"config block_rows={config.block_rows}, block_w={config.block_w} "
+                                 f"with pool width {kw} needs a tile of "
+                                 f"{config.block_rows * block_wo * kw_pad} elements, over Triton's "
+                                 f"limit of {MAX_TILE_ELEMENTS}")
+        args = (x, out,
+                weight if weight is not None else x,
+                bias if bias is not None else x,
+                sum_tensor if sum_tensor is not None else x,
+                sum_value) + (stats if stats is not None else (x, x))
+        meta = dict(BLOCK_W=config.block_w, BLOCK_WO=block_wo, KD=kd, KH=kh, KW=kw, KW_PAD=kw_pad,
+                    POOL_BY_RESHAPE=pool_by_reshape, HAS_WEIGHT=weight is not None,
+                    HAS_BIAS=bias is not None, SUM_FROM_PTR=sum_tensor is not None,
+                    APPROX_TANH=approximate == "tanh", EVICTION_POLICY=config.eviction_policy,
+                    STORE_STATS=stats is not None, num_warps=config.num_warps,
+                    num_stages=config.num_stages)
+        if self.channels_last:
+            # One program per (n, do, ho) and block of block_rows channels.
+            channel_blocks = triton.cdiv(channels, config.block_rows)
+            kernel = _add_layernorm_pool_gelu_cl_kernel
+            grid = (batch * out_depth * out_height * channel_blocks,)
+            args += (channels, channel_blocks)
+            meta["BLOCK_C"] = config.block_rows
+        else:
+            kernel = _add_layernorm_pool_gelu_kernel
+            grid = (triton.cdiv(batch * channels * out_depth * out_height, config.block_rows),)
+            args += (batch * channels * out_depth * out_height,)
+            meta["BLOCK_ROWS"] = config.block_rows
+        args += (depth, height, width, out_depth, out_height, out_width, eps)
+        launch_or_compile(kernel, grid, args, meta, warmup)
 
 
-def _channels_suffix(channels_last: bool, channels: int | None) -> str:
-    if not channels_last:
-        return ""
-    if channels is None or isinstance(channels, bool) or not isinstance(channels, int) \
-            or channels < 1:
-        raise ValueError(f"channels_last=True needs channels, the number of channels C as a "
-                         f"positive int (the channels-last tile spans channels), got {channels!r}")
-    return f"_cl_c{channels}"
+ADD_LAYERNORM_POOL_GELU = AddLayerNormPoolGelu(channels_last=False)
+ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST = AddLayerNormPoolGelu(channels_last=True)
 
 
-def table_variant(height: int, pool_kernel: int | Sequence[int], approximate: str, *,
-                  channels_last: bool = False, channels: int | None = None) -> str:
-    """The lookup table's ``variant`` for this kernel, e.g. ``"h64_k2x2x2_none"``.
-
-    The channels-last kernel is another kernel with another tile (``block_rows`` counts
-    channels, not pooled rows), so its variant adds ``_cl_c{C}``, e.g.
-    ``"h64_k2x2x2_none_cl_c64"``: configs tuned for one layout are never used for the other,
-    nor for another channel count.
-    """
-    kd, kh, kw = _pool_kernel_tuple(pool_kernel)
-    return (f"h{int(height)}_k{kd}x{kh}x{kw}_{approximate}"
-            + _channels_suffix(channels_last, channels))
-
-
-@functools.lru_cache(maxsize=4096)
-def heuristic_config(pooled_rows: int, width: int, dtype: torch.dtype,
-                     pool_kernel: tuple[int, int, int], channels_last: bool = False,
-                     channels: int | None = None, device: str | None = None) -> LaunchConfig:
-    """A good launch config without measuring, within the limits of the GPU model ``device``
-    (None: the current one); see :func:`kernels.defaults.add_layernorm_pool_gelu_default`.
-    For channels-last x (``channels_last=True``, ``channels`` = C) ``block_rows`` counts
-    channels per program."""
-    kd, kh, _ = _pool_kernel_tuple(pool_kernel)
-    return add_layernorm_pool_gelu_default(pooled_rows, width, dtype.itemsize, kd * kh,
-                                           channels_last, channels, device_properties(device))
-
-
-def select_config(
-    pooled_rows: int, width: int, dtype: torch.dtype, pool_kernel: int | Sequence[int],
-    height: int, approximate: str, device: str | None = None, *, channels_last: bool = False,
-    channels: int | None = None,
-) -> tuple[LaunchConfig, str]:
-    """The launch config for a problem and where it came from (``table...`` or ``heuristic``).
-
-    Looks up the tables under :func:`table_variant` (exact entry, then the nearest pooled-row
-    count for the same device, dtype, width and variant), else :func:`heuristic_config`.
-    ``channels_last=True`` selects for the channels-last kernel (``block_rows`` = channels per
-    program) and needs ``channels`` (C); its table entries are a separate variant.
-    """
-    device = device if device is not None else device_name()
-    kernel = _pool_kernel_tuple(pool_kernel)
-    channels_last = bool(channels_last)
-    variant = table_variant(height, kernel, approximate, channels_last=channels_last,
-                            channels=channels)
-    if not channels_last:
-        channels = None  # irrelevant to the contiguous kernel: one cache entry per problem
-    return lookup_config(KERNEL_NAME, device, _dtype_name(dtype), width, pooled_rows,
-                         variant=variant,
-                         heuristic=lambda: heuristic_config(pooled_rows, width, dtype, kernel,
-                                                            channels_last, channels, device),
-                         miss=lambda: _miss(pooled_rows, width, kernel, height, approximate,
-                                            channels_last, channels))
-
-
-def _miss(pooled_rows: int, width: int, kernel: tuple[int, int, int],
-          height: int, approximate: str, channels_last: bool,
-          channels: int | None) -> tuple[str, str] | None:
-    """The problem as ``python -m tuner`` names it, for the table-miss log: a shape with the
-    same table key (depth folded into the rows). None for the pooling and GELU the tuner's
-    registration does not cover (tuner/problems/add_layernorm_pool_gelu.py)."""
-    if kernel != (2, 2, 2) or approximate != "none":
-        return None
-    out_height = height // kernel[1]
-    if channels_last:
-        return (KERNEL_NAME + "_channels_last",
-                f"{pooled_rows // (channels * out_height)}x{channels}x{kernel[0]}x{height}x{width}")
-    return KERNEL_NAME, f"{pooled_rows // out_height}x1x{kernel[0]}x{height}x{width}"
-
-
-def select_backward_config(pooled_rows: int, width: int, dtype: torch.dtype,
-                           pool_kernel: tuple[int, int, int], height: int, approximate: str,
-                           device: str, *, channels_last: bool = False,
-                           channels: int | None = None) -> LaunchConfig:
-    """The backward's launch config: the tables under its own kernel name and this kernel's
-    variant (:func:`table_variant`), else :func:`backward_heuristic_config`."""
-    variant = table_variant(height, pool_kernel, approximate, channels_last=channels_last,
-                            channels=channels)
-    config, _ = lookup_config(BACKWARD_KERNEL_NAME, device, _dtype_name(dtype), width, pooled_rows,
-                              variant=variant,
-                              heuristic=lambda: backward_heuristic_config(
-                                  pooled_rows, width, dtype, pool_kernel, channels_last, channels))
-    return config
-
-
-@functools.lru_cache(maxsize=4096)
-def backward_heuristic_config(pooled_rows: int, width: int, dtype: torch.dtype,
-                              pool_kernel: tuple[int, int, int], channels_last: bool = False,
-                              channels: int | None = None) -> LaunchConfig:
-    """The backward's config without measuring: the forward's tile (:func:`heuristic_config`)
-    with a warp per 256 elements of it (1 to 16 warps, never fewer than the forward's), as
-    the backward keeps several float32 values per element live where the forward keeps one."""
-    forward = heuristic_config(pooled_rows, width, dtype, pool_kernel, channels_last, channels)
-    kw = pool_kernel[2]
-    tile = forward.block_rows * triton.next_power_of_2(triton.cdiv(forward.block_w, kw)) \
-        * triton.next_power_of_2(kw)
-    num_warps = max(forward.num_warps, min(16, triton.next_power_of_2(max(1, tile // 256))))
-    return LaunchConfig(block_rows=forward.block_rows, block_w=forward.block_w,
-                        num_warps=num_warps)
-
-
-def _launch(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,
-            bias: torch.Tensor | None, sum_tensor: torch.Tensor | None, sum_value: float,
-            eps: float, dims: tuple[int, ...], pool_kernel: tuple[int, int, int], approximate: str,
-            config: LaunchConfig, channels_last: bool, warmup: bool = False,
-            stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-    """Launches the row or channels-last kernel for x of shape ``dims`` (or, with ``warmup``,
-    only compiles it). ``stats``, float32 ``(mean, rstd)`` of ``N * C * D * H`` elements each,
-    receive the statistics of the input rows (in x's layout: channels fastest when
-    channels-last)."""
-    batch, channels, depth, height, width = dims
-    kd, kh, kw = pool_kernel
-    out_depth, out_height, out_width = depth // kd, height // kh, width // kw
-    pool_by_reshape = kw & (kw - 1) == 0
-    if pool_by_reshape:
-        block_wo, kw_pad = config.block_w // kw, kw
-    else:
-        block_wo, kw_pad = triton.next_power_of_2(triton.cdiv(config.block_w, kw)), \
-            triton.next_power_of_2(kw)
-        if config.block_rows * block_wo * kw_pad > MAX_TILE_ELEMENTS:
-            raise ValueError(f"config block_rows={config.block_rows}, block_w={config.block_w} "
-                             f"with pool width {kw} needs a tile of "
-                             f"{config.block_rows * block_wo * kw_pad} elements, over Triton's "
-                             f"limit of {MAX_TILE_ELEMENTS}")
-    args = (x, out,
-            weight if weight is not None else x,
-            bias if bias is not None else x,
-            sum_tensor if sum_tensor is not None else x,
-            sum_value) + (stats if stats is not None else (x, x))
-    meta = dict(BLOCK_W=config.block_w, BLOCK_WO=block_wo, KD=kd, KH=kh, KW=kw, KW_PAD=kw_pad,
-                POOL_BY_RESHAPE=pool_by_reshape, HAS_WEIGHT=weight is not None,
-                HAS_BIAS=bias is not None, SUM_FROM_PTR=sum_tensor is not None,
-                APPROX_TANH=approximate == "tanh", EVICTION_POLICY=config.eviction_policy,
-                STORE_STATS=stats is not None, num_warps=config.num_warps,
-                num_stages=config.num_stages)
-    if channels_last:
-        # One program per (n, do, ho) and block of block_rows channels.
-        channel_blocks = triton.cdiv(channels, config.block_rows)
-        kernel = _add_layernorm_pool_gelu_cl_kernel
-        grid = (batch * out_depth * out_height * channel_blocks,)
-        args += (channels, channel_blocks)
-        meta["BLOCK_C"] = config.block_rows
-    else:
-        kernel = _add_layernorm_pool_gelu_kernel
-        grid = (triton.cdiv(batch * channels * out_depth * out_height, config.block_rows),)
-        args += (batch * channels * out_depth * out_height,)
-        meta["BLOCK_ROWS"] = config.block_rows
-    args += (depth, height, width, out_depth, out_height, out_width, eps)
-    if warmup:
-        kernel.warmup(*args, grid=grid, **meta)
-    else:
-        kernel[grid](*args, **meta)
+def _descriptor(channels_last: bool) -> AddLayerNormPoolGelu:
+    return ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST if channels_last else ADD_LAYERNORM_POOL_GELU
 
 
 class _AddLayerNormPoolGeluFunction(torch.autograd.Function):
@@ -535,8 +399,9 @@ class _AddLayerNormPoolGeluFunction(torch.autograd.Function):
         mean, rstd = torch.empty((2, batch * channels * depth * height), dtype=torch.float32,
                                  device=x.device)
         if out.numel():
-            _launch(x, out, weight, bias, sum_tensor, sum_value, eps, tuple(x.shape), pool_kernel,
-                    approximate, config, channels_last, stats=(mean, rstd))
+            _descriptor(channels_last).launch(x, out, weight, bias, sum_tensor, sum_value, eps,
+                                              tuple(x.shape), pool_kernel, approximate, config,
+                                              stats=(mean, rstd))
         ctx.save_for_backward(x, weight, bias, mean, rstd, sum_tensor)
         ctx.sum_value, ctx.pool_kernel, ctx.approximate = sum_value, pool_kernel, approximate
         ctx.channels_last = channels_last
@@ -546,40 +411,15 @@ class _AddLayerNormPoolGeluFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, weight, bias, mean, rstd, sum_tensor = ctx.saved_tensors
         need_dx, need_dsum, _, need_dweight, need_dbias = ctx.needs_input_grad[:5]
-        batch, channels, depth, height, width = x.shape
-        kd, kh, _ = ctx.pool_kernel
-        config = select_backward_config(
-            batch * channels * (depth // kd) * (height // kh), width, x.dtype, ctx.pool_kernel,
-            height, ctx.approximate, device_name(x.device), channels_last=ctx.channels_last,
-            channels=channels)
         memory_format = torch.channels_last_3d if ctx.channels_last else torch.contiguous_format
         grads = add_layernorm_pool_gelu_backward(
             dy.contiguous(memory_format=memory_format), x, weight, bias, mean, rstd,
             sum_tensor if sum_tensor is not None else ctx.sum_value, ctx.pool_kernel,
-            ctx.approximate, config, channels_last=ctx.channels_last,
+            ctx.approximate, channels_last=ctx.channels_last,
             needs=(need_dx, need_dweight, need_dbias, False))
         # Zero in exact arithmetic (kernels/add_layernorm_backward.py), made in its own dtype.
         dsum = torch.zeros_like(sum_tensor) if need_dsum else None
         return grads.dx, dsum, None, grads.dweight, grads.dbias, None, None, None, None, None
-
-
-def compile_config(shape: Sequence[int], dtype: torch.dtype, config: LaunchConfig, *,
-                   pool_kernel: int | Sequence[int] = (2, 2, 2), approximate: str = "none",
-                   channels_last: bool = False, has_weight: bool = True, has_bias: bool = True,
-                   sum_weight_dtype: torch.dtype | None = None,
-                   device: torch.device | str = "cuda") -> None:
-    """Compiles, without launching, the kernel that x of ``shape`` [N, C, D, H, W] in
-    ``dtype`` runs with ``config``, into Triton's cache (ahead of timing, or at start-up).
-
-    ``sum_weight_dtype`` is the dtype of a tensor ``sum_weight``; None for a Python number.
-    A no-op under the interpreter, which compiles nothing.
-    """
-    if interpreter_enabled():
-        return
-    x, weight, bias, sum_tensor = stand_in_tensors(dtype, has_weight, has_bias, sum_weight_dtype,
-                                                   device)
-    _launch(x, x, weight, bias, sum_tensor, 0.0, 1e-5, tuple(shape),
-            _pool_kernel_tuple(pool_kernel), approximate, config, channels_last, warmup=True)
 
 
 def fused_add_layernorm_pool_gelu(
@@ -617,29 +457,23 @@ def fused_add_layernorm_pool_gelu(
     ``kernels/add_layernorm_pool_gelu_backward.py`` (either layout; dx in x's layout). ``out``
     cannot be given then.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    _dtype_name(x.dtype)
+    check_tensor("x", x)
     if x.dim() != 5:
         raise ValueError(f"x must be 5-D [N, C, D, H, W], got shape {tuple(x.shape)}")
     batch, channels, depth, height, width = x.shape
-    kd, kh, kw = _pool_kernel_tuple(pool_kernel)
+    kd, kh, kw = pool_kernel_tuple(pool_kernel)
     if kd > depth or kh > height or kw > width:
         raise ValueError(f"pool_kernel {(kd, kh, kw)} is larger than x's spatial dims "
                          f"(D, H, W) = {(depth, height, width)}")
-    if approximate not in APPROXIMATIONS:
-        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
-    _check_param("weight", weight, x, (width,))
-    _check_param("bias", bias, x, (width,))
+    check_approximate(approximate)
+    check_param("weight", weight, x, (width,))
+    check_param("bias", bias, x, (width,))
     sum_tensor, sum_value = split_sum_weight(sum_weight, x)
-    if not isinstance(eps, Real) or isinstance(eps, bool):
-        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+    check_eps(eps)
     check_device(x)
 
     track = gradients_required(x, sum_weight, weight, bias)
-    if out is not None and track:
-        raise ValueError("out= cannot be used while gradients are required (autograd needs an "
-                         "output of its own): drop out=, or call under torch.no_grad()")
+    check_no_out_with_autograd(out, track)
     # A tensor both contiguous and channels-last (C == 1, or size-1 spatial dims) takes the
     # row kernel: the two layouts coincide there.
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
@@ -667,15 +501,14 @@ def fused_add_layernorm_pool_gelu(
                              f"the contiguous NCDHW layout; got strides {out.stride()}")
     if not track and out.numel() == 0:
         return out
-    pooled_rows = batch * channels * out_depth * out_height
+    descriptor = _descriptor(channels_last)
     if config is None:
-        config, source = select_config(pooled_rows, width, x.dtype, (kd, kh, kw), height,
-                                       approximate, device_name(x.device),
-                                       channels_last=channels_last, channels=channels)
+        call = PoolGeluCall(tuple(x.shape), x.dtype, (kd, kh, kw), approximate, weight is not None,
+                            bias is not None, sum_weight_dtype(sum_tensor))
+        config, source = descriptor.select(call, device_name(x.device))
         if source != "table" and autotune_enabled():
-            config = tune_add_layernorm_pool_gelu(x, sum_tensor, sum_value, weight, bias,
-                                                  float(eps), (kd, kh, kw), approximate,
-                                                  channels_last, config)
+            config = tune_add_layernorm_pool_gelu(descriptor, call, x, sum_tensor, sum_value,
+                                                  weight, bias, float(eps), config)
     elif not isinstance(config, LaunchConfig):
         raise TypeError(f"config must be a LaunchConfig or None, got {type(config).__name__}")
     if config.block_w < width:
@@ -691,6 +524,6 @@ def fused_add_layernorm_pool_gelu(
         return _AddLayerNormPoolGeluFunction.apply(x, sum_tensor, sum_value, weight, bias,
                                                    float(eps), (kd, kh, kw), approximate, config,
                                                    channels_last)
-    _launch(x, out, weight, bias, sum_tensor, sum_value, float(eps), tuple(x.shape),
-            (kd, kh, kw), approximate, config, channels_last)
+    descriptor.launch(x, out, weight, bias, sum_tensor, sum_value, float(eps), tuple(x.shape),
+                      (kd, kh, kw), approximate, config)
     return out

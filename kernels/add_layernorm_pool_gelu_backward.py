@@ -1,5 +1,5 @@
-"""The backward of ``GELU(AvgPool3d(LayerNorm_W(x + sum_weight)))``: the Triton kernels and
-their launcher (the forward is ``kernels/add_layernorm_pool_gelu.py``).
+"""The backward of ``GELU(AvgPool3d(LayerNorm_W(x + sum_weight)))``: the Triton kernels, their
+descriptors and launcher (the forward is ``kernels/add_layernorm_pool_gelu.py``).
 
 Row kernel, for contiguous x ``[N, C, D, H, W]``: each program walks tiles of ``BLOCK_ROWS`` pooled rows
 (programs interleaved, as in ``kernels/add_layernorm_backward.py``). For a tile it rebuilds
@@ -28,12 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import stand_in_tensors
+from ._pool_gelu import PoolGeluCall, PoolGeluDescriptor
 from .add_layernorm_backward import Gradients
 from .backward_reduce import column_sums, partial_sums, program_count, resident_programs
 from .config import MAX_TILE_ELEMENTS, LaunchConfig
-from .device import interpreter_enabled
-
-KERNEL_NAME = "add_layernorm_pool_gelu_backward"
+from .device import device_name, interpreter_enabled
 
 
 @triton.jit
@@ -342,59 +342,96 @@ def _tiling(dims: tuple[int, ...], pool_kernel: tuple[int, int, int],
     return block_wo, kw_pad, row_tiles
 
 
-def _launch(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None,
-            weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
-            rstd: torch.Tensor, sum_tensor: torch.Tensor | None, sum_value: float,
-            dims: tuple[int, ...], pool_kernel: tuple[int, int, int], approximate: str,
-            config: LaunchConfig, channels_last: bool, compute: tuple[bool, bool],
-            warmup: bool = False) -> torch.Tensor | None:
-    """Launches the row or channels-last backward kernel for x of shape ``dims`` on its
-    persistent grid and returns the float32 ``[programs, columns]`` partial sums it stored
-    (dweight's columns first, then dbias's; None when neither is computed). With ``warmup``,
-    only compiles the kernel."""
-    batch, channels, depth, height, width = dims
-    kd, kh, kw = pool_kernel
-    out_depth, out_height, out_width = depth // kd, height // kh, width // kw
-    block_wo, kw_pad, row_tiles = _tiling(dims, pool_kernel, config, channels_last)
-    meta = dict(BLOCK_WO=block_wo, KD=kd, KH=kh, KW=kw, KW_PAD=kw_pad,
-                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                SUM_FROM_PTR=sum_tensor is not None, APPROX_TANH=approximate == "tanh",
-                STORE_DX=dx is not None, COMPUTE_DWEIGHT=compute[0], COMPUTE_DBIAS=compute[1],
-                EVICTION_POLICY=config.eviction_policy, num_warps=config.num_warps,
-                num_stages=config.num_stages)
-    groups = batch * out_depth * out_height
-    if channels_last:
-        kernel = _add_layernorm_pool_gelu_backward_cl_kernel
-        shape_args = (channels, triton.cdiv(channels, config.block_rows), groups)
-        meta["BLOCK_C"] = config.block_rows
-    else:
-        kernel = _add_layernorm_pool_gelu_backward_kernel
-        shape_args = (groups * channels,)
-        meta["BLOCK_ROWS"] = config.block_rows
+class AddLayerNormPoolGeluBackward(PoolGeluDescriptor):
+    """The fused tail's backward kernel, with all gradients, on contiguous or
+    (``channels_last``) channels-last x, dy and dx."""
 
-    def arguments(dweight_partial: torch.Tensor, dbias_partial: torch.Tensor, stride: int,
-                  tiles_per_program: int) -> tuple:
-        return (x, dy, dx if dx is not None else x, weight if weight is not None else x,
-                bias if bias is not None else x, mean, rstd,
-                sum_tensor if sum_tensor is not None else x, sum_value, dweight_partial,
-                dbias_partial, stride, *shape_args, depth, height, width, out_depth, out_height,
-                out_width, tiles_per_program)
+    def __init__(self, channels_last: bool) -> None:
+        super().__init__("add_layernorm_pool_gelu_backward", channels_last)
 
-    # Stand-ins for what is not specialised on (see the kernels): the kernel they compile is
-    # the one launched.
-    stand_ins = arguments(mean, mean, 0, 2)
-    if warmup:
-        kernel.warmup(*stand_ins, grid=(1,), **meta)
-        return None
-    # A tile holds block_rows pooled rows (or channels), each of kd * kh input rows.
-    programs = program_count(row_tiles, config.block_rows * kd * kh,
-                             resident_programs(kernel, stand_ins, meta, x))
-    columns = (compute[0] + compute[1]) * width
-    partials = partial_sums(programs, columns, False, False, x.device) if columns else None
-    kernel[(programs,)](*arguments(partials if compute[0] else mean,
-                                   partials[:, columns - width:] if compute[1] else mean,
-                                   columns, triton.cdiv(row_tiles, programs)), **meta)
-    return partials
+    def default_config(self, call: PoolGeluCall, device: str | None = None) -> LaunchConfig:
+        """The forward's tile with a warp per 256 elements of it (1 to 16 warps, never fewer
+        than the forward's), as the backward keeps several float32 values per element live
+        where the forward keeps one."""
+        forward = self.forward_default(call, device)
+        kw = call.pool_kernel[2]
+        tile = forward.block_rows * triton.next_power_of_2(triton.cdiv(forward.block_w, kw)) \
+            * triton.next_power_of_2(kw)
+        num_warps = max(forward.num_warps, min(16, triton.next_power_of_2(max(1, tile // 256))))
+        return LaunchConfig(block_rows=forward.block_rows, block_w=forward.block_w,
+                            num_warps=num_warps)
+
+    def compile(self, call: PoolGeluCall, config: LaunchConfig,
+                device: torch.device | str = "cuda") -> None:
+        """A no-op under the interpreter, which compiles nothing."""
+        if interpreter_enabled():
+            return
+        device = torch.device(device)
+        tiny, weight, bias, sum_tensor = stand_in_tensors(call.dtype, call.has_weight,
+                                                          call.has_bias, call.sum_weight_dtype,
+                                                          device)
+        stats = torch.empty(16, dtype=torch.float32, device=device)
+        self.launch(tiny, tiny, tiny, weight, bias, stats, stats, sum_tensor, 0.0, call.shape,
+                    call.pool_kernel, call.approximate, config, (call.has_weight, call.has_bias),
+                    warmup=True)
+
+    def launch(self, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor | None,
+               weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
+               rstd: torch.Tensor, sum_tensor: torch.Tensor | None, sum_value: float,
+               dims: tuple[int, ...], pool_kernel: tuple[int, int, int], approximate: str,
+               config: LaunchConfig, compute: tuple[bool, bool],
+               warmup: bool = False) -> torch.Tensor | None:
+        """Launches the row or channels-last backward kernel for x of shape ``dims`` on its
+        persistent grid and returns the float32 ``[programs, columns]`` partial sums it stored
+        (dweight's columns first, then dbias's; None when neither is computed). With ``warmup``,
+        only compiles the kernel."""
+        batch, channels, depth, height, width = dims
+        kd, kh, kw = pool_kernel
+        out_depth, out_height, out_width = depth // kd, height // kh, width // kw
+        block_wo, kw_pad, row_tiles = _tiling(dims, pool_kernel, config, self.channels_last)
+        meta = dict(BLOCK_WO=block_wo, KD=kd, KH=kh, KW=kw, KW_PAD=kw_pad,
+                    HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                    SUM_FROM_PTR=sum_tensor is not None, APPROX_TANH=approximate == "tanh",
+                    STORE_DX=dx is not None, COMPUTE_DWEIGHT=compute[0], COMPUTE_DBIAS=compute[1],
+                    EVICTION_POLICY=config.eviction_policy, num_warps=config.num_warps,
+                    num_stages=config.num_stages)
+        groups = batch * out_depth * out_height
+        if self.channels_last:
+            kernel = _add_layernorm_pool_gelu_backward_cl_kernel
+            shape_args = (channels, triton.cdiv(channels, config.block_rows), groups)
+            meta["BLOCK_C"] = config.block_rows
+        else:
+            kernel = _add_layernorm_pool_gelu_backward_kernel
+            shape_args = (groups * channels,)
+            meta["BLOCK_ROWS"] = config.block_rows
+
+        def arguments(dweight_partial: torch.Tensor, dbias_partial: torch.Tensor, stride: int,
+                      tiles_per_program: int) -> tuple:
+            return (x, dy, dx if dx is not None else x, weight if weight is not None else x,
+                    bias if bias is not None else x, mean, rstd,
+                    sum_tensor if sum_tensor is not None else x, sum_value, dweight_partial,
+                    dbias_partial, stride, *shape_args, depth, height, width, out_depth, out_height,
+                    out_width, tiles_per_program)
+
+        # Stand-ins for what is not specialised on (see the kernels): the kernel they compile is
+        # the one launched.
+        stand_ins = arguments(mean, mean, 0, 2)
+        if warmup:
+            kernel.warmup(*stand_ins, grid=(1,), **meta)
+            return None
+        # A tile holds block_rows pooled rows (or channels), each of kd * kh input rows.
+        programs = program_count(row_tiles, config.block_rows * kd * kh,
+                                 resident_programs(kernel, stand_ins, meta, x))
+        columns = (compute[0] + compute[1]) * width
+        partials = partial_sums(programs, columns, False, False, x.device) if columns else None
+        kernel[(programs,)](*arguments(partials if compute[0] else mean,
+                                       partials[:, columns - width:] if compute[1] else mean,
+                                       columns, triton.cdiv(row_tiles, programs)), **meta)
+        return partials
+
+
+ADD_LAYERNORM_POOL_GELU_BACKWARD = AddLayerNormPoolGeluBackward(channels_last=False)
+ADD_LAYERNORM_POOL_GELU_BACKWARD_CHANNELS_LAST = AddLayerNormPoolGeluBackward(channels_last=True)
 
 
 def add_layernorm_pool_gelu_backward(
@@ -407,7 +444,7 @@ def add_layernorm_pool_gelu_backward(
     sum_weight: torch.Tensor | float,
     pool_kernel: tuple[int, int, int],
     approximate: str,
-    config: LaunchConfig,
+    config: LaunchConfig | None = None,
     *,
     channels_last: bool = False,
     needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
@@ -421,8 +458,8 @@ def add_layernorm_pool_gelu_backward(
     rows in x's layout (only those a pooling window covers are read). ``needs`` says which of
     (dx, dweight, dbias, dsum_weight) to compute; dweight and dbias come in x's dtype,
     dsum_weight as a float32 scalar zero (see the module doc). ``config``: ``block_rows``
-    pooled rows (channels, for channels-last) per tile, ``block_w`` covering W. ``dx_out`` is
-    an optional buffer for dx in x's layout.
+    pooled rows (channels, for channels-last) per tile, ``block_w`` covering W; None: the
+    tables', else the default. ``dx_out`` is an optional buffer for dx in x's layout.
     """
     batch, channels, depth, height, width = x.shape
     kd, kh, kw = pool_kernel
@@ -430,6 +467,13 @@ def add_layernorm_pool_gelu_backward(
     if tuple(dy.shape) != (batch, channels, out_depth, out_height, out_width):
         raise ValueError(f"dy has shape {tuple(dy.shape)}, expected the pooled shape "
                          f"{(batch, channels, out_depth, out_height, out_width)}")
+    descriptor = ADD_LAYERNORM_POOL_GELU_BACKWARD_CHANNELS_LAST if channels_last \
+        else ADD_LAYERNORM_POOL_GELU_BACKWARD
+    if config is None:
+        call = PoolGeluCall(tuple(x.shape), x.dtype, tuple(pool_kernel), approximate,
+                            weight is not None, bias is not None,
+                            sum_weight.dtype if isinstance(sum_weight, torch.Tensor) else None)
+        config, _ = descriptor.select(call, device_name(x.device))
     _, _, row_tiles = _tiling(tuple(x.shape), pool_kernel, config, channels_last)
     need_dx, need_dweight, need_dbias, need_dsum = needs
     need_dweight = need_dweight and weight is not None
@@ -449,32 +493,9 @@ def add_layernorm_pool_gelu_backward(
         return Gradients(None, None, None, dsum)
     sum_tensor, sum_value = (sum_weight, 0.0) if isinstance(sum_weight, torch.Tensor) \
         else (None, float(sum_weight))
-    partials = _launch(x, dy, dx, weight, bias, mean, rstd, sum_tensor, sum_value,
-                       tuple(x.shape), pool_kernel, approximate, config, channels_last,
-                       (need_dweight, need_dbias))
+    partials = descriptor.launch(x, dy, dx, weight, bias, mean, rstd, sum_tensor, sum_value,
+                                 tuple(x.shape), pool_kernel, approximate, config,
+                                 (need_dweight, need_dbias))
     sums = column_sums(partials, width, need_dweight + need_dbias, x.dtype) \
         if partials is not None else []
     return Gradients(dx, sums[0] if need_dweight else None, sums[-1] if need_dbias else None, dsum)
-
-
-def compile_config(shape: tuple[int, ...], dtype: torch.dtype, config: LaunchConfig, *,
-                   pool_kernel: tuple[int, int, int] = (2, 2, 2), approximate: str = "none",
-                   channels_last: bool = False, has_weight: bool = True, has_bias: bool = True,
-                   sum_weight_dtype: torch.dtype | None = None,
-                   device: torch.device | str = "cuda") -> None:
-    """Compiles, without launching, the backward kernel that x of ``shape`` [N, C, D, H, W] in
-    ``dtype`` runs with ``config`` (all gradients), into Triton's cache.
-
-    ``sum_weight_dtype`` is the dtype of a tensor ``sum_weight``; None for a Python number.
-    A no-op under the interpreter, which compiles nothing.
-    """
-    if interpreter_enabled():
-        return
-    device = torch.device(device)
-    tiny = torch.empty(16, dtype=dtype, device=device)  # 16-byte aligned, like any allocation
-    stats = torch.empty(16, dtype=torch.float32, device=device)
-    sum_tensor = None if sum_weight_dtype is None else torch.empty(1, dtype=sum_weight_dtype,
-                                                                   device=device)
-    _launch(tiny, tiny, tiny, tiny if has_weight else None, tiny if has_bias else None, stats,
-            stats, sum_tensor, 0.0, tuple(shape), tuple(pool_kernel), approximate, config,
-            channels_last, (has_weight, has_bias), warmup=True)

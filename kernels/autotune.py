@@ -19,7 +19,7 @@ import datetime
 import os
 import time
 import warnings
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,14 @@ from .defaults import (
     DeviceProperties,
     device_properties,
 )
+from ._common import dtype_name
 from .device import INTERPRETER_DEVICE, compute_capability, device_name, interpreter_enabled
 from .table import TableEntry, TableError, merge_entries, nearest_configs, nearest_rows, user_table_path
+
+if TYPE_CHECKING:  # the kernel modules import this one
+    from .add_layernorm import AddLayerNorm, AddLayerNormCall
+    from .add_layernorm_pool_gelu import AddLayerNormPoolGelu, PoolGeluCall
+    from .descriptor import KernelDescriptor
 
 AUTOTUNE_ENV = "TUNER_AUTOTUNE"
 BUDGET_S = 2.0
@@ -129,21 +135,23 @@ def _skip(x: torch.Tensor, device: str) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _tune(kernel: str, device: str, dtype: str, width: int, rows: int, variant: str,
-          default: LaunchConfig, neighbours: list[LaunchConfig], x: torch.Tensor,
+def _tune(descriptor: KernelDescriptor, call: Any, device: str, default: LaunchConfig,
+          neighbours: list[LaunchConfig], x: torch.Tensor,
           run: Callable[[LaunchConfig], None], scratch: torch.Tensor,
           matches: Callable[[torch.Tensor], bool]) -> LaunchConfig:
-    """The tuning shared by the kernels: ``default`` when the row bucket is tuned already,
-    else the fastest of the candidates whose output (``run(config)`` writes ``scratch``)
-    ``matches`` the reference, merged into the user table."""
-    key = (kernel, device, dtype, width, variant, rows.bit_length())
-    if key in _tuned:
-        return _tuned[key]
-    tabled = nearest_rows(kernel, device, dtype, width, rows, variant=variant)
-    if tabled is not None and tabled.bit_length() == rows.bit_length():
+    """The tuning shared by the kernels: ``default`` when the call's row bucket is tuned
+    already, else the fastest of the candidates whose output (``run(config)`` writes
+    ``scratch``) ``matches`` the reference, merged into the user table."""
+    key, kernel, dtype = descriptor.table_key(call), descriptor.table_name, dtype_name(call.dtype)
+    bucket = (kernel, device, dtype, key.width, key.variant, key.rows.bit_length())
+    if bucket in _tuned:
+        return _tuned[bucket]
+    tabled = nearest_rows(kernel, device, dtype, key.width, key.rows, variant=key.variant)
+    if tabled is not None and tabled.bit_length() == key.rows.bit_length():
         return default
     candidates = [default]
-    for config in nearest_configs(kernel, device, dtype, width, rows, variant=variant) + neighbours:
+    for config in nearest_configs(kernel, device, dtype, key.width, key.rows,
+                                  variant=key.variant) + neighbours:
         if config not in candidates and len(candidates) < MAX_CANDIDATES:
             candidates.append(config)
     deadline = time.perf_counter() + BUDGET_S
@@ -160,28 +168,29 @@ def _tune(kernel: str, device: str, dtype: str, width: int, rows: int, variant: 
             except Exception:  # a candidate that cannot compile or launch is only skipped
                 continue
     best = min(timed)[2] if timed else default
-    _tuned[key] = best
+    _tuned[bucket] = best
     if timed:
-        _save(TableEntry(kernel=kernel, device=device, dtype=dtype, width=width, rows=rows,
-                         config=best, variant=variant, ms=min(timed)[0], trials=len(timed),
-                         compute_capability=compute_capability(x.device if x.is_cuda else None),
-                         torch=torch.__version__, triton=triton.__version__,
-                         date=datetime.date.today().isoformat()))
+        _save(descriptor.table_entry(
+            call, device, best, ms=min(timed)[0], trials=len(timed),
+            compute_capability=compute_capability(x.device if x.is_cuda else None),
+            torch=torch.__version__, triton=triton.__version__,
+            date=datetime.date.today().isoformat()))
     return best
 
 
-def tune_add_layernorm(x: torch.Tensor, sum_tensor: torch.Tensor | None, sum_value: float,
+def tune_add_layernorm(descriptor: AddLayerNorm, call: AddLayerNormCall, x: torch.Tensor,
+                       sum_tensor: torch.Tensor | None, sum_value: float,
                        weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                       rows: int, width: int, default: LaunchConfig) -> LaunchConfig:
+                       default: LaunchConfig) -> LaunchConfig:
     """The config an add+LayerNorm call on these inputs should use: ``default`` when the
     problem's row bucket is already tuned (or cannot be tuned here), else the fastest correct
-    candidate, which is also merged into the user table. ``x`` holds ``rows`` rows of
-    ``width`` elements; candidates write to a scratch buffer, never to the caller's output."""
-    from .add_layernorm import KERNEL_NAME, _dtype_name, _launch
-
+    candidate, which is also merged into the user table. ``x`` holds ``call.rows`` rows of
+    ``call.width`` elements; candidates write to a scratch buffer, never to the caller's
+    output."""
     device = device_name(x.device)
     if _skip(x, device):
         return default
+    rows, width = call.rows, call.width
     with torch.no_grad():
         # The kernel reads x, weight and bias as flat contiguous arrays.
         x = x.detach().contiguous().view(rows, width)
@@ -196,31 +205,30 @@ def tune_add_layernorm(x: torch.Tensor, sum_tensor: torch.Tensor | None, sum_val
         scratch = torch.empty_like(x)
 
     def run(config: LaunchConfig) -> None:
-        _launch(x, scratch, weight, bias, sum_tensor, sum_value, rows, width, eps, config)
+        descriptor.launch(x, scratch, weight, bias, sum_tensor, sum_value, rows, width, eps,
+                          config)
 
     fits = _fits_registers(REGISTERS_PER_LANE if width % ALIGNMENT_ELEMENTS == 0
                            else REGISTERS_PER_UNALIGNED_LANE, device_properties(device))
     neighbours = _neighbours(default, triton.next_power_of_2(rows), fits)
-    return _tune(KERNEL_NAME, device, _dtype_name(x.dtype), width, rows, "", default,
-                 neighbours, x, run, scratch,
+    return _tune(descriptor, call, device, default, neighbours, x, run, scratch,
                  lambda out: _matches(out, checked, reference, TOLERANCE[x.dtype]))
 
 
-def tune_add_layernorm_pool_gelu(x: torch.Tensor, sum_tensor: torch.Tensor | None,
+def tune_add_layernorm_pool_gelu(descriptor: AddLayerNormPoolGelu, call: PoolGeluCall,
+                                 x: torch.Tensor, sum_tensor: torch.Tensor | None,
                                  sum_value: float, weight: torch.Tensor | None,
                                  bias: torch.Tensor | None, eps: float,
-                                 pool_kernel: tuple[int, int, int], approximate: str,
-                                 channels_last: bool, default: LaunchConfig) -> LaunchConfig:
+                                 default: LaunchConfig) -> LaunchConfig:
     """As :func:`tune_add_layernorm`, for the fused tail on x ``[N, C, D, H, W]`` (contiguous,
-    or channels-last with ``channels_last``), checked on the first and last batch entries."""
-    from .add_layernorm import _dtype_name
-    from .add_layernorm_pool_gelu import KERNEL_NAME, _launch, table_variant
-
+    or channels-last for the channels-last descriptor), checked on the first and last batch
+    entries."""
     device = device_name(x.device)
     if _skip(x, device):
         return default
     batch, channels, depth, height, width = x.shape
-    kd, kh, kw = pool_kernel
+    kd, kh, kw = pool_kernel = call.pool_kernel
+    channels_last = descriptor.channels_last
     with torch.no_grad():
         x = x.detach() if channels_last else x.detach().contiguous()
         weight = weight.detach().contiguous() if weight is not None else None
@@ -230,25 +238,21 @@ def tune_add_layernorm_pool_gelu(x: torch.Tensor, sum_tensor: torch.Tensor | Non
         reference = [F.gelu(F.avg_pool3d(F.layer_norm(
             x[part].double() + shift, (width,), weight.double() if weight is not None else None,
             bias.double() if bias is not None else None, eps), pool_kernel),
-            approximate=approximate) for part in checked]
+            approximate=call.approximate) for part in checked]
         layout = torch.channels_last_3d if channels_last else torch.contiguous_format
         scratch = torch.empty((batch, channels, depth // kd, height // kh, width // kw),
                               dtype=x.dtype, device=x.device, memory_format=layout)
 
     def run(config: LaunchConfig) -> None:
-        _launch(x, scratch, weight, bias, sum_tensor, sum_value, eps, tuple(x.shape),
-                pool_kernel, approximate, config, channels_last)
+        descriptor.launch(x, scratch, weight, bias, sum_tensor, sum_value, eps, tuple(x.shape),
+                          pool_kernel, call.approximate, config)
 
     # Registers: the loaded tile, its normalised copy and the float32 accumulator.
     fits = _fits_registers(3, device_properties(device))
     most_rows = triton.next_power_of_2(channels) if channels_last else \
-        triton.next_power_of_2(batch * channels * (depth // kd) * (height // kh))
+        triton.next_power_of_2(call.pooled_rows)
     neighbours = _neighbours(default, most_rows, fits)
-    variant = table_variant(height, pool_kernel, approximate, channels_last=channels_last,
-                            channels=channels)
-    pooled_rows = batch * channels * (depth // kd) * (height // kh)
-    return _tune(KERNEL_NAME, device, _dtype_name(x.dtype), width, pooled_rows, variant, default,
-                 neighbours, x, run, scratch,
+    return _tune(descriptor, call, device, default, neighbours, x, run, scratch,
                  lambda out: _matches(out, checked, reference, TOLERANCE[x.dtype]))
 
 

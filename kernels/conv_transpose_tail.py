@@ -16,27 +16,32 @@ and the weight are read, the pooled output is the only store.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Sequence
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .add_layernorm import (
-    _check_param,
-    _dtype_name,
+from ._common import (
+    check_approximate,
     check_device,
+    check_param,
+    check_tensor,
+    gelu,
     gradients_required,
+    launch_or_compile,
+    load_shift,
     split_sum_weight,
+    stand_in_tensors,
+    sum_weight_dtype,
 )
-from .add_layernorm_pool_gelu import APPROXIMATIONS, _gelu, _shift
 from .config import LaunchConfig
 from .defaults import conv_tail_block_co, device_properties
+from .descriptor import KernelDescriptor, TableKey
 from .device import device_name, interpreter_enabled
-from .table import lookup_config
 
-KERNEL_NAME = "conv_transpose_tail"
 # The one convolution this kernel computes (ConvTranspose3d arguments).
 KERNEL_SIZE, STRIDE, PADDING, OUTPUT_PADDING = (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1)
 
@@ -74,7 +79,7 @@ def _conv_transpose_tail_kernel(
         # drops (masks held across the loop take registers the products need).
         co_mask = tl.full([BLOCK_CO], 1, tl.int1)
         ci_mask = tl.full([BLOCK_CI], 1, tl.int1)
-    shift = _shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR)
+    shift = load_shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR)
     # The weight comes tap-major, [3, 3, 3, C_in, C_out]: a tap's [ci, co] slice is contiguous.
     w_offsets = cis[:, None] * c_out + cos[None, :]
     w_mask = ci_mask[:, None] & co_mask[None, :]
@@ -145,7 +150,7 @@ def _conv_transpose_tail_kernel(
             even3 += tl.load(ln_bias_ptr + 2 * js3, mask=js3 < in_w, other=0.0).to(tl.float32)
             odd3 += tl.load(ln_bias_ptr + 2 * js3 + 1, mask=js3 < in_w, other=0.0).to(tl.float32)
         pooled += even3 + odd3        # AvgPool along W: positions 2j and 2j + 1
-    y = _gelu(pooled * 0.125, APPROX_TANH)
+    y = gelu(pooled * 0.125, APPROX_TANH)
     # out[n, co, do, ho, j], NCDHW.
     cos3 = cos[None, None, :]
     out_offsets = (((n * c_out + cos3) * in_d + do) * in_h + hos3) * in_w + js3
@@ -165,30 +170,102 @@ def heuristic_config(c_out: int, in_w: int, c_in: int = 32, dtype: torch.dtype =
                         block_w=block_w, num_warps=2)
 
 
-def table_variant(c_in: int, c_out: int, in_h: int, approximate: str) -> str:
-    """The lookup table's ``variant`` for this kernel, e.g. ``"ci32_co64_h32_none"``."""
-    return f"ci{c_in}_co{c_out}_h{in_h}_{approximate}"
+@dataclasses.dataclass(frozen=True)
+class ConvTailCall:
+    """A call of :func:`fused_conv_transpose_tail` on x of ``x_shape`` [N, C_in, D, H, W] with
+    ``c_out`` output channels: the GELU, which optional tensors are given and sum_weight's
+    dtype (None: a Python number)."""
+
+    x_shape: tuple[int, int, int, int, int]
+    c_out: int
+    dtype: torch.dtype
+    approximate: str = "none"
+    has_conv_bias: bool = True
+    has_ln_weight: bool = True
+    has_ln_bias: bool = True
+    sum_weight_dtype: torch.dtype | None = None
 
 
-def select_config(x_shape: Sequence[int], c_out: int, dtype: torch.dtype, approximate: str,
-                  device: str | None = None) -> tuple[LaunchConfig, str]:
-    """The launch config for x of ``x_shape`` [N, C_in, D, H, W] and where it came from: the
-    tables (keyed by width W, rows N*D*H and the variant), else :func:`heuristic_config`."""
-    batch, c_in, in_d, in_h, in_w = x_shape
-    device = device if device is not None else device_name()
-    return lookup_config(KERNEL_NAME, device,
-                         _dtype_name(dtype), in_w, batch * in_d * in_h,
-                         variant=table_variant(c_in, c_out, in_h, approximate),
-                         heuristic=lambda: heuristic_config(c_out, in_w, c_in, dtype, device),
-                         miss=lambda: _miss(x_shape, c_out, approximate))
+class ConvTransposeTail(KernelDescriptor[ConvTailCall]):
+    """The whole-model kernel. A tuner shape is the conv input and the output channels,
+    NxC_inxDxHxWxC_out; the tuner measures exact GELU with every parameter given and a
+    sum_weight tensor of x's dtype."""
+
+    name = "conv_transpose_tail"
+
+    def call_for_shape(self, shape: tuple[int, ...], dtype: torch.dtype) -> ConvTailCall:
+        if len(shape) != 6:
+            raise ValueError(f"{self.name} takes NxC_inxDxHxWxC_out (the conv input and its "
+                             f"output channels), such as 32x32x16x32x32x64; got "
+                             f"{'x'.join(map(str, shape))}")
+        return ConvTailCall(tuple(shape[:5]), shape[5], dtype, sum_weight_dtype=dtype)
+
+    def shape_for_call(self, call: ConvTailCall) -> tuple[int, ...] | None:
+        """None with tanh GELU, which the tuner's problems do not cover."""
+        return None if call.approximate != "none" else (*call.x_shape, call.c_out)
+
+    def table_key(self, call: ConvTailCall) -> TableKey:
+        """Width W, rows N*D*H; the variant names C_in, C_out, H and the GELU, e.g.
+        ``ci32_co64_h32_none``."""
+        batch, c_in, in_d, in_h, in_w = call.x_shape
+        return TableKey(width=in_w, rows=batch * in_d * in_h,
+                        variant=f"ci{c_in}_co{call.c_out}_h{in_h}_{call.approximate}")
+
+    def default_config(self, call: ConvTailCall, device: str | None = None) -> LaunchConfig:
+        return heuristic_config(call.c_out, call.x_shape[4], call.x_shape[1], call.dtype, device)
+
+    def compile(self, call: ConvTailCall, config: LaunchConfig,
+                device: torch.device | str = "cuda") -> None:
+        """A no-op under the interpreter, which compiles nothing."""
+        if interpreter_enabled():
+            return
+        tiny, ln_weight, ln_bias, sum_tensor = stand_in_tensors(
+            call.dtype, call.has_ln_weight, call.has_ln_bias, call.sum_weight_dtype, device)
+        self.launch(tiny, tiny, tiny if call.has_conv_bias else None, ln_weight, ln_bias,
+                    sum_tensor, 0.0, tiny, call.x_shape, call.c_out, 1e-5, call.approximate,
+                    config, warmup=True)
+
+    def launch(self, x: torch.Tensor, tap_major_weight: torch.Tensor,
+               conv_bias: torch.Tensor | None, ln_weight: torch.Tensor | None,
+               ln_bias: torch.Tensor | None, sum_tensor: torch.Tensor | None, sum_value: float,
+               out: torch.Tensor, x_shape: tuple[int, ...], c_out: int, eps: float,
+               approximate: str, config: LaunchConfig, warmup: bool = False) -> None:
+        """Launches the kernel on contiguous x of ``x_shape`` and the tap-major weight
+        ``[3, 3, 3, C_in, C_out]`` (or, with ``warmup``, only compiles it); parameters are
+        contiguous or None."""
+        batch, c_in, in_d, in_h, in_w = x_shape
+        row_w = triton.next_power_of_2(in_w)
+        block_ci = max(16, triton.next_power_of_2(c_in))
+        co_blocks = triton.cdiv(c_out, config.block_rows)
+        h_blocks = triton.cdiv(in_h, config.block_w // row_w)
+        args = (x, tap_major_weight,
+                conv_bias if conv_bias is not None else x,
+                ln_weight if ln_weight is not None else x,
+                ln_bias if ln_bias is not None else x,
+                sum_tensor if sum_tensor is not None else x, sum_value,
+                out, c_in, c_out, in_d, in_h, in_w, co_blocks, h_blocks, float(eps))
+        meta = dict(
+            BLOCK_CI=block_ci, BLOCK_CO=config.block_rows, BLOCK_M=config.block_w, ROW_W=row_w,
+            HAS_CONV_BIAS=conv_bias is not None, HAS_LN_WEIGHT=ln_weight is not None,
+            HAS_LN_BIAS=ln_bias is not None, SUM_FROM_PTR=sum_tensor is not None,
+            APPROX_TANH=approximate == "tanh",
+            # float32 on TF32 tensor cores where PyTorch lets its cuDNN convolutions use them
+            # (the default, torch.backends.cudnn.allow_tf32); "tf32x3" would be near-exact but
+            # spills.
+            DOT_PRECISION="tf32" if torch.backends.cudnn.allow_tf32 else "ieee",
+            # The interpreter (Triton 3.9) multiplies 16-bit float dots wrongly: upcast there.
+            DOT_IN_FLOAT32=interpreter_enabled() and x.dtype != torch.float32,
+            EVICTION_POLICY=config.eviction_policy,
+            # Masked reads past the far edge compute offsets up to a plane beyond x's end.
+            INDEX_64=max(math.prod(x_shape) + math.prod(x_shape[1:]),
+                         batch * c_out * in_d * in_h * in_w) >= 2**31,
+            EXACT_CHANNELS=c_in == block_ci and c_out % config.block_rows == 0,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        grid = (batch * in_d * h_blocks * co_blocks,)
+        launch_or_compile(_conv_transpose_tail_kernel, grid, args, meta, warmup)
 
 
-def _miss(x_shape: Sequence[int], c_out: int, approximate: str) -> tuple[str, str] | None:
-    """The problem as ``python -m tuner`` names it, for the table-miss log; None with tanh
-    GELU, which the tuner's registration does not cover."""
-    if approximate != "none":
-        return None
-    return KERNEL_NAME, "x".join(map(str, (*x_shape, c_out)))
+CONV_TRANSPOSE_TAIL = ConvTransposeTail()
 
 
 def fused_conv_transpose_tail(
@@ -212,14 +289,14 @@ def fused_conv_transpose_tail(
     ``config.block_rows`` is the number of output channels per program and ``block_w`` the
     input W positions, ``block_w / next_power_of_2(W)`` whole rows (both >= 16, for
     ``tl.dot``); without ``config`` the tables are asked
-    (:func:`select_config`). ``out`` is an optional contiguous output tensor.
+    (:meth:`ConvTransposeTail.select`). ``out`` is an optional contiguous output tensor.
 
     Inference only: it has no backward, so calling it with grad mode on and an input that
     requires grad is a RuntimeError (``ModelNew`` takes a differentiable path then).
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 5:
         raise ValueError(f"x must be a 5-D tensor [N, C_in, D, H, W], got {getattr(x, 'shape', x)}")
-    _dtype_name(x.dtype)
+    check_tensor("x", x)
     if gradients_required(x, conv_weight, conv_bias, sum_weight, ln_weight, ln_bias):
         raise RuntimeError(
             "fused_conv_transpose_tail has no backward, but an input requires grad: call it "
@@ -234,19 +311,20 @@ def fused_conv_transpose_tail(
     for name, tensor, shape in (("conv_weight", conv_weight, tuple(conv_weight.shape)),
                                 ("conv_bias", conv_bias, (c_out,)),
                                 ("ln_weight", ln_weight, (width,)), ("ln_bias", ln_bias, (width,))):
-        _check_param(name, tensor, x, shape)
-    if approximate not in APPROXIMATIONS:
-        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+        check_param(name, tensor, x, shape)
+    check_approximate(approximate)
     sum_tensor, sum_value = split_sum_weight(sum_weight, x)
     check_device(x)
     if config is None:
-        config, _ = select_config(tuple(x.shape), c_out, x.dtype, approximate, device_name(x.device))
+        call = ConvTailCall(tuple(x.shape), c_out, x.dtype, approximate, conv_bias is not None,
+                            ln_weight is not None, ln_bias is not None,
+                            sum_weight_dtype(sum_tensor))
+        config, _ = CONV_TRANSPOSE_TAIL.select(call, device_name(x.device))
     row_w = triton.next_power_of_2(in_w)
     if config.block_w < max(16, row_w) or config.block_rows < 16:
         raise ValueError(f"config block_w={config.block_w} must be >= max(16, W_in={in_w} rounded "
                          f"up to a power of 2) and block_rows={config.block_rows} (output "
                          "channels) >= 16")
-    block_ci = max(16, triton.next_power_of_2(c_in))
     out_shape = (batch, c_out, in_d, in_h, in_w)
     if out is None:
         out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
@@ -257,30 +335,10 @@ def fused_conv_transpose_tail(
     if out.numel() == 0:
         return out
     # Tap-major weight, [3, 3, 3, C_in, C_out]: each tap's [C_in, C_out] slice loads coalesced.
-    x, tap_major_weight = x.contiguous(), conv_weight.permute(2, 3, 4, 0, 1).contiguous()
-    co_blocks = triton.cdiv(c_out, config.block_rows)
-    h_blocks = triton.cdiv(in_h, config.block_w // row_w)
-    dummy = x
-    _conv_transpose_tail_kernel[(batch * in_d * h_blocks * co_blocks,)](
-        x, tap_major_weight,
-        conv_bias.contiguous() if conv_bias is not None else dummy,
-        ln_weight.contiguous() if ln_weight is not None else dummy,
-        ln_bias.contiguous() if ln_bias is not None else dummy,
-        sum_tensor if sum_tensor is not None else dummy, sum_value,
-        out, c_in, c_out, in_d, in_h, in_w, co_blocks, h_blocks, float(eps),
-        BLOCK_CI=block_ci, BLOCK_CO=config.block_rows, BLOCK_M=config.block_w, ROW_W=row_w,
-        HAS_CONV_BIAS=conv_bias is not None, HAS_LN_WEIGHT=ln_weight is not None,
-        HAS_LN_BIAS=ln_bias is not None, SUM_FROM_PTR=sum_tensor is not None,
-        APPROX_TANH=approximate == "tanh",
-        # float32 on TF32 tensor cores where PyTorch lets its cuDNN convolutions use them (the
-        # default, torch.backends.cudnn.allow_tf32); "tf32x3" would be near-exact but spills.
-        DOT_PRECISION="tf32" if torch.backends.cudnn.allow_tf32 else "ieee",
-        # The interpreter (Triton 3.9) multiplies 16-bit float dots wrongly: upcast there.
-        DOT_IN_FLOAT32=interpreter_enabled() and x.dtype != torch.float32,
-        EVICTION_POLICY=config.eviction_policy,
-        # Masked reads past the far edge compute offsets up to a plane beyond x's end.
-        INDEX_64=max(x.numel() + x.stride(0), out.numel()) >= 2**31,
-        EXACT_CHANNELS=c_in == block_ci and c_out % config.block_rows == 0,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    tap_major_weight = conv_weight.permute(2, 3, 4, 0, 1).contiguous()
+    CONV_TRANSPOSE_TAIL.launch(
+        x.contiguous(), tap_major_weight, conv_bias.contiguous() if conv_bias is not None else None,
+        ln_weight.contiguous() if ln_weight is not None else None,
+        ln_bias.contiguous() if ln_bias is not None else None, sum_tensor, sum_value, out,
+        tuple(x.shape), c_out, eps, approximate, config)
     return out

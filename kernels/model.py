@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._common import APPROXIMATIONS
 from .add_layernorm import fused_add_layernorm
-from .add_layernorm_pool_gelu import APPROXIMATIONS, fused_add_layernorm_pool_gelu
+from .add_layernorm_pool_gelu import fused_add_layernorm_pool_gelu
 from .conv_transpose_tail import (
     KERNEL_SIZE,
     OUTPUT_PADDING,
@@ -67,10 +68,10 @@ class ModelNew(Model):
     as they are) and the tail kernel reads its channels-last output in place, so the result
     is ``channels_last_3d`` strided (same shape and values; should PyTorch return the
     convolution in NCDHW, as its CPU kernel does for a batch of 1, the tail takes the
-    contiguous kernel and so does the result). On an H100 the channels-last
-    convolution takes 1.50 ms against 2.32 ms in NCDHW (float32, batch 32), and converting
-    its output back with ``.contiguous()`` would cost ~2.4 ms. Set :attr:`channels_last_conv`
-    to False for the NCDHW convolution and the contiguous tail kernel.
+    contiguous kernel and so does the result). cuDNN's channels-last convolution is the faster
+    one, and converting its output back with ``.contiguous()`` would cost a full copy
+    (BENCHMARKS.md). Set :attr:`channels_last_conv` to False for the NCDHW convolution and the
+    contiguous tail kernel.
 
     Training: when autograd records (grad mode on, and x or a parameter requires grad), the
     one-kernel path, which has no backward, is skipped: the cuDNN convolution and the tail
@@ -110,8 +111,8 @@ class ModelNew(Model):
 
     def _conv_channels_last(self, x: torch.Tensor) -> torch.Tensor:
         """``self.conv_transpose(x)`` with x (5-D) and the weight in channels_last_3d, so that
-        the output is channels_last_3d (on CUDA; see the class doc). The weight conversion copies C_in*C_out*k^3 elements
-        per call (55,296 for the reference model) and is free when the weight already is
+        the output is channels_last_3d (on CUDA; see the class doc). The weight conversion
+        copies C_in*C_out*k^3 elements per call and is free when the weight already is
         channels-last (e.g. after ``conv_transpose.to(memory_format=torch.channels_last_3d)``)."""
         conv = self.conv_transpose
         cl = torch.channels_last_3d
@@ -121,15 +122,15 @@ class ModelNew(Model):
                                   conv.dilation)
 
     #: Run convolution and tail as one Triton kernel (kernels/conv_transpose_tail.py) where the
-    #: configuration allows: on an H100 at batch 32, 2.1x faster in float32 (TF32 dots, as
-    #: cuDNN's default) and bfloat16 than the channels-last cuDNN convolution plus the fused
-    #: tail (BENCHMARKS.md). float32 with ``torch.backends.cudnn.allow_tf32 = False`` keeps cuDNN.
+    #: configuration allows: faster in float32 (TF32 dots, as cuDNN's default) and bfloat16
+    #: than the channels-last cuDNN convolution plus the fused tail (BENCHMARKS.md). float32
+    #: with ``torch.backends.cudnn.allow_tf32 = False`` keeps cuDNN.
     conv_in_triton: bool = True
 
     def _triton_conv_tail_applies(self, x: torch.Tensor) -> bool:
         conv = self.conv_transpose
-        # Without TF32 the kernel's float32 dots run on CUDA cores: 46.5 ms against cuDNN's
-        # 12.1 ms (H100, batch 32), so float32 then takes cuDNN and the fused tail.
+        # Without TF32 the kernel's float32 dots run on CUDA cores, several times slower than
+        # cuDNN (BENCHMARKS.md), so float32 then takes cuDNN and the fused tail.
         exact_float32 = x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
         return (self.conv_in_triton and self.uses_fused_tail and x.dim() == 5 and not exact_float32
                 and type(conv) is nn.ConvTranspose3d and conv.padding_mode == "zeros"

@@ -25,9 +25,18 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
+import kernels._pool_gelu as pool_gelu  # noqa: E402
 import kernels.add_layernorm as add_layernorm  # noqa: E402
 import kernels.add_layernorm_pool_gelu as tail  # noqa: E402
 import kernels.conv_transpose_tail as conv_tail  # noqa: E402
+from kernels import (  # noqa: E402
+    ADD_LAYERNORM,
+    ADD_LAYERNORM_POOL_GELU,
+    ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST,
+    CONV_TRANSPOSE_TAIL,
+    ConvTailCall,
+    PoolGeluCall,
+)
 from kernels.defaults import DeviceProperties  # noqa: E402
 from kernels.model import REFERENCE_INPUT_SHAPE  # noqa: E402
 
@@ -81,7 +90,7 @@ def record_launches() -> list[tuple[str, object, tuple, dict]]:
         setattr(module, name, Recorder(getattr(module, name), calls))
         module.__dict__.setdefault("_recorded", {})[name] = calls
     # The defaults an RTX 4090 gets: every module that asks for the device's properties.
-    for module in (add_layernorm, tail, conv_tail):
+    for module in (add_layernorm, pool_gelu, conv_tail):
         module.device_properties = lambda device=None: RTX4090
 
     def take(module, name, label):
@@ -91,34 +100,24 @@ def record_launches() -> list[tuple[str, object, tuple, dict]]:
     for dtype_name, dtype in DTYPES.items():
         for width in LAYERNORM_WIDTHS:
             rows = max(1, (64 << 20) // (width * dtype.itemsize))
-            config = add_layernorm.heuristic_config(rows, width, dtype, RTX4090.name)
-            add_layernorm.compile_config(rows, width, dtype, config, sum_weight_dtype=dtype,
-                                         device="cpu")
+            call = ADD_LAYERNORM.call_for_shape((rows, width), dtype)
+            config = ADD_LAYERNORM.default_config(call, RTX4090.name)
+            ADD_LAYERNORM.compile(call, config, device="cpu")
             take(add_layernorm, "_add_layernorm_kernel",
                  f"add_layernorm {rows}x{width} {dtype_name} {config.key()}")
-    n, c, d, h, w = TAIL_SHAPE
     for dtype_name in ("float32", "bfloat16"):
         dtype = DTYPES[dtype_name]
-        for channels_last, name in ((False, "_add_layernorm_pool_gelu_kernel"),
-                                    (True, "_add_layernorm_pool_gelu_cl_kernel")):
-            config, _ = tail.select_config(n * c * (d // 2) * (h // 2), w, dtype, (2, 2, 2), h,
-                                           "none", RTX4090.name, channels_last=channels_last,
-                                           channels=c)
-            tail.compile_config(TAIL_SHAPE, dtype, config, channels_last=channels_last,
-                                sum_weight_dtype=dtype, device="cpu")
-            take(tail, name, f"add_layernorm_pool_gelu{' channels_last' if channels_last else ''} "
+        for descriptor, name in ((ADD_LAYERNORM_POOL_GELU, "_add_layernorm_pool_gelu_kernel"),
+                                 (ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST,
+                                  "_add_layernorm_pool_gelu_cl_kernel")):
+            call = PoolGeluCall(TAIL_SHAPE, dtype, sum_weight_dtype=dtype)
+            config, _ = descriptor.select(call, RTX4090.name)
+            descriptor.compile(call, config, device="cpu")
+            take(tail, name, f"{descriptor.name.replace('_channels_last', ' channels_last')} "
                              f"{'x'.join(map(str, TAIL_SHAPE))} {dtype_name} {config.key()}")
-        # The whole-model kernel has no compile_config: run its launcher on empty CPU tensors
-        # (the recorder launches nothing).
-        conv_tail.check_device = lambda x: None
-        x = torch.empty(REFERENCE_INPUT_SHAPE, dtype=dtype)
-        weight = torch.empty((C_IN, C_OUT, 3, 3, 3), dtype=dtype)
-        vector = torch.empty(C_OUT, dtype=dtype)
-        ln = torch.empty(2 * W, dtype=dtype)
-        conv_tail.fused_conv_transpose_tail(x, weight, vector, torch.tensor(1.0, dtype=dtype),
-                                            ln, ln)
-        config, _ = conv_tail.select_config(REFERENCE_INPUT_SHAPE, C_OUT, dtype, "none",
-                                            RTX4090.name)
+        call = ConvTailCall(REFERENCE_INPUT_SHAPE, C_OUT, dtype, sum_weight_dtype=dtype)
+        config, _ = CONV_TRANSPOSE_TAIL.select(call, RTX4090.name)
+        CONV_TRANSPOSE_TAIL.compile(call, config, device="cpu")
         take(conv_tail, "_conv_transpose_tail_kernel",
              f"conv_transpose_tail {'x'.join(map(str, REFERENCE_INPUT_SHAPE))} {dtype_name} "
              f"{config.key()}")

@@ -10,11 +10,10 @@ from torch import nn
 import kernels
 from kernels import add_layernorm_pool_gelu as module
 from kernels.add_layernorm_pool_gelu import (
-    KERNEL_NAME,
+    ADD_LAYERNORM_POOL_GELU,
+    ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST,
+    PoolGeluCall,
     fused_add_layernorm_pool_gelu,
-    heuristic_config,
-    select_config,
-    table_variant,
 )
 from kernels.config import LaunchConfig
 from kernels.model import Model, ModelNew
@@ -182,42 +181,68 @@ def test_cpu_without_interpreter(monkeypatch):
         fused_add_layernorm_pool_gelu(x, 1.0, weight, bias)
 
 
-def test_heuristic_config():
-    config = heuristic_config(4194304 // 4, 64, torch.float32, (2, 2, 2))
+def _call(shape, dtype=torch.float32, pool_kernel=(2, 2, 2), approximate="none"):
+    return PoolGeluCall(shape, dtype, pool_kernel, approximate)
+
+
+def _default(shape, dtype=torch.float32, pool_kernel=(2, 2, 2), channels_last=False):
+    descriptor = ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST if channels_last else ADD_LAYERNORM_POOL_GELU
+    return descriptor.default_config(_call(shape, dtype, pool_kernel))
+
+
+# x of the reference tail: [32, 64, 32, 64, 64], 2**20 pooled rows of W = 64.
+REFERENCE_TAIL = (32, 64, 32, 64, 64)
+
+
+def test_default_config():
+    config = _default(REFERENCE_TAIL)
     assert config.block_w == 64
     # About 8 KiB of input per program: 8 pooled rows x 4 input rows x 256 bytes.
     assert config.block_rows * 4 * 64 * 4 == 8192
     assert config.num_warps == 2  # 32 bytes per thread of one 2 KiB row tile
-    bf16 = heuristic_config(4194304 // 4, 64, torch.bfloat16, (2, 2, 2))
+    bf16 = _default(REFERENCE_TAIL, torch.bfloat16)
     assert (bf16.block_rows, bf16.block_w, bf16.num_warps) == (16, 64, 2)
-    assert heuristic_config(4194304 // 4, 64, torch.float32, (2, 2, 2)) is config  # cached
-    assert heuristic_config(3, 9, torch.bfloat16, (2, 2, 2)).block_rows == 4  # <= rows
-    wide = heuristic_config(16, 3000, torch.float32, (2, 2, 2))
+    assert _default(REFERENCE_TAIL) is config  # cached
+    assert _default((1, 3, 2, 2, 9), torch.bfloat16).block_rows == 4  # <= rows
+    wide = _default((1, 16, 2, 2, 3000))
     assert (wide.block_rows, wide.block_w, wide.num_warps) == (1, 4096, 16)
     for width in (1, 9, 64, 100, 1024):
         for dtype in (torch.float32, torch.bfloat16):
-            config = heuristic_config(1000, width, dtype, (3, 1, 1))
-            assert config.block_w >= width
+            assert _default((1, 1000, 3, 1, width), dtype, (3, 1, 1)).block_w >= width
 
 
-def test_select_config_uses_variant(monkeypatch, tmp_path):
-    assert table_variant(64, (2, 2, 2), "none") == "h64_k2x2x2_none"
-    assert table_variant(7, 2, "tanh") == "h7_k2x2x2_tanh"
-    config, source = select_config(36, 9, torch.float32, (2, 2, 2), 7, "none")
-    assert source == "heuristic" and config == heuristic_config(36, 9, torch.float32, (2, 2, 2))
+def test_table_key_names_height_pool_and_gelu():
+    key = ADD_LAYERNORM_POOL_GELU.table_key(_call((2, 3, 4, 64, 9)))
+    assert (key.width, key.rows, key.variant) == (9, 2 * 3 * 2 * 32, "h64_k2x2x2_none")
+    assert ADD_LAYERNORM_POOL_GELU.table_key(
+        _call((2, 3, 4, 7, 9), approximate="tanh")).variant == "h7_k2x2x2_tanh"
+    channels_last = ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST.table_key(_call((2, 64, 4, 64, 9)))
+    assert channels_last.variant == "h64_k2x2x2_none_cl_c64"
+    assert ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST.table_name == ADD_LAYERNORM_POOL_GELU.name
+
+
+def test_select_uses_variant(monkeypatch, tmp_path):
+    def select(shape, pool_kernel=(2, 2, 2), approximate="none"):
+        return ADD_LAYERNORM_POOL_GELU.select(_call(shape, torch.float32, pool_kernel,
+                                                    approximate))
+
+    # x [1, 12, 2, 7, 9]: 36 pooled rows of 9, H = 7.
+    config, source = select((1, 12, 2, 7, 9))
+    assert source == "heuristic" and config == _default((1, 12, 2, 7, 9))
 
     tuned = LaunchConfig(block_rows=2, block_w=32, num_warps=2, eviction_policy="evict_first")
     path = tmp_path / "table.json"
     monkeypatch.setenv("TUNER_TABLE", str(path))
-    merge_entries(path, [TableEntry(kernel=KERNEL_NAME, device="interpreter", dtype="float32",
-                                    width=9, rows=36, variant="h7_k2x2x2_none", config=tuned)])
+    merge_entries(path, [TableEntry(kernel=ADD_LAYERNORM_POOL_GELU.name, device="interpreter",
+                                    dtype="float32", width=9, rows=36, variant="h7_k2x2x2_none",
+                                    config=tuned)])
     try:
-        assert select_config(36, 9, torch.float32, (2, 2, 2), 7, "none") == (tuned, "table")
-        assert select_config(40, 9, torch.float32, (2, 2, 2), 7, "none")[0] == tuned
+        assert select((1, 12, 2, 7, 9)) == (tuned, "table")
+        assert select((1, 13, 2, 7, 9))[0] == tuned  # 39 rows: the nearest entry
         # Another height, pool kernel or approximation is another variant.
-        assert select_config(36, 9, torch.float32, (2, 2, 2), 8, "none")[1] == "heuristic"
-        assert select_config(36, 9, torch.float32, (1, 2, 2), 7, "none")[1] == "heuristic"
-        assert select_config(36, 9, torch.float32, (2, 2, 2), 7, "tanh")[1] == "heuristic"
+        assert select((1, 12, 2, 8, 9))[1] == "heuristic"
+        assert select((1, 12, 1, 7, 9), pool_kernel=(1, 2, 2))[1] == "heuristic"
+        assert select((1, 12, 2, 7, 9), approximate="tanh")[1] == "heuristic"
         # The launcher picks the tuned config up.
         x, weight, bias = _inputs((2, 3, 5, 7, 9), torch.float32, seed=21)
         out = fused_add_layernorm_pool_gelu(x, 0.5, weight, bias)
@@ -438,74 +463,66 @@ def test_channels_last_config_tile_limit():
         fused_add_layernorm_pool_gelu(x, 1.0, pool_kernel=(1, 1, 3), config=huge)
 
 
-def test_heuristic_config_channels_last():
+def test_default_config_channels_last():
     # The reference tail: W=64, C=64: the tuned H100 winner, 16 channels and 1 warp.
-    f32 = heuristic_config(4194304 // 4, 64, torch.float32, (2, 2, 2), True, 64)
+    f32 = _default(REFERENCE_TAIL, channels_last=True)
     assert (f32.block_rows, f32.block_w, f32.num_warps) == (16, 64, 1)
-    bf16 = heuristic_config(4194304 // 4, 64, torch.bfloat16, (2, 2, 2), True, 64)
+    bf16 = _default(REFERENCE_TAIL, torch.bfloat16, channels_last=True)
     assert (bf16.block_rows, bf16.block_w, bf16.num_warps) == (16, 64, 1)
     # Few channels: block_rows <= next_pow2(C).
-    small = heuristic_config(1000, 9, torch.float32, (2, 2, 2), True, 3)
+    small = _default((333, 3, 2, 2, 9), channels_last=True)
     assert (small.block_rows, small.block_w, small.num_warps) == (4, 16, 1)
     # Wide rows: one channel a program, a warp per 4 KiB.
-    wide = heuristic_config(16, 3000, torch.float32, (2, 2, 2), True, 64)
+    wide = _default((1, 64, 2, 2, 3000), channels_last=True)
     assert (wide.block_rows, wide.block_w, wide.num_warps) == (1, 4096, 4)
     for width in (1, 9, 64, 100, 1024):
         for channels in (1, 3, 6, 64, 1000):
             for dtype in (torch.float32, torch.bfloat16):
-                config = heuristic_config(1000, width, dtype, (2, 2, 2), True, channels)
+                config = _default((max(1, 1000 // channels), channels, 2, 2, width), dtype,
+                                  channels_last=True)
                 assert config.block_w >= width
                 assert config.block_rows <= max(1, 1 << (channels - 1).bit_length())
-                assert config.block_rows & (config.block_rows - 1) == 0
                 assert config.block_rows * config.block_w * dtype.itemsize <= max(
                     8192, config.block_w * dtype.itemsize)
-    # The contiguous heuristic is unchanged by the new parameters' defaults.
-    assert heuristic_config(4194304 // 4, 64, torch.float32, (2, 2, 2), False, None) \
-        == heuristic_config(4194304 // 4, 64, torch.float32, (2, 2, 2))
 
 
-def test_table_variant_and_select_config_per_layout(monkeypatch, tmp_path, no_row_kernel):
-    assert table_variant(64, (2, 2, 2), "none", channels_last=True, channels=64) \
-        == "h64_k2x2x2_none_cl_c64"
-    assert table_variant(64, (2, 2, 2), "none", channels_last=False, channels=64) \
-        == table_variant(64, (2, 2, 2), "none") == "h64_k2x2x2_none"
-    with pytest.raises(ValueError, match="channels_last=True needs channels"):
-        table_variant(64, (2, 2, 2), "none", channels_last=True)
-    with pytest.raises(ValueError, match="channels_last=True needs channels"):
-        select_config(36, 9, torch.float32, (2, 2, 2), 7, "none", channels_last=True)
+def test_select_per_layout(monkeypatch, tmp_path, no_row_kernel):
+    def select(shape, channels_last=False):
+        descriptor = ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST if channels_last \
+            else ADD_LAYERNORM_POOL_GELU
+        return descriptor.select(_call(shape))
 
-    config, source = select_config(36, 9, torch.float32, (2, 2, 2), 7, "none",
-                                   channels_last=True, channels=6)
+    # x [1, 6, 4, 7, 9]: 36 pooled rows of 9, H = 7, C = 6.
+    config, source = select((1, 6, 4, 7, 9), channels_last=True)
     assert source == "heuristic"
-    assert config == heuristic_config(36, 9, torch.float32, (2, 2, 2), True, 6)
+    assert config == _default((1, 6, 4, 7, 9), channels_last=True)
     tuned_rows = LaunchConfig(block_rows=2, block_w=32, num_warps=2, eviction_policy="evict_first")
     tuned_cl = LaunchConfig(block_rows=2, block_w=16, num_warps=1, eviction_policy="evict_last")
     path = tmp_path / "table.json"
     monkeypatch.setenv("TUNER_TABLE", str(path))
-    entry = dict(kernel=KERNEL_NAME, device="interpreter", dtype="float32", width=9, rows=36)
+    entry = dict(kernel=ADD_LAYERNORM_POOL_GELU.table_name, device="interpreter",
+                 dtype="float32", width=9, rows=36)
     # A pooled row count of 2 * 6 * 2 * 3 = 72 for x [2, 6, 5, 7, 9], pool 2x2x2.
     merge_entries(path, [TableEntry(**entry, variant="h7_k2x2x2_none", config=tuned_rows)])
     try:
         # A config tuned for the contiguous layout is not used for channels-last x.
-        assert select_config(36, 9, torch.float32, (2, 2, 2), 7, "none")[1] == "table"
-        assert select_config(36, 9, torch.float32, (2, 2, 2), 7, "none", channels_last=True,
-                             channels=6)[1] == "heuristic"
+        assert select((1, 6, 4, 7, 9))[1] == "table"
+        assert select((1, 6, 4, 7, 9), channels_last=True)[1] == "heuristic"
         merge_entries(path, [TableEntry(**entry, variant="h7_k2x2x2_none_cl_c6",
                                         config=tuned_cl)])
-        assert select_config(36, 9, torch.float32, (2, 2, 2), 7, "none", channels_last=True,
-                             channels=6) == (tuned_cl, "table")
-        assert select_config(36, 9, torch.float32, (2, 2, 2), 7, "none", channels_last=True,
-                             channels=4)[1] == "heuristic"  # another channel count
-        assert select_config(36, 9, torch.float32, (2, 2, 2), 7, "none") == (tuned_rows, "table")
+        assert select((1, 6, 4, 7, 9), channels_last=True) == (tuned_cl, "table")
+        # Another channel count: x [3, 4, 2, 7, 9], also 36 pooled rows.
+        assert select((3, 4, 2, 7, 9), channels_last=True)[1] == "heuristic"
+        assert select((1, 6, 4, 7, 9)) == (tuned_rows, "table")
         # The launcher picks the channels-last entry up (nearest rows: 72 vs 36).
         seen = []
-        real = module.select_config
+        real = ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST.select
 
         def spy(*args, **kwargs):
             seen.append(real(*args, **kwargs))
             return seen[-1]
 
-        monkeypatch.setattr(module, "select_config", spy)
+        monkeypatch.setattr(ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST, "select", spy)
         x, weight, bias = _inputs((2, 6, 5, 7, 9), torch.float32, seed=66)
         out = fused_add_layernorm_pool_gelu(_cl(x), 0.5, weight, bias)
         assert len(seen) == 1 and seen[0][0] == tuned_cl and seen[0][1].startswith("table")

@@ -19,8 +19,12 @@ import kernels.add_layernorm as add_layernorm_module
 import kernels.autotune as autotune
 import kernels.misses as misses
 from kernels import LaunchConfig, load_table, reload_tables, select_config, user_table_path
-from kernels.add_layernorm_pool_gelu import fused_add_layernorm_pool_gelu
-from kernels.add_layernorm_pool_gelu import select_config as tail_select_config
+from kernels.add_layernorm_pool_gelu import (
+    ADD_LAYERNORM_POOL_GELU,
+    ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST,
+    PoolGeluCall,
+    fused_add_layernorm_pool_gelu,
+)
 from tuner.cli import main
 from tuner.problems import get_kernel
 from tuner.sweep import SpecError, load_misses
@@ -94,7 +98,8 @@ def test_wrong_candidate_is_rejected(tuning, monkeypatch):
     """A candidate whose output is wrong (not only NaN) never wins, however fast."""
     fast_but_wrong = LaunchConfig(block_rows=2, block_w=64, num_warps=1)
     honest = LaunchConfig(block_rows=4, block_w=64, num_warps=2)
-    real_launch = add_layernorm_module._launch
+    descriptor = add_layernorm_module.ADD_LAYERNORM
+    real_launch = descriptor.launch
 
     def launch(x, out, *args, **kwargs):
         real_launch(x, out, *args, **kwargs)
@@ -102,7 +107,7 @@ def test_wrong_candidate_is_rejected(tuning, monkeypatch):
             out[0, 0] += 0.5  # one element off
 
     times = iter(range(100, 0, -1))  # every candidate looks faster than the one before
-    monkeypatch.setattr(add_layernorm_module, "_launch", launch)
+    monkeypatch.setattr(descriptor, "launch", launch)
     monkeypatch.setattr(autotune, "_neighbours", lambda *_: [honest, fast_but_wrong])
     monkeypatch.setattr(autotune, "_timer", lambda run: (run(), next(times))[1])
     x, s, weight, bias = inputs(8, 64, torch.float32, seed=6)
@@ -129,8 +134,8 @@ def test_fused_tail_tunes_on_a_miss(tuning, dtype, channels_last):
     [entry] = load_table(user_table_path())
     assert (entry.kernel, entry.width, entry.rows) == ("add_layernorm_pool_gelu", 8, 36)
     assert entry.variant == "h6_k2x2x2_none" + ("_cl_c3" if channels_last else "")
-    assert tail_select_config(36, 8, dtype, 2, 6, "none", channels_last=channels_last,
-                              channels=3) == (entry.config, "table")
+    descriptor = ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST if channels_last else ADD_LAYERNORM_POOL_GELU
+    assert descriptor.select(PoolGeluCall((2, 3, 4, 6, 8), dtype)) == (entry.config, "table")
 
 
 def test_off_by_default_and_never_for_another_device_name(no_tables, monkeypatch):
@@ -166,8 +171,8 @@ def test_miss_log_once_per_problem_with_the_tuners_names(no_tables, monkeypatch,
         assert record["device"] == "interpreter"
         assert (key.width, key.rows) == (8, 2 * 3 * 2 * 3)
         assert key.variant == f"h6_k2x2x2_none{'_cl_c3' if channels_last else ''}"
-        assert tail_select_config(key.rows, 8, torch.float32, 2, 6, "none",
-                                  channels_last=channels_last, channels=3)[1] == "heuristic"
+        assert spec.descriptor.select(PoolGeluCall((2, 3, 4, 6, 8), torch.float32))[1] \
+            == "heuristic"
 
 
 @pytest.mark.parametrize("text, problem", [

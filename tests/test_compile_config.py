@@ -1,14 +1,28 @@
-"""compile_config compiles exactly what a launch runs: same kernel, grid, scalar arguments,
-constexprs, options and pointer dtypes, so the launch that follows hits Triton's cache. The
-backward kernels run a persistent grid sized after compiling: there, grid and the arguments
-marked ``do_not_specialize`` (not in Triton's cache key) may differ."""
+"""A descriptor's ``compile`` compiles exactly what a launch of the same call runs: same
+kernel, grid, scalar arguments, constexprs, options and pointer dtypes, so the launch that
+follows hits Triton's cache. The backward kernels run a persistent grid sized after compiling:
+there, grid and the arguments marked ``do_not_specialize`` (not in Triton's cache key) may
+differ."""
 
 import pytest
 import torch
 
 import kernels.add_layernorm as add_layernorm
 import kernels.add_layernorm_pool_gelu as tail
-from kernels import LaunchConfig
+from kernels import (
+    ADD_LAYERNORM,
+    ADD_LAYERNORM_BACKWARD,
+    ADD_LAYERNORM_POOL_GELU,
+    ADD_LAYERNORM_POOL_GELU_BACKWARD,
+    ADD_LAYERNORM_POOL_GELU_BACKWARD_CHANNELS_LAST,
+    ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST,
+    CONV_TRANSPOSE_TAIL,
+    AddLayerNormBackwardCall,
+    AddLayerNormCall,
+    ConvTailCall,
+    LaunchConfig,
+    PoolGeluCall,
+)
 
 
 class Recorder:
@@ -51,10 +65,10 @@ def calls(monkeypatch):
     return recorded
 
 
-def compiling(monkeypatch):
-    """compile_config is a no-op under the interpreter; pretend to be on a GPU for it."""
-    monkeypatch.setattr(add_layernorm, "interpreter_enabled", lambda: False)
-    monkeypatch.setattr(tail, "interpreter_enabled", lambda: False)
+def compiling(monkeypatch, module=None):
+    """compile is a no-op under the interpreter; pretend to be on a GPU for it."""
+    for patched in (module,) if module is not None else (add_layernorm, tail):
+        monkeypatch.setattr(patched, "interpreter_enabled", lambda: False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -68,7 +82,8 @@ def test_add_layernorm_compile_matches_launch(calls, monkeypatch, dtype, rows, w
     add_layernorm.fused_add_layernorm(x, torch.tensor(1.0, dtype=dtype), width, weight, bias,
                                       config=config)
     compiling(monkeypatch)
-    add_layernorm.compile_config(rows, width, dtype, config, sum_weight_dtype=dtype, device="cpu")
+    ADD_LAYERNORM.compile(AddLayerNormCall(rows, width, dtype, sum_weight_dtype=dtype), config,
+                          device="cpu")
     launched, compiled = calls
     assert launched == compiled
 
@@ -84,8 +99,8 @@ def test_tail_compile_matches_launch(calls, monkeypatch, channels_last, shape, p
     weight, bias = torch.randn(shape[-1], dtype=torch.bfloat16), torch.randn(shape[-1], dtype=torch.bfloat16)
     tail.fused_add_layernorm_pool_gelu(x, 0.5, weight, bias, 1e-5, pool, "tanh", config=config)
     compiling(monkeypatch)
-    tail.compile_config(shape, torch.bfloat16, config, pool_kernel=pool, approximate="tanh",
-                        channels_last=channels_last, device="cpu")
+    descriptor = ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST if channels_last else ADD_LAYERNORM_POOL_GELU
+    descriptor.compile(PoolGeluCall(shape, torch.bfloat16, pool, "tanh"), config, device="cpu")
     launched, compiled = calls
     assert launched[0] == ("_add_layernorm_pool_gelu_cl_kernel" if channels_last
                            else "_add_layernorm_pool_gelu_kernel")
@@ -111,8 +126,10 @@ def test_backward_compile_matches_launch(monkeypatch, rows, width, config):
     stats = torch.randn(rows)
     backward.add_layernorm_backward(dy, x, torch.randn(width, dtype=dtype), stats, stats,
                                     torch.tensor(1.0, dtype=dtype), config=config)
-    monkeypatch.setattr(backward, "interpreter_enabled", lambda: False)
-    backward.compile_config(rows, width, dtype, config, sum_weight_dtype=dtype, device="cpu")
+    compiling(monkeypatch, backward)
+    ADD_LAYERNORM_BACKWARD.compile(AddLayerNormBackwardCall(rows, width, dtype,
+                                                            sum_weight_dtype=dtype),
+                                   config, device="cpu")
     launched, compiled = recorded
     assert cache_key(launched, kernel) == cache_key(compiled, kernel)
 
@@ -135,11 +152,32 @@ def test_tail_backward_compile_matches_launch(monkeypatch, channels_last):
     tail_backward.add_layernorm_pool_gelu_backward(
         dy, x, torch.randn(8, dtype=dtype), torch.randn(8, dtype=dtype), stats, stats,
         torch.tensor(1.0, dtype=dtype), pool, "tanh", config, channels_last=channels_last)
-    monkeypatch.setattr(tail_backward, "interpreter_enabled", lambda: False)
-    tail_backward.compile_config(shape, dtype, config, pool_kernel=pool, approximate="tanh",
-                                 channels_last=channels_last, sum_weight_dtype=dtype,
-                                 device="cpu")
+    compiling(monkeypatch, tail_backward)
+    descriptor = ADD_LAYERNORM_POOL_GELU_BACKWARD_CHANNELS_LAST if channels_last \
+        else ADD_LAYERNORM_POOL_GELU_BACKWARD
+    descriptor.compile(PoolGeluCall(shape, dtype, pool, "tanh", sum_weight_dtype=dtype), config,
+                       device="cpu")
     launched, compiled = recorded
     assert launched[0].endswith("_cl_kernel") == channels_last
     kernel = kernels[launched[0]]
     assert cache_key(launched, kernel) == cache_key(compiled, kernel)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_conv_tail_compile_matches_launch(monkeypatch, with_bias):
+    import kernels.conv_transpose_tail as conv_tail
+
+    recorded = []
+    monkeypatch.setattr(conv_tail, "_conv_transpose_tail_kernel",
+                        Recorder("_conv_transpose_tail_kernel", recorded))
+    x_shape, c_out, config = (2, 3, 2, 5, 4), 16, LaunchConfig(16, 16, 2, 1, "evict_first")
+    x, weight = torch.randn(x_shape), torch.randn(3, c_out, 3, 3, 3)
+    bias = torch.randn(c_out) if with_bias else None
+    with torch.no_grad():
+        conv_tail.fused_conv_transpose_tail(x, weight, bias, torch.tensor(0.5), torch.randn(8),
+                                            None, config=config)
+    compiling(monkeypatch, conv_tail)
+    CONV_TRANSPOSE_TAIL.compile(ConvTailCall(x_shape, c_out, torch.float32, "none", with_bias,
+                                             True, False, torch.float32), config, device="cpu")
+    launched, compiled = recorded
+    assert launched == compiled

@@ -97,30 +97,3 @@ def test_model_new_with_the_conv_in_triton_matches_model(dtype):
     # A configuration the kernel does not cover falls back to the other paths.
     other = ModelNew(**{**args, "stride": 1, "padding": 1, "output_padding": 0, "norm_shape": (4,)})
     assert not other._triton_conv_tail_applies(x.float())
-
-
-def test_tuned_table_entry_is_used(monkeypatch, tmp_path):
-    """The tuner's registration keys the table as the runtime looks it up."""
-    from kernels import TableEntry, merge_entries, reload_tables
-    from kernels.conv_transpose_tail import select_config
-    from tuner.problems import get_kernel
-
-    spec = get_kernel("conv_transpose_tail")
-    problem = spec.problem("2x3x2x2x4x16", "bfloat16")
-    key = spec.table_key(problem)
-    tuned = LaunchConfig(16, 16, 2, 1, "evict_last")
-    table = tmp_path / "table.json"
-    merge_entries(table, [TableEntry(kernel="conv_transpose_tail", device="interpreter",
-                                     dtype="bfloat16", width=key.width, rows=key.rows,
-                                     variant=key.variant, config=tuned)])
-    monkeypatch.setenv("TUNER_TABLE", str(table))
-    reload_tables()
-    try:
-        config, source = select_config((2, 3, 2, 2, 4), 16, torch.bfloat16, "none", "interpreter")
-        assert config == tuned and source == "table"
-        assert select_config((2, 3, 2, 2, 4), 16, torch.float32, "none", "interpreter")[1] == "heuristic"
-    finally:
-        monkeypatch.delenv("TUNER_TABLE")
-        reload_tables()
-    with pytest.raises(ValueError, match="NxC_inxDxHxWxC_out"):
-        spec.problem("32x32x16x32x32", "float32")

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import triton
 
 from examples.rmsnorm import rmsnorm as rmsnorm_module
-from examples.rmsnorm.rmsnorm import heuristic_config, rmsnorm, select_config
+from examples.rmsnorm.rmsnorm import RMSNORM, heuristic_config, rmsnorm
 from examples.rmsnorm.spec import RMSNorm
-from kernels import LaunchConfig, TableEntry, load_table, reload_tables
+from kernels import LaunchConfig, RowsCall, TableEntry, load_table, reload_tables
 from tuner import cli, plugins
 from tuner.export import parse_meta_names, triton_configs, triton_configs_module
 from tuner.problems import get_kernel
@@ -34,13 +34,19 @@ def fresh_plugins(monkeypatch):
 
 @pytest.fixture
 def fake_module(monkeypatch):
-    """A module ``fake_plugin`` with a spec instance, a non-spec and a spec needing arguments."""
+    """A module ``fake_plugin`` with a spec instance, a non-spec, a spec needing arguments and
+    one without a descriptor."""
     class NeedsArguments(RMSNorm):
         def __init__(self, eps: float) -> None:
+            super().__init__()
             self.eps = eps
+
+    class NoDescriptor(RMSNorm):
+        descriptor = "rmsnorm"
 
     module = types.ModuleType("fake_plugin")
     module.SPEC, module.NOT_A_SPEC, module.NeedsArguments = RMSNorm(), 3, NeedsArguments
+    module.NoDescriptor = NoDescriptor
     monkeypatch.setitem(sys.modules, "fake_plugin", module)
     return module
 
@@ -73,6 +79,7 @@ def test_reference_to_an_instance_leaves_the_users_object_alone(fake_module):
     ("examples.rmsnorm.spec:Missing", "examples.rmsnorm.spec has no attribute Missing"),
     ("fake_plugin:NOT_A_SPEC", "is a int, expected a tuner.KernelSpec subclass or instance"),
     ("fake_plugin:NeedsArguments", "cannot instantiate NeedsArguments without arguments"),
+    ("fake_plugin:NoDescriptor", "`descriptor` is a str, expected a kernels.KernelDescriptor"),
     ("a b:c", "bad kernel reference 'a b:c': expected module:attribute"),
 ])
 def test_bad_references_are_one_line_errors(fake_module, name, message):
@@ -125,8 +132,9 @@ def test_example_search_then_runtime_uses_the_tuned_entry(ray_cluster, tmp_path,
 
     monkeypatch.setenv("TUNER_TABLE", str(table))
     reload_tables()
-    assert select_config(64, 48, torch.float32) == (entry.config, "table")
-    assert select_config(64, 40, torch.float32) == (heuristic_config(64, 40, torch.float32), "heuristic")
+    assert RMSNORM.select(RowsCall(64, 48, torch.float32)) == (entry.config, "table")
+    assert RMSNORM.select(RowsCall(64, 40, torch.float32)) == \
+        (heuristic_config(64, 40, torch.float32), "heuristic")
     kernel = rmsnorm_module._rmsnorm_kernel
     grids = launch_grids(rmsnorm_module, "_rmsnorm_kernel")
     x, weight = torch.randn(4, 16, 48), torch.rand(48) + 0.5

@@ -21,6 +21,8 @@ from tuner import Driver, Progress, Settings, get_kernel, study_name
 from tuner.local import LocalPool, visible_gpus
 from tuner.pools import PoolOptions, NoGPUError
 
+from tests.faults import inject
+
 ROOT = Path(__file__).resolve().parent.parent
 PROBLEM = get_kernel("add_layernorm").problem("128x64", "float32")
 
@@ -74,32 +76,26 @@ def test_search_without_a_cluster_runs_on_local_processes_and_leaves_none(tmp_pa
 
 
 def test_a_local_worker_killed_mid_trial_is_replaced_and_its_trial_rerun(tmp_path):
-    class KillingDriver(Driver):
-        killed = None
-
-        def _submit(self, job) -> None:
-            super()._submit(job)
-            if not job.is_confirm and self.killed is None:
-                self.killed = (job.worker, job.config)
-                job.worker.call("crash")
-
     pool = LocalPool(PoolOptions(workers=2, interpret=True))
     storage = optuna.storages.InMemoryStorage()
     try:
         pool.start()
         before = {worker.info["pid"] for worker in pool.workers}
-        driver = KillingDriver(pool, storage, Settings(trials=3, confirm_top=2, confirm_rounds=1),
-                               lambda device: tmp_path / "table.json",
-                               progress=Progress(stream=io.StringIO()))
+        faults = inject(pool, 1, lambda worker: worker.call("crash"))
+        driver = Driver(pool, storage, Settings(trials=3, confirm_top=2, confirm_rounds=1),
+                        lambda device: tmp_path / "table.json",
+                        progress=Progress(stream=io.StringIO()))
         [result] = driver.run([PROBLEM])
         after = {worker.info["pid"] for worker in pool.workers}
     finally:
         pool.shutdown()
-    assert len(after) == 2 and driver.killed[0].info["pid"] not in after and before & after
+    [(killed, _, config)] = faults.faulted
+    assert faults.replaced == [killed]
+    assert len(after) == 2 and killed.info["pid"] not in after and before & after
     measured = [t for t in optuna.load_study(study_name=study_name(PROBLEM, "interpreter"),
                                              storage=storage).trials if t.user_attrs.get("measured")]
     assert len(measured) == 3 and all("error" not in t.user_attrs for t in measured)
-    assert driver.killed[1].key() in {t.user_attrs["config"] for t in measured}
+    assert config.key() in {t.user_attrs["config"] for t in measured}
     assert result.trials == 3
 
 

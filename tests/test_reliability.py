@@ -286,14 +286,18 @@ def test_export_of_a_missing_storage_creates_nothing(tmp_path, capsys, monkeypat
         open_storage(f"sqlite:///{tmp_path}/nope.db", readonly=True)
 
 
-def test_no_table_line_when_no_table_was_written(ray_cluster, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(Driver, "_loop", lambda self, deadline: [  # as if every trial failed
-        run.finish_without_confirm("every trial failed") for run in self.runs])
-    code = cli.main(["search", "--shape", "128x64", "--interpret", "--trials", "1", "--workers",
-                     "1", "--storage", f"sqlite:///{tmp_path}/t.db",
-                     "--table", str(tmp_path / "t.json")])
+def test_no_table_line_when_no_table_was_written(tmp_path, capsys):
+    # Every config of this space fails: the tail kernel keeps whole rows, W = 32 > block_w.
+    space = tmp_path / "failing.yaml"
+    space.write_text("kernel: add_layernorm_pool_gelu\nrestrictions: {}\nparameters:\n"
+                     "  block_rows: [1, 2]\n  block_w: [16]\n  num_warps: [1]\n"
+                     "  num_stages: [1]\n  eviction_policy: ['']\n")
+    code = cli.main(["search", "--kernel", "add_layernorm_pool_gelu", "--shape", "1x1x2x2x32",
+                     "--space", str(space), "--interpret", "--trials", "2", "--workers", "1",
+                     "--storage", f"sqlite:///{tmp_path}/t.db", "--table", str(tmp_path / "t.json")])
     err = capsys.readouterr().err
-    assert code == 1 and "no result for" in err
+    assert code == 1 and "no result for" in err and "2 failed trials" in err
+    assert "block_w=16 is less than the row width 32" in err
     assert "table for" not in err and not (tmp_path / "t.json").exists()
 
 

@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from tuner import cli
-from tuner.measure import Measurement
+from tuner.measure import Confirmation, Measurement
 from tuner.problems import get_kernel
 from tuner.progress import Progress, quiet_library_noise
 from tuner.report import file_stem, load_study_data, write_report
@@ -43,8 +43,8 @@ def fill_study(storage, measured: int, failing: int = 0, confirm: bool = True) -
         run.tell(trial, config, measurement, "worker-1")
     if confirm:
         candidates = run.confirm_candidates()
-        run.finish({"ms": {config.key(): 1.0 + i * 0.1 for i, config in enumerate(candidates)},
-                    "n_bytes": 65536, "copy_gbps": 1000.0, "eager_ms": 2.0},
+        run.finish(Confirmation({config.key(): 1.0 + i * 0.1 for i, config in enumerate(candidates)},
+                                eager_ms=2.0, n_bytes=65536, copy_gbps=1000.0),
                    {"torch": "2.13.0", "triton": "3.9.0"})
     return run
 

@@ -15,12 +15,14 @@ from optuna.trial import TrialState
 from kernels import LaunchConfig, load_table, reload_tables, select_config
 from tuner import cli
 from tuner.driver import Driver, Progress
-from tuner.measure import Measurement, ProblemBench
+from tuner.measure import Confirmation, Measurement, ProblemBench
 from tuner.problems import get_kernel
 from tuner.problems.add_layernorm import AddLayerNorm
 from tuner.space import load_space, parse_space
-from tuner.study import Settings, StudyRun, study_name
+from tuner.study import Settings, Stage, StudyRun, study_name
 from tuner.workers import NoGPUError, PoolOptions, WorkerPool
+
+from tests.faults import inject
 
 SPEC = get_kernel("add_layernorm")
 PROBLEM = SPEC.problem("128x64", "float32")
@@ -118,7 +120,7 @@ def fake_ms(key: str) -> float:
 
 def test_cli_search_tunes_the_fused_tail_kernel(ray_cluster, tmp_path, monkeypatch):
     """A second kernel goes through search, the table and its runtime lookup unchanged."""
-    from kernels.add_layernorm_pool_gelu import select_config as select_tail_config
+    from kernels import ADD_LAYERNORM_POOL_GELU, PoolGeluCall
 
     argv = ["search", "--kernel", "add_layernorm_pool_gelu", "--shape", "2x3x4x4x8",
             "--dtype", "bfloat16", "--trials", "3", "--interpret", "--workers", "2",
@@ -131,8 +133,8 @@ def test_cli_search_tunes_the_fused_tail_kernel(ray_cluster, tmp_path, monkeypat
     monkeypatch.setenv("TUNER_TABLE", str(tmp_path / "table.json"))
     reload_tables()
     try:
-        config, source = select_tail_config(2 * 3 * 2 * 2, 8, torch.bfloat16, (2, 2, 2), 4, "none",
-                                            "interpreter")
+        config, source = ADD_LAYERNORM_POOL_GELU.select(PoolGeluCall((2, 3, 4, 4, 8),
+                                                                     torch.bfloat16))
         assert config == entry.config and "table" in source
     finally:
         monkeypatch.delenv("TUNER_TABLE")
@@ -140,20 +142,23 @@ def test_cli_search_tunes_the_fused_tail_kernel(ray_cluster, tmp_path, monkeypat
 
 
 def test_cli_search_tunes_the_backward_kernel(ray_cluster, tmp_path, monkeypatch):
-    """The add+LayerNorm backward is tuned like any kernel, and its runtime reads the result."""
-    from kernels.add_layernorm_backward import select_config as select_backward_config
+    """The add+LayerNorm backward is tuned like any kernel, and its runtime reads the result.
+    TRITON_INTERPRET=1 (tests/conftest.py) stands for --interpret; --out takes a table per GPU
+    model."""
+    from kernels import ADD_LAYERNORM_BACKWARD, AddLayerNormBackwardCall
 
     argv = ["search", "--kernel", "add_layernorm_backward", "--shape", "64x32", "--trials", "3",
-            "--interpret", "--workers", "2", "--storage", f"sqlite:///{tmp_path}/bwd.db",
-            "--table", str(tmp_path / "table.json")]
+            "--workers", "2", "--storage", f"sqlite:///{tmp_path}/bwd.db",
+            "--out", str(tmp_path / "tables")]
     assert cli.main(argv) == 0
-    [entry] = load_table(tmp_path / "table.json")
+    [entry] = load_table(tmp_path / "tables" / "interpreter.json")
     assert (entry.kernel, entry.device, entry.dtype, entry.width, entry.rows, entry.trials) == \
         ("add_layernorm_backward", "interpreter", "float32", 32, 64, 3)
-    monkeypatch.setenv("TUNER_TABLE", str(tmp_path / "table.json"))
+    monkeypatch.setenv("TUNER_TABLE", str(tmp_path / "tables" / "interpreter.json"))
     reload_tables()
     try:
-        config, source = select_backward_config(64, 32, torch.float32, "interpreter")
+        config, source = ADD_LAYERNORM_BACKWARD.select(
+            AddLayerNormBackwardCall(64, 32, torch.float32), "interpreter")
         assert config == entry.config and source == "table"
     finally:
         monkeypatch.delenv("TUNER_TABLE")
@@ -249,8 +254,8 @@ def test_studyrun_resume_proposes_trials_that_were_in_flight_again():
 def confirm_all(run: StudyRun, ms: float = 5.0) -> None:
     """What the confirm stage reports: every candidate at ``ms``."""
     keys = [config.key() for config in run.confirm_candidates()]
-    run.finish({"ms": {key: ms for key in keys}, "n_bytes": 1000, "copy_gbps": 1.0,
-                "eager_ms": 1.0}, {})
+    run.finish(Confirmation({key: ms for key in keys}, eager_ms=1.0, n_bytes=1000,
+                            copy_gbps=1.0), {})
 
 
 def test_studyrun_resume_after_interrupted_confirm_confirms_again():
@@ -269,15 +274,15 @@ def test_studyrun_resume_after_interrupted_confirm_confirms_again():
     first = start(3)
     measure(first, 3)
     confirm_all(first)
-    assert start(3).stage == "done" and start(3).result.trials == 3  # finished: resumes as done
+    assert start(3).done and start(3).result.trials == 3  # finished: resumes as done
 
     second = start(5)
-    assert second.stage == "search" and second.result is None
+    assert second.stage is Stage.SEARCH and second.result is None
     measure(second, 2)  # ... then interrupted before its confirm stage finished
 
     third = start(5)
     assert third.n_measured == 5
-    assert third.stage == "search" and third.result is None
+    assert third.stage is Stage.SEARCH and third.result is None
     assert third.search_finished(0.0, None)  # budget spent: the driver goes straight to confirm
     confirm_all(third)
     assert start(5).result.trials == 5
@@ -402,26 +407,6 @@ def test_failed_measurement_fails_only_its_trial_and_is_never_remeasured():
 
 
 # -- 5. a worker killed mid-trial ---------------------------------------------------------------
-class KillingDriver(Driver):
-    """Kills the worker of the third trial right after submitting it."""
-
-    kill_at = 3
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.submitted = 0
-        self.killed = None
-
-    def _submit(self, job) -> None:
-        super()._submit(job)
-        if job.is_confirm:
-            return
-        self.submitted += 1
-        if self.submitted == self.kill_at:
-            self.killed = (job.worker, job.config)
-            ray.kill(job.worker.actor, no_restart=True)
-
-
 def test_worker_killed_mid_trial_is_replaced_and_the_trial_rerun(ray_cluster, tmp_path):
     pool = WorkerPool(PoolOptions(workers=2, interpret=True))
     storage = optuna.storages.InMemoryStorage()
@@ -430,10 +415,13 @@ def test_worker_killed_mid_trial_is_replaced_and_the_trial_rerun(ray_cluster, tm
     try:
         pool.start()
         assert len(pool.workers) == 2 and pool.devices().keys() == {"interpreter"}
-        driver = KillingDriver(pool, storage, settings, lambda device: table,
-                               progress=Progress(stream=io.StringIO()))
+        # The worker of the third trial dies right after the trial is sent to it.
+        faults = inject(pool, 3, lambda worker: ray.kill(worker.actor, no_restart=True))
+        driver = Driver(pool, storage, settings, lambda device: table,
+                        progress=Progress(stream=io.StringIO()))
         results = driver.run([PROBLEM])
-        killed_worker, killed_config = driver.killed
+        [(killed_worker, _, killed_config)] = faults.faulted
+        assert faults.replaced == [killed_worker]
         assert len(pool.workers) == 2
         assert killed_worker not in pool.workers
         assert killed_worker.actor._actor_id not in {w.actor._actor_id for w in pool.workers}
@@ -441,7 +429,7 @@ def test_worker_killed_mid_trial_is_replaced_and_the_trial_rerun(ray_cluster, tm
     finally:
         pool.shutdown()
 
-    assert driver.submitted >= 5  # the killed trial was submitted again
+    assert faults.measures >= 5  # the killed trial was sent again
     assert len(results) == 1 and results[0].trials == 4
     study = optuna.load_study(study_name=study_name(PROBLEM, "interpreter"), storage=storage)
     measured = measured_trials(study)
@@ -473,7 +461,7 @@ def test_trial_timeout_fails_trials_and_replaces_workers(ray_cluster, tmp_path):
         pool.shutdown()
 
     assert results == []
-    assert all(run.stage == "done" and run.result is None for run in driver.runs)
+    assert all(run.done and run.result is None for run in driver.runs)
     study = optuna.load_study(study_name=study_name(PROBLEM, "interpreter"), storage=storage)
     measured = measured_trials(study)
     assert len(measured) == 2

@@ -1,19 +1,17 @@
-"""Input validation of the tuner, without Ray: search-space YAML, shapes and dtypes, sweep specs
-and the command line. Every bad input must give a clear error naming the file and key."""
+"""Search spaces (tuner.space): the shipped YAML files, the knob rules and restrictions, and bad
+space files, each a clear error naming the file and the key."""
 
 from __future__ import annotations
 
 import textwrap
 
 import pytest
-import torch
 import triton
 
-from kernels import LaunchConfig
-from tuner import cli
-from tuner.problems import TableKey, get_kernel, parse_dims, parse_dtype
+from kernels import LaunchConfig, TableKey
+from tuner import InputError
+from tuner.problems import get_kernel
 from tuner.space import PARAMETERS, SearchSpace, SpaceError, load_space, parse_space
-from tuner.sweep import SpecError, load_spec, parse_spec
 
 SPACE = get_kernel("add_layernorm").space_file
 
@@ -194,7 +192,7 @@ def test_bad_space_is_a_clear_error(tmp_path, name):
     with pytest.raises(SpaceError, match=match) as raised:
         load_space(path)
     assert str(raised.value).startswith(f"{path}: ")
-    assert isinstance(raised.value, ValueError)  # the CLI prints ValueErrors without a traceback
+    assert isinstance(raised.value, InputError)  # the CLI prints it without a traceback
 
 
 def test_missing_space_file(tmp_path):
@@ -215,229 +213,6 @@ def test_restrictions_leaving_nothing_fail_at_candidates(tmp_path):
 def test_parse_space_names_memory_source():
     with pytest.raises(SpaceError, match=r"^<memory>: unknown keys"):
         parse_space({"kernel": "add_layernorm", "parameters": {}, "other": 1})
-
-
-# -- shapes and dtypes -------------------------------------------------------------------------
-def test_parse_dims_and_dtype():
-    assert parse_dims("128x64") == (128, 64)
-    assert parse_dims(" 32X64x32 ") == (32, 64, 32)
-    assert parse_dtype("bfloat16") is torch.bfloat16
-    assert parse_dtype("torch.float16") is torch.float16
-    assert parse_dtype("float32") is torch.float32
-
-
-def test_full_shape_is_canonicalised():
-    spec = get_kernel("add_layernorm")
-    problem = spec.problem("32x64x32x64x64", "bfloat16")
-    assert problem.shape == (4194304, 64)
-    assert problem.dtype == "bfloat16"
-    assert problem.kernel == "add_layernorm"
-    assert problem.shape_text == "4194304x64"
-    assert spec.problem("4194304x64", "torch.bfloat16") == problem
-    assert spec.table_key(problem) == TableKey(width=64, rows=4194304)
-
-
-@pytest.mark.parametrize("text", ["128", "128x", "axb", "-1x64", "", "x64", "128x64x", "1.5x64"])
-def test_bad_shape_lists_accepted_forms(text):
-    with pytest.raises(ValueError, match=r"bad shape .*expected positive integers joined by 'x', "
-                                         r"such as 128x64 .*32x64x32x64x64"):
-        parse_dims(text)
-
-
-@pytest.mark.parametrize("text", ["0x64", "128x0", "4x0x64"])
-def test_zero_dims_are_rejected(text):
-    with pytest.raises(ValueError, match=rf"bad shape '{text}': every dim must be >= 1; "
-                                         r"expected positive integers joined by 'x'"):
-        parse_dims(text)
-
-
-@pytest.mark.parametrize("text", ["float64", "int8", "fp16", ""])
-def test_bad_dtype_lists_accepted(text):
-    with pytest.raises(ValueError, match=rf"unknown dtype '{text}'; accepted: float32, float16, bfloat16"):
-        parse_dtype(text)
-    with pytest.raises(ValueError, match="unknown dtype"):
-        get_kernel("add_layernorm").problem("128x64", text)
-
-
-def test_unknown_kernel():
-    with pytest.raises(ValueError, match=r"unknown kernel 'softmax'; known kernels: add_layernorm"):
-        get_kernel("softmax")
-
-
-# -- sweep specs -------------------------------------------------------------------------------
-GOOD_SPEC = """\
-kernels: [add_layernorm]
-shapes: [128x64, 2x64x64, 40x200]
-dtypes: [float32, bfloat16]
-trials: 8
-patience: 4
-timeout: 60.5
-"""
-
-
-def test_valid_spec(tmp_path):
-    spec = load_spec(write(tmp_path, GOOD_SPEC, "sweep.yaml"))
-    assert spec.trials == 8 and spec.patience == 4 and spec.timeout == 60.5
-    # 128x64 and 2x64x64 are one problem: canonical and without repeats
-    assert [(p.shape, p.dtype) for p in spec.problems] == [
-        ((128, 64), "float32"), ((128, 64), "bfloat16"),
-        ((40, 200), "float32"), ((40, 200), "bfloat16")]
-    minimal = parse_spec({"shapes": ["128x64"], "dtypes": ["float16"]})
-    assert minimal.trials is None and minimal.problems[0].kernel == "add_layernorm"
-
-
-@pytest.mark.parametrize("name", ["reference_model.yaml", "transformer_hidden.yaml"])
-def test_shipped_specs_load(name):
-    spec = load_spec(SPACE.parent / "sweeps" / name)
-    assert spec.problems and spec.trials
-
-
-BAD_SPECS = {
-    "unknown key": (GOOD_SPEC + "workers: 4\n", r"unknown keys \['workers'\]"),
-    "empty shapes": (edit(GOOD_SPEC, "shapes: [128x64, 2x64x64, 40x200]", "shapes: []"),
-                     r"shapes: must not be empty"),
-    "missing shapes": (edit(GOOD_SPEC, "shapes: [128x64, 2x64x64, 40x200]\n", ""),
-                       r"missing shapes"),
-    "missing dtypes": (edit(GOOD_SPEC, "dtypes: [float32, bfloat16]\n", ""), r"missing dtypes"),
-    "shapes not a list": (edit(GOOD_SPEC, "shapes: [128x64, 2x64x64, 40x200]", "shapes: 128x64"),
-                          r"shapes: expected list, got '128x64'"),
-    "bad dtype": (edit(GOOD_SPEC, "dtypes: [float32, bfloat16]", "dtypes: [float32, float64]"),
-                  r"unknown dtype 'float64'; accepted: float32, float16, bfloat16"),
-    "bad shape": (edit(GOOD_SPEC, "40x200", "40x"), r"bad shape '40x'"),
-    "bad kernel": (edit(GOOD_SPEC, "kernels: [add_layernorm]", "kernels: [softmax]"),
-                   r"kernels: unknown kernel 'softmax'"),
-    "zero trials": (edit(GOOD_SPEC, "trials: 8", "trials: 0"), r"trials: must be positive, got 0"),
-    "negative patience": (edit(GOOD_SPEC, "patience: 4", "patience: -1"),
-                          r"patience: must be positive, got -1"),
-    "string trials": (edit(GOOD_SPEC, "trials: 8", "trials: many"), r"trials: expected int"),
-    "bool trials": (edit(GOOD_SPEC, "trials: 8", "trials: true"), r"trials: expected int"),
-    "not a mapping": ("- 128x64\n", r"expected a mapping"),
-    "invalid YAML": ("shapes: [128x64\n", r"not valid YAML"),
-}
-
-
-@pytest.mark.parametrize("name", list(BAD_SPECS))
-def test_bad_spec_is_a_clear_error(tmp_path, name):
-    text, match = BAD_SPECS[name]
-    path = tmp_path / "sweep.yaml"
-    path.write_text(text)
-    with pytest.raises(SpecError, match=match) as raised:
-        load_spec(path)
-    assert str(raised.value).startswith(f"{path}: ")
-
-
-def test_missing_spec_file(tmp_path):
-    with pytest.raises(SpecError, match=r"nope\.yaml: cannot read sweep spec"):
-        load_spec(tmp_path / "nope.yaml")
-
-
-# -- the command line: bad input exits 2 with a message, before any Ray cluster starts ---------
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fails the test if the CLI would start (or join) a Ray cluster."""
-    import ray
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("bad input must be rejected before Ray starts")
-
-    monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-
-
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as raised:
-        cli.main(argv)
-    captured = capsys.readouterr()
-    return raised.value.code, captured.err
-
-
-@pytest.mark.parametrize("argv,match", [
-    (["search", "--shape", "12x", "--interpret"], "bad shape '12x'"),
-    (["search", "--shape", "0x64", "--interpret"], "every dim must be >= 1"),
-    (["search", "--shape", "128x64", "--dtype", "float64", "--interpret"],
-     "unknown dtype 'float64'; accepted: float32, float16, bfloat16"),
-    (["search", "--shape", "128x64", "--kernel", "softmax", "--interpret"], "unknown kernel 'softmax'"),
-    (["search", "--shape", "128x64", "--storage", "notaurl", "--interpret"],
-     "notaurl"),
-    (["search", "--shape", "128x64", "--storage", "foo://x", "--interpret"],
-     "cannot open --storage foo://x"),
-    (["search", "--shape", "128x64", "--trials", "0", "--interpret"],
-     "argument --trials: expected a positive int, got '0'"),
-    (["search", "--shape", "128x64", "--trials", "many", "--interpret"],
-     "argument --trials: expected a positive int, got 'many'"),
-    (["search", "--shape", "128x64", "--trial-timeout", "-1", "--interpret"],
-     "argument --trial-timeout: expected a positive float"),
-    (["search", "--interpret"], "the following arguments are required: --shape"),
-    (["sweep", "--interpret"], "give one of --spec FILE, --shapes A,B"),
-    (["sweep", "--spec", "x.yaml", "--shapes", "128x64", "--interpret"],
-     "give one of --spec FILE, --shapes A,B"),
-    (["sweep", "--shapes", "128x64,40x", "--interpret"], "bad shape '40x'"),
-    (["sweep", "--shapes", "128x64", "--dtypes", "float32,int8", "--interpret"], "unknown dtype 'int8'"),
-    (["sweep", "--spec", "does/not/exist.yaml", "--interpret"], "cannot read sweep spec"),
-    (["bogus"], "invalid choice: 'bogus'"),
-])
-def test_cli_bad_input_exits_2(argv, match, capsys, no_ray):
-    code, err = run_cli(argv, capsys)
-    assert code == 2
-    assert match in err
-    assert "Traceback" not in err
-
-
-def test_cli_bad_space_exits_2(tmp_path, capsys, no_ray):
-    path = write(tmp_path, GOOD_SPACE + "extra: 1\n")
-    code, err = run_cli(["search", "--shape", "128x64", "--interpret", "--space", str(path),
-                         "--storage", f"sqlite:///{tmp_path}/t.db"], capsys)
-    assert code == 2
-    assert f"{path}: unknown keys ['extra']" in err
-
-
-def test_cli_bad_spec_exits_2(tmp_path, capsys, no_ray):
-    path = write(tmp_path, edit(GOOD_SPEC, "trials: 8", "trials: 0"), "sweep.yaml")
-    code, err = run_cli(["sweep", "--spec", str(path), "--interpret"], capsys)
-    assert code == 2
-    assert f"{path}: trials: must be positive" in err
-
-
-def test_cli_without_an_address_runs_no_ray(monkeypatch):
-    """No cluster named: local worker processes, not a Ray cluster of our own."""
-    import ray
-
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    args = cli.build_parser().parse_args(["search", "--shape", "128x64"])
-    assert not cli._use_ray(args)
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
-    assert cli._use_ray(args)
-
-
-@pytest.mark.parametrize("argv,env,address", [
-    (["--address", "auto"], None, "auto"),
-    (["--address", "10.0.0.1:6379"], "ignored:1", "10.0.0.1:6379"),
-    ([], "10.0.0.2:6379", "10.0.0.2:6379"),  # set by Ray Jobs
-])
-def test_cli_ray_address(argv, env, address, tmp_path, monkeypatch):
-    import ray
-
-    class Started(BaseException):  # not an Exception: the CLI would report it as a Ray error
-        pass
-
-    calls = []
-    monkeypatch.setattr("tuner.preflight.check_address", lambda address, timeout: None)
-
-    def init(**kwargs):
-        calls.append(kwargs)
-        raise Started
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", init)
-    if env is None:
-        monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    else:
-        monkeypatch.setenv("RAY_ADDRESS", env)
-    with pytest.raises(Started):
-        cli.main(["search", "--shape", "128x64", "--interpret",
-                  "--storage", f"sqlite:///{tmp_path}/t.db", *argv])
-    assert calls[0]["address"] == address
 
 
 def test_shipped_space_chunks_wide_rows_in_large_steps_only():

@@ -25,8 +25,11 @@ from kernels import (
     fused_add_layernorm_pool_gelu,
     fused_conv_transpose_tail,
 )
-from kernels.add_layernorm_backward import add_layernorm_backward
-from kernels.add_layernorm_backward import select_config as select_backward_config
+from kernels.add_layernorm_backward import (
+    ADD_LAYERNORM_BACKWARD,
+    AddLayerNormBackwardCall,
+    add_layernorm_backward,
+)
 from kernels.backward_reduce import REDUCTIONS
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -171,13 +174,13 @@ def test_weight_only_gradient_matches():
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "nothing_requires_grad"])
 def test_forward_without_autograd_stores_no_statistics(monkeypatch, mode):
     launches = []
-    real_launch = add_layernorm_module._launch
+    real_launch = add_layernorm_module.ADD_LAYERNORM.launch
 
     def spy(*args, **kwargs):
         launches.append(kwargs.get("stats"))
         return real_launch(*args, **kwargs)
 
-    monkeypatch.setattr(add_layernorm_module, "_launch", spy)
+    monkeypatch.setattr(add_layernorm_module.ADD_LAYERNORM, "launch", spy)
     x, sum_weight, weight, bias = make_leaves((6, 32), (32,), torch.float32, seed=9)
     if mode == "nothing_requires_grad":
         x, sum_weight, weight, bias = (t.detach() for t in (x, sum_weight, weight, bias))
@@ -218,10 +221,12 @@ def test_backward_config_comes_from_the_tables(tmp_path, monkeypatch):
                                      tuned)])
     monkeypatch.setenv("TUNER_TABLE", str(table))
     reload_tables()
-    config, source = select_backward_config(100, 64, torch.float32, "interpreter")
+    config, source = ADD_LAYERNORM_BACKWARD.select(
+        AddLayerNormBackwardCall(100, 64, torch.float32), "interpreter")
     assert config == tuned and source == "table"
     # The forward's entries are another kernel's.
-    assert select_backward_config(100, 32, torch.float32, "interpreter")[1] == "heuristic"
+    assert ADD_LAYERNORM_BACKWARD.select(
+        AddLayerNormBackwardCall(100, 32, torch.float32), "interpreter")[1] == "heuristic"
 
 
 # -- add + LayerNorm + AvgPool3d + GELU -------------------------------------------------------
@@ -259,8 +264,8 @@ def test_pool_gelu_gradients_match_float64(dtype, case):
 
 def test_pool_gelu_without_autograd_is_todays_kernel(monkeypatch):
     launches = []
-    real_launch = pool_gelu_module._launch
-    monkeypatch.setattr(pool_gelu_module, "_launch",
+    real_launch = pool_gelu_module.ADD_LAYERNORM_POOL_GELU.launch
+    monkeypatch.setattr(pool_gelu_module.ADD_LAYERNORM_POOL_GELU, "launch",
                         lambda *args, **kwargs: launches.append(kwargs.get("stats"))
                         or real_launch(*args, **kwargs))
     x, sum_weight, weight, bias = make_leaves((1, 2, 2, 2, 8), (8,), torch.float32, seed=13)

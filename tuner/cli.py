@@ -19,10 +19,13 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Sequence  # noqa: E402
 
+from .errors import InputError  # noqa: E402
 from .pools import NoGPUError, PoolOptions  # noqa: E402
 
 DEFAULT_STORAGE = "sqlite:///tuner.db"
-class UsageError(ValueError):
+
+
+class UsageError(InputError):
     """Bad command-line input; printed without a traceback."""
 
 
@@ -69,7 +72,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help=f"Optuna storage URL (default {DEFAULT_STORAGE} in the working directory)")
     parser.add_argument("--interpret", action="store_true",
                         help="run on CPU through the Triton interpreter (entries stored under "
-                             "device 'interpreter', never used on a GPU)")
+                             "device 'interpreter', never used on a GPU); implied by "
+                             "TRITON_INTERPRET=1")
     parser.add_argument("--trial-timeout", type=_positive(float), default=300.0,
                         help="seconds before a hung trial's worker is replaced (default 300)")
     parser.add_argument("--seed", type=int, default=0, help="sampler and input seed (default 0)")
@@ -108,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--table", default=None,
                         help="table to merge the winner into (default: the user's table, "
                              "$XDG_DATA_HOME/tuner/table.json)")
+    search.add_argument("--out", default=None,
+                        help="instead of --table: a folder for one table per GPU model, as "
+                             "sweep writes")
     _add_run_options(search)
 
     sweep = commands.add_parser("sweep", help="tune many shapes across a cluster", description=(
@@ -212,6 +219,9 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
     """
     clock = Timeline()
     info = (lambda *_: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
+    # With TRITON_INTERPRET=1 every kernel runs in the interpreter, GPU or not (the variable is
+    # read here as kernels.interpreter_enabled does: importing kernels would import torch).
+    args.interpret = args.interpret or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
     pool = None
@@ -382,15 +392,24 @@ def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
                 return [get_kernel(args.kernel).problem(args.shape, args.dtype)]
 
+            if args.table and args.out:
+                raise UsageError("give --table FILE or --out FOLDER, not both")
+
             def table(device: str) -> Path:
                 from kernels import user_table_path
 
+                if args.out:
+                    return Path(args.out) / device_file_name(device)
                 return Path(args.table) if args.table else user_table_path()
 
             def problems_and_table() -> list:
                 from .preflight import check_table
+                from .storage import check_writable_folder
 
-                check_table(table(""))  # a bad or unwritable table is an error now, not after
+                if args.out:
+                    check_writable_folder(Path(args.out), f"--out {args.out}")
+                else:  # a bad or unwritable table is an error now, not after the search
+                    check_table(table(""))
                 return problems()
 
             return _run(args, problems_and_table, table, dict)
@@ -461,10 +480,16 @@ def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             for path in paths:
                 show_table(path, sys.stdout)
             return 0
-    except ValueError as error:  # UsageError, SpecError, StorageError, bad shapes or dtypes
+    except InputError as error:  # UsageError, SpecError, StorageError, bad shapes or dtypes...
         from .storage import redact
 
         parser.exit(2, f"tuner: error: {redact(str(error))}\n")
+    except ValueError as error:
+        from kernels import TableError
+
+        if not isinstance(error, TableError):  # any other ValueError is a bug: its traceback
+            raise
+        parser.exit(2, f"tuner: error: {error}\n")
     except OSError as error:  # a path given on the command line: a folder, unreadable...
         parser.exit(2, f"tuner: error: {error.filename or ''}: "
                        f"{error.strerror or type(error).__name__}\n")

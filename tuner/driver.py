@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
 
 import optuna
+from optuna.trial import Trial
 
 from kernels import LaunchConfig, TableEntry, merge_entries
 
-from .measure import Measurement
+from .measure import Confirmation, Measurement
 from .problems import Problem, get_kernel
 from .progress import Progress
-from .space import SearchSpace, load_space
-from .study import Settings, StudyResult, StudyRun
+from .space import SearchSpace, SpaceError, load_space
+from .study import Settings, Stage, StudyResult, StudyRun
 
 # A trial whose worker died is re-run elsewhere this many times before it fails.
 MAX_ATTEMPTS = 2
@@ -30,29 +31,35 @@ MAX_ATTEMPTS = 2
 
 @dataclasses.dataclass
 class Job:
-    """Work in flight on one worker: a trial's measurement or a study's confirm stage."""
+    """Work in flight on one worker for one study."""
 
     run: StudyRun
     worker: Any  # a worker of the pool: tuner.workers.Worker or tuner.local.LocalWorker
     started: float
-    trial: Any = None
-    config: LaunchConfig | None = None
-    attempts: int = 1
+    attempts: int = dataclasses.field(default=1, kw_only=True)
 
-    @property
-    def is_confirm(self) -> bool:
-        return self.trial is None
+
+@dataclasses.dataclass
+class TrialJob(Job):
+    """The measurement of one proposed config."""
+
+    trial: Trial
+    config: LaunchConfig
+
+
+@dataclasses.dataclass
+class ConfirmJob(Job):
+    """A study's confirm stage: its best few configs re-timed, interleaved."""
 
 
 def entry_from_result(result: StudyResult) -> TableEntry:
     """The lookup-table entry of a study's winner."""
     spec = get_kernel(result.problem.kernel)
-    key = spec.table_key(result.problem)
-    return TableEntry(kernel=spec.table_name, device=result.device, dtype=result.problem.dtype,
-                      width=key.width, rows=key.rows, variant=key.variant, config=result.config,
-                      ms=result.ms, gbps=result.gbps, pct_of_copy=result.pct_of_copy,
-                      trials=result.trials, compute_capability=result.compute_capability,
-                      torch=result.torch, triton=result.triton, date=result.date)
+    return spec.descriptor.table_entry(
+        spec.call(result.problem), result.device, result.config, ms=result.ms, gbps=result.gbps,
+        pct_of_copy=result.pct_of_copy, trials=result.trials,
+        compute_capability=result.compute_capability, torch=result.torch,
+        triton=result.triton, date=result.date)
 
 
 class Driver:
@@ -68,7 +75,7 @@ class Driver:
         self.inflight: dict[concurrent.futures.Future, Job] = {}
         self.retries: list[Job] = []
         # Trials asked ahead for each worker slot: the worker compiles them while it times.
-        self.ahead: dict[int, collections.deque[Job]] = {}
+        self.ahead: dict[int, collections.deque[TrialJob]] = {}
         # One trial asked ahead per worker, so it compiles while the current one is timed; the
         # workers' other compile processes compile the studies' configs speculatively, which
         # keeps the GPUs fed without asking the sampler far ahead of what it has learnt.
@@ -86,7 +93,7 @@ class Driver:
         if self.space is not None:
             # A plugin's space may name it by its table name or by the reference it was loaded by.
             if self.space.kernel not in (kernel, get_kernel(kernel).table_name):
-                raise ValueError(f"{self.space.path}: search space is for kernel "
+                raise SpaceError(f"{self.space.path}: search space is for kernel "
                                  f"{self.space.kernel!r}, not {kernel!r}")
             return self.space
         return load_space(get_kernel(kernel).space_file)
@@ -129,7 +136,7 @@ class Driver:
                 if worker.slot not in busy:
                     self._dispatch(worker, deadline)
             if not self.inflight:
-                if all(run.stage == "done" for run in self.runs):
+                if all(run.done for run in self.runs):
                     return
                 waiting = [run for run in self.runs if run.waiting]
                 if waiting:  # other drivers on the storage are measuring the last configs
@@ -139,7 +146,7 @@ class Driver:
                     continue
                 idle_rounds += 1
                 if idle_rounds > 3:  # work remains that no worker can take
-                    stranded = [run for run in self.runs if run.stage != "done"]
+                    stranded = [run for run in self.runs if not run.done]
                     raise RuntimeError("no worker left for " + ", ".join(
                         f"{run.problem} on {run.device}" for run in stranded))
                 continue
@@ -170,16 +177,16 @@ class Driver:
             self._submit(job)
             return
         for run in self.runs:
-            if run.device == worker.device and run.stage == "search" \
+            if run.device == worker.device and run.stage is Stage.SEARCH \
                     and run.search_finished(now, deadline) and not run.inflight:
                 if run.best is None:
                     run.finish_without_confirm()
                     continue
-                run.stage = "confirming"
-                self._submit(Job(run, worker, now))
+                run.start_confirm()
+                self._submit(ConfirmJob(run, worker, now))
                 return
 
-    def _ask(self, worker: Any, now: float, deadline: float | None) -> Job | None:
+    def _ask(self, worker: Any, now: float, deadline: float | None) -> TrialJob | None:
         """A new trial for the worker's GPU model, from the study with the fewest in flight."""
         searching = sorted((run for run in self.runs if run.device == worker.device
                             and not run.search_finished(now, deadline)),
@@ -187,7 +194,8 @@ class Driver:
         for run in searching:
             proposal = run.ask()
             if proposal is not None:
-                return Job(run, worker, now, *proposal)
+                trial, config = proposal
+                return TrialJob(run, worker, now, trial, config)
         return None
 
     def _drop_stopped(self, now: float, deadline: float | None) -> None:
@@ -200,19 +208,19 @@ class Driver:
     def _submit(self, job: Job) -> None:
         problem = job.run.problem
         job.started = time.monotonic()
-        if job.is_confirm:
-            configs = [config.as_dict() for config in job.run.confirm_candidates()]
-            future = job.worker.call("confirm", problem, configs, self.settings.confirm_rounds)
+        if isinstance(job, ConfirmJob):
+            future = job.worker.call("confirm", problem, job.run.confirm_candidates(),
+                                     self.settings.confirm_rounds)
         else:
-            upcoming = [(queued.run.problem, queued.config.as_dict())
+            upcoming = [(queued.run.problem, queued.config)
                         for queued in self.ahead.get(job.worker.slot, ())]
-            future = job.worker.call("measure", problem, job.config.as_dict(), upcoming,
+            future = job.worker.call("measure", problem, job.config, upcoming,
                                      self._speculative_for(job))
             if self.first_dispatch is None:
                 self.first_dispatch = job.started
         self.inflight[future] = job
 
-    def _speculative_for(self, job: Job) -> list[tuple[Problem, dict[str, Any]]]:
+    def _speculative_for(self, job: TrialJob) -> list[tuple[Problem, LaunchConfig]]:
         """Once per worker and study: the worker's share of the study's likely configs, to
         compile whenever its compile processes are free (shares split the device's workers)."""
         marker = (job.worker.slot, job.run.study.study_name)
@@ -222,7 +230,7 @@ class Driver:
         peers = sorted(worker.slot for worker in self.pool.workers if worker.device == job.run.device)
         index = peers.index(job.worker.slot) if job.worker.slot in peers else 0
         share = job.run.likely_configs()[index::max(1, len(peers))]
-        return [(job.run.problem, config.as_dict()) for config in share]
+        return [(job.run.problem, config) for config in share]
 
     def _replace_worker(self, worker: Any) -> None:
         """A fresh worker takes the GPU; trials queued for the old one go to whichever is free."""
@@ -243,15 +251,16 @@ class Driver:
             self._worker_lost(job, f"worker died: {type(error).__name__}")
             return
         except Exception as error:  # the confirm stage raised: re-run it elsewhere
-            if job.is_confirm:
+            if isinstance(job, ConfirmJob):
                 self._retry_or_fail(job, f"{type(error).__name__}: {error}")
             else:
                 self._worker_lost(job, f"{type(error).__name__}: {error}")
             return
-        if job.is_confirm:
-            self._export(job.run.finish(result, job.worker.info))
+        if isinstance(job, ConfirmJob):
+            confirmation: Confirmation = result
+            self._export(job.run.finish(confirmation, job.worker.info))
             return
-        measurement = Measurement(**result)
+        measurement: Measurement = result
         if self.first_result is None:
             self.first_result = time.monotonic()
         job.run.tell(job.trial, job.config, measurement, job.worker.info.get("node", ""))
@@ -266,7 +275,7 @@ class Driver:
     def _retry_or_fail(self, job: Job, reason: str) -> None:
         if job.attempts < MAX_ATTEMPTS:
             self.retries.append(dataclasses.replace(job, attempts=job.attempts + 1))
-        elif job.is_confirm:
+        elif isinstance(job, ConfirmJob):
             job.run.finish_without_confirm(f"confirm stage failed: {reason}")
         else:
             job.run.tell(job.trial, job.config,
@@ -280,7 +289,7 @@ class Driver:
             del self.inflight[future]
             self._replace_worker(job.worker)
             reason = f"timed out after {self.settings.trial_timeout:g} s"
-            if job.is_confirm:
+            if isinstance(job, ConfirmJob):
                 self._retry_or_fail(job, reason)
             else:  # a config that hangs its worker is to blame: no retry
                 job.run.tell(job.trial, job.config, Measurement(job.config.key(), error=reason), "")
@@ -288,7 +297,7 @@ class Driver:
     def _abandon_inflight(self) -> None:
         queued = [job for queue in self.ahead.values() for job in queue]
         for job in list(self.inflight.values()) + self.retries + queued:
-            if not job.is_confirm:
+            if isinstance(job, TrialJob):
                 try:
                     job.run.abandon(job.trial, job.config, "interrupted")
                 except Exception:

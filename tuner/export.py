@@ -7,9 +7,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from typing import TYPE_CHECKING
+from .columns import format_columns
+from .errors import InputError
 
 # Imported where used: the CLI builds its parser (with this module's export options) before
 # its workers start, and must not pay for Optuna, torch and Triton first.
@@ -54,16 +55,14 @@ def format_entries(entries: list[TableEntry]) -> list[str]:
     """One aligned line per entry: device, kernel, dtype, shape, config, speed, provenance."""
     header = ("device", "kernel", "dtype", "width", "rows", "variant", "config", "ms", "GB/s",
               "% copy", "trials", "date")
-    rows = [header] + [(
-        entry.device, entry.kernel, entry.dtype, str(entry.width), str(entry.rows),
+    return format_columns(header, [(
+        entry.device, entry.kernel, entry.dtype, entry.width, entry.rows,
         entry.variant or "-", entry.config.key(),
         f"{entry.ms:.4g}" if entry.ms is not None else "-",
         f"{entry.gbps:.0f}" if entry.gbps is not None else "-",
         f"{entry.pct_of_copy:.0f}" if entry.pct_of_copy is not None else "-",
-        str(entry.trials) if entry.trials is not None else "-", entry.date or "-")
-        for entry in entries]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+        entry.trials if entry.trials is not None else "-", entry.date or "-")
+        for entry in entries])
 
 
 def show_table(path: str | os.PathLike, stream: TextIO) -> None:
@@ -92,7 +91,7 @@ def parse_meta_names(text: str | None) -> dict[str, str]:
         knob, sep, meta = part.partition("=")
         knob, meta = knob.strip(), meta.strip()
         if not sep or knob not in DEFAULT_META_NAMES or (meta and not meta.isidentifier()):
-            raise ValueError(f"bad --meta {part!r}: expected KNOB=NAME with KNOB one of "
+            raise InputError(f"bad --meta {part!r}: expected KNOB=NAME with KNOB one of "
                              f"{', '.join(DEFAULT_META_NAMES)} and NAME a Python identifier "
                              "or empty")
         names[knob] = meta
@@ -105,7 +104,7 @@ def triton_configs(entries: list[TableEntry], kernel: str, *, device: str | None
     """The distinct configs of ``kernel``'s entries (of one GPU model and dtype, if given) as
     ``triton.Config`` objects for ``@triton.autotune(configs=...)``, in table order.
 
-    A ValueError names the kernels present when none match.
+    An InputError names the kernels present when none match.
     """
     import triton
 
@@ -114,7 +113,7 @@ def triton_configs(entries: list[TableEntry], kernel: str, *, device: str | None
               and device in (None, entry.device) and dtype in (None, entry.dtype)]
     if not chosen:
         present = sorted({f"{entry.kernel} ({entry.device}, {entry.dtype})" for entry in entries})
-        raise ValueError(f"no entries for kernel {kernel!r}"
+        raise InputError(f"no entries for kernel {kernel!r}"
                          + (f" on {device!r}" if device else "") + (f" in {dtype}" if dtype else "")
                          + f"; the entries are for: {', '.join(present) or 'nothing (empty)'}")
     configs = list(dict.fromkeys(entry.config for entry in chosen))
@@ -161,7 +160,7 @@ def write_triton_configs(args: argparse.Namespace,
     from .driver import entry_from_result
 
     if not args.kernel:
-        raise ValueError("--format triton-configs needs --kernel NAME (the kernel's name in the table)")
+        raise InputError("--format triton-configs needs --kernel NAME (the kernel's name in the table)")
     if args.table:
         entries, source = load_table(args.table), args.table
     else:

@@ -17,6 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
 from .pools import NoGPUError, Pool, PoolOptions
 from .tuning_worker import TuningWorker, default_compile_processes, die_with_parent
 
@@ -103,7 +104,7 @@ class LocalPool(Pool):
 
     def __init__(self, options: PoolOptions) -> None:
         if options.resource or options.accelerator_type:
-            raise ValueError("--resource and --accelerator-type choose nodes of a Ray cluster: "
+            raise InputError("--resource and --accelerator-type choose nodes of a Ray cluster: "
                              "give --address too")
         self.options = options
         self.workers: list[LocalWorker] = []

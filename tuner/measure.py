@@ -39,8 +39,21 @@ class Measurement:
     error: str | None = None
     fatal: bool = False
 
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+
+@dataclasses.dataclass(frozen=True)
+class Confirmation:
+    """The confirm stage's outcome: each config's median time over interleaved rounds (by
+    config key), PyTorch eager's time (None where eager cannot run the problem), the bytes the
+    kernel must move and the device's copy bandwidth."""
+
+    ms: dict[str, float]
+    eager_ms: float | None
+    n_bytes: int
+    copy_gbps: float
+
+    def gbps(self, ms: float) -> float:
+        """Bandwidth of a config that took ``ms``."""
+        return self.n_bytes / ms / 1e6
 
 
 def is_fatal(error: BaseException) -> bool:

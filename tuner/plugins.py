@@ -2,16 +2,17 @@
 entry-point group.
 
 A reference names a :class:`~tuner.problems.KernelSpec` subclass (instantiated with no
-arguments) or instance, e.g. ``my_pkg.my_module:MyKernel``. An installed package registers a
-kernel by name in its ``pyproject.toml``::
+arguments) or instance, e.g. ``my_pkg.my_module:MyKernel``, whose ``descriptor`` is the
+kernel's :class:`~kernels.KernelDescriptor`, as for the built-in kernels. An installed package
+registers a kernel by name in its ``pyproject.toml``::
 
     [project.entry-points."tuner.kernels"]
     my_kernel = "my_pkg.my_module:MyKernel"
 
 A resolved kernel is registered under the name it was looked up by (the reference or the entry
 point's name): problems, study names and the messages sent to Ray workers carry that name, so
-every process can import the kernel again. Its table entries keep the spec's own ``name`` (or
-``table_kernel``), the name its runtime passes to ``kernels.lookup_config``.
+every process can import the kernel again. Its table entries keep the descriptor's
+``table_name``, under which its runtime's ``descriptor.select`` looks them up.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import importlib
 import importlib.metadata
 import re
 
+from kernels import KernelDescriptor
+
+from .errors import InputError
 from .problems.base import KernelSpec
 
 ENTRY_POINT_GROUP = "tuner.kernels"
@@ -28,7 +32,7 @@ _REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _resolved: dict[str, KernelSpec] = {}
 
 
-class PluginError(ValueError):
+class PluginError(InputError):
     """A kernel reference or entry point that does not lead to a KernelSpec."""
 
 
@@ -37,8 +41,19 @@ def is_reference(name: str) -> bool:
     return ":" in name
 
 
+def _check_descriptor(descriptor: object, where: str) -> None:
+    if not isinstance(descriptor, KernelDescriptor):
+        raise PluginError(f"{where}: the KernelSpec's `descriptor` is a "
+                          f"{type(descriptor).__name__}, expected a kernels.KernelDescriptor "
+                          "(the kernel's name, table key, default config, ...)")
+    if not isinstance(getattr(descriptor, "name", None), str) or not descriptor.name:
+        raise PluginError(f"{where}: the kernel's descriptor has no name; set the class "
+                          "attribute `name` to the kernel's name")
+
+
 def _instantiate(target: object, where: str) -> KernelSpec:
     if isinstance(target, type) and issubclass(target, KernelSpec):
+        _check_descriptor(getattr(target, "descriptor", None), where)
         try:
             target = target()
         except TypeError as error:
@@ -47,9 +62,7 @@ def _instantiate(target: object, where: str) -> KernelSpec:
     if not isinstance(target, KernelSpec):
         raise PluginError(f"{where} is a {type(target).__name__}, expected a tuner.KernelSpec "
                           "subclass or instance")
-    if not isinstance(getattr(target, "name", None), str) or not target.name:
-        raise PluginError(f"{where}: the KernelSpec has no name; set the class attribute "
-                          "`name` to the kernel's name in lookup tables")
+    _check_descriptor(target.descriptor, where)
     return target
 
 
@@ -98,7 +111,6 @@ def resolve_plugin(name: str) -> KernelSpec | None:
             return None
     spec = _instantiate(target, where)
     registered = copy.copy(spec)  # the user's object keeps its own name
-    registered.table_kernel = spec.table_name
     registered.name = name
     _resolved[name] = registered
     return registered

@@ -14,13 +14,14 @@ from typing import Iterator
 
 from kernels import TableError, load_table
 
+from .errors import InputError
 from .problems import Problem, get_kernel
 from .storage import StorageError, check_writable_folder
 
 RAY_DEFAULT_PORT = 6379
 
 
-class PreflightError(ValueError):
+class PreflightError(InputError):
     """Something that would make the run fail later: reported before it starts."""
 
 

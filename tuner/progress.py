@@ -47,15 +47,17 @@ def _budget(run: StudyRun) -> int:
 
 
 class Progress:
-    """Reports a run's progress on ``stream``.
+    """Reports a run's progress on ``stream`` (None: ``sys.stderr`` as it is when the run starts).
 
     On a terminal (or with ``bar=True``): a tqdm bar of trials measured out of the run's budget,
     with the rate, ETA, studies done, GPUs busy and the best config so far; :meth:`close` ends
     it. Elsewhere: a status line every ``interval`` seconds. Nothing at all with ``quiet``.
     """
 
-    def __init__(self, stream: TextIO = sys.stderr, interval: float = 2.0, *,
+    def __init__(self, stream: TextIO | None = None, interval: float = 2.0, *,
                  bar: bool | None = None, quiet: bool = False) -> None:
+        # Not a default argument: sys.stderr may be replaced after this module is imported.
+        stream = sys.stderr if stream is None else stream
         self.stream, self.interval, self.quiet = stream, interval, quiet
         self.use_bar = _is_terminal(stream) if bar is None else bar
         self.start = self.last = time.monotonic()
@@ -89,12 +91,12 @@ class Progress:
 
     @staticmethod
     def _studies(runs: list[StudyRun]) -> str:
-        return f"studies {sum(run.stage == 'done' for run in runs)}/{len(runs)} done"
+        return f"studies {sum(run.done for run in runs)}/{len(runs)} done"
 
     @staticmethod
     def _focus(runs: list[StudyRun]) -> StudyRun | None:
         """The one study worth detailing: the only one, or the only one still running."""
-        active = [run for run in runs if run.stage != "done"]
+        active = [run for run in runs if not run.done]
         if len(runs) == 1 or len(active) == 1:
             return (active or runs)[0]
         return None

@@ -15,6 +15,8 @@ from optuna.trial import TrialState
 
 from kernels import LaunchConfig
 
+from .columns import format_columns
+from .errors import InputError
 from .study import StudyResult, StudyRun, study_name
 
 # Fewer complete trials than this give parameter importances that mean nothing.
@@ -26,17 +28,15 @@ def print_summary(results: list[StudyResult], stream: TextIO) -> None:
     """Best config, time, GB/s, % of copy bandwidth and speedups, per shape and GPU model."""
     header = ("device", "kernel", "shape", "dtype", "best config", "ms", "GB/s", "% copy",
               "vs heuristic", "vs eager", "trials")
-    rows = [header] + [(
+    rows = [(
         result.device, result.problem.kernel, result.problem.shape_text, result.problem.dtype,
         result.config.key(), f"{result.ms:.4g}", f"{result.gbps:.0f}", f"{result.pct_of_copy:.0f}%",
-        f"{result.speedup_vs_heuristic:.2f}x", "-" if result.speedup_vs_eager is None else f"{result.speedup_vs_eager:.2f}x",
+        f"{result.speedup_vs_heuristic:.2f}x",
+        "-" if result.speedup_vs_eager is None else f"{result.speedup_vs_eager:.2f}x",
         str(result.trials) + (" (resumed)" if result.resumed else ""))
         for result in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for index, row in enumerate(rows):
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip(), file=stream)
-        if index == 0:
-            print("  ".join("-" * width for width in widths), file=stream)
+    for line in format_columns(header, rows):
+        print(line, file=stream)
 
 
 def results_document(results: list[StudyResult], failures: list[tuple[StudyRun, str]],
@@ -211,7 +211,7 @@ def write_report(storage: optuna.storages.BaseStorage | str, out: str | os.PathL
     names = [summary.study_name for summary in optuna.get_all_study_summaries(storage)]
     if study is not None:
         if study not in names:
-            raise ValueError(f"no study {study!r} in the storage; studies: {', '.join(names) or 'none'}")
+            raise InputError(f"no study {study!r} in the storage; studies: {', '.join(names) or 'none'}")
         names = [study]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,17 +28,17 @@ from typing import Any, Callable, Iterable
 import triton
 import yaml
 
-from kernels import EVICTION_POLICIES, LaunchConfig
+from kernels import EVICTION_POLICIES, LaunchConfig, TableKey
 from kernels.config import MAX_TILE_ELEMENTS, NUM_WARPS
 from kernels.defaults import conv_tail_shared_bytes
 
-from .problems import TableKey
+from .errors import InputError
 
 PARAMETERS = ("block_rows", "block_w", "num_warps", "num_stages", "eviction_policy")
 _TOP_LEVEL = ("kernel", "parameters", "restrictions")
 
 
-class SpaceError(ValueError):
+class SpaceError(InputError):
     """A search-space file that cannot be used; the message names the file and key."""
 
 
@@ -187,7 +187,7 @@ def parse_space(data: Any, path: str = "<memory>") -> SearchSpace:
     return SearchSpace(data["kernel"], checked, dict(restrictions), path)
 
 
-def check_keys(data: Any, accepted: Iterable[str], error: type[ValueError], path: str) -> None:
+def check_keys(data: Any, accepted: Iterable[str], error: type[InputError], path: str) -> None:
     """``data`` must be a mapping whose keys are among ``accepted``; else ``error`` naming them."""
     accepted = sorted(accepted)
     if not isinstance(data, dict):
@@ -197,7 +197,7 @@ def check_keys(data: Any, accepted: Iterable[str], error: type[ValueError], path
         raise error(f"{path}: unknown keys {sorted(unknown)}; accepted: {accepted}")
 
 
-def read_yaml(path: str | os.PathLike, error: type[ValueError], what: str) -> Any:
+def read_yaml(path: str | os.PathLike, error: type[InputError], what: str) -> Any:
     """``yaml.safe_load`` of a file; unreadable files and bad YAML raise ``error`` naming it."""
     path = Path(path)
     try:

@@ -12,6 +12,8 @@ from pathlib import Path
 import filelock
 import optuna
 
+from .errors import InputError
+
 # A claimed trial's driver records a heartbeat this often; a claim whose heartbeat is older
 # than the grace period is failed by any other driver and its config measured again.
 HEARTBEAT_INTERVAL_S = 5
@@ -24,7 +26,7 @@ _URL = re.compile(r"^[a-z][a-z0-9+]*://")
 _PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+]*://[^:/@\s]*:)[^@\s]*@", re.IGNORECASE)
 
 
-class StorageError(ValueError):
+class StorageError(InputError):
     """A storage URL that is malformed, missing, unreachable or not writable."""
 
 

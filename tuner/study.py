@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import enum
 import random
 import time
 from typing import Any
@@ -14,7 +15,7 @@ from optuna.trial import Trial, TrialState
 from kernels import LaunchConfig, nearest_configs
 
 from .claims import ClaimBook
-from .measure import Measurement
+from .measure import Confirmation, Measurement
 from .problems import KernelSpec, Problem
 from .space import PARAMETERS, SearchSpace
 from .storage import open_storage
@@ -88,6 +89,14 @@ class StudyResult:
                       "resumed": True})
 
 
+class Stage(enum.Enum):
+    """Where a study is: proposing and measuring configs, re-timing its best few, or done."""
+
+    SEARCH = "search"
+    CONFIRM = "confirm"
+    DONE = "done"
+
+
 def study_name(problem: Problem, device: str) -> str:
     """One study per (kernel, device, dtype, shape)."""
     return f"{problem.kernel}:{device}:{problem.dtype}:{problem.shape_text}"
@@ -122,7 +131,7 @@ class StudyRun:
                               for name in PARAMETERS}
         for name, value in (("kernel", problem.kernel), ("device", device),
                             ("dtype", problem.dtype), ("shape", list(problem.shape)),
-                            ("heuristic_config", spec.heuristic(problem).key()),
+                            ("heuristic_config", spec.heuristic(problem, device).key()),
                             ("space", space.path)):
             self.study.set_user_attr(name, value)
         self.measured: dict[str, float | None] = {}
@@ -136,7 +145,7 @@ class StudyRun:
         self.exhausted = False
         self.rng = random.Random(settings.seed)
         self.result: StudyResult | None = None
-        self.stage = "search"
+        self.stage = Stage.SEARCH
         self._load_existing()
         if self.result is None:
             self._enqueue_seeds()
@@ -177,9 +186,14 @@ class StudyRun:
         self.others = others - set(self.measured)
 
     @property
+    def done(self) -> bool:
+        """True once the study has its result, or has ended without one."""
+        return self.stage is Stage.DONE
+
+    @property
     def waiting(self) -> bool:
         """True while the search waits for configs other drivers are measuring."""
-        return self.stage == "search" and bool(self.others)
+        return self.stage is Stage.SEARCH and bool(self.others)
 
     def _load_existing(self) -> None:
         """Rebuilds the measured cache, and the sampler's history, from storage."""
@@ -190,7 +204,7 @@ class StudyRun:
         if stored and self.n_measured >= self._trial_budget() \
                 and stored.get("trials", 0) >= self.n_measured:
             self.result = StudyResult.from_json(stored)
-            self.stage = "done"
+            self.stage = Stage.DONE
 
     def _frozen(self, config: LaunchConfig, value: float | None, user_attrs: dict[str, Any],
                 state: TrialState | None = None) -> optuna.trial.FrozenTrial:
@@ -225,7 +239,7 @@ class StudyRun:
         restrictions reject) is not enqueued: Optuna cannot suggest a value that is not among
         a categorical's choices. The heuristic is still re-timed by the confirm stage.
         """
-        seeds = [self.spec.heuristic(self.problem)]
+        seeds = [self.spec.heuristic(self.problem, self.device)]
         seeds += nearest_configs(self.spec.table_name, self.device, self.problem.dtype,
                                  self.table_key.width, self.table_key.rows,
                                  variant=self.table_key.variant)
@@ -241,7 +255,7 @@ class StudyRun:
 
     def search_finished(self, now: float, deadline: float | None) -> bool:
         """True when no further trial should be proposed."""
-        if self.stage != "search":
+        if self.stage is not Stage.SEARCH:
             return True
         if self.stopped(now, deadline):
             return True
@@ -339,7 +353,7 @@ class StudyRun:
     def likely_configs(self) -> list[LaunchConfig]:
         """Unmeasured configs this study may well propose, likeliest first: the heuristic's
         neighbours, then a random sample, three times the trial budget in all."""
-        heuristic = self.spec.heuristic(self.problem)
+        heuristic = self.spec.heuristic(self.problem, self.device)
         ordered = self.neighbours(heuristic) if heuristic.key() in self.valid else []
         rest = [config for config in self.valid.values() if config not in ordered]
         random.Random(self.settings.seed).shuffle(rest)
@@ -395,38 +409,42 @@ class StudyRun:
         self.sampler.tell(trial, state=TrialState.FAIL)
 
     # -- confirm -------------------------------------------------------------------------------
+    def start_confirm(self) -> None:
+        """Ends the search: the best few configs are re-timed next (:meth:`finish`)."""
+        self.stage = Stage.CONFIRM
+
     def confirm_candidates(self) -> list[LaunchConfig]:
         """The best few measured configs plus the heuristic, for interleaved re-timing."""
         ranked = sorted((value, key) for key, value in self.measured.items() if value is not None)
         configs = [self.valid[key] for _, key in ranked[:self.settings.confirm_top]]
-        heuristic = self.spec.heuristic(self.problem)
+        heuristic = self.spec.heuristic(self.problem, self.device)
         if heuristic not in configs:
             configs.append(heuristic)
         return configs
 
-    def finish(self, confirmed: dict[str, Any], info: dict[str, Any]) -> StudyResult:
+    def finish(self, confirmed: Confirmation, info: dict[str, Any]) -> StudyResult:
         """Takes the confirm stage's medians: the fastest config wins."""
-        medians: dict[str, float] = confirmed["ms"]
+        medians = confirmed.ms
         winner_key = min(medians, key=medians.get)
-        heuristic_key = self.spec.heuristic(self.problem).key()
+        heuristic = self.spec.heuristic(self.problem, self.device)
         ms = medians[winner_key]
-        gbps = confirmed["n_bytes"] / ms / 1e6
-        winner = self.valid.get(winner_key) or self.spec.heuristic(self.problem)
+        gbps = confirmed.gbps(ms)
+        winner = self.valid.get(winner_key) or heuristic
         self.result = StudyResult(
             problem=self.problem, device=self.device, config=winner, ms=ms, gbps=gbps,
-            pct_of_copy=100 * gbps / confirmed["copy_gbps"], trials=self.n_measured,
-            heuristic_ms=medians[heuristic_key], eager_ms=confirmed["eager_ms"],
+            pct_of_copy=100 * gbps / confirmed.copy_gbps, trials=self.n_measured,
+            heuristic_ms=medians[heuristic.key()], eager_ms=confirmed.eager_ms,
             compute_capability=info.get("compute_capability", ""), torch=info.get("torch", ""),
             triton=info.get("triton", ""), date=datetime.date.today().isoformat())
         self.study.set_user_attr("result", self.result.to_json())
-        self.stage = "done"
+        self.stage = Stage.DONE
         return self.result
 
     def finish_without_confirm(self, reason: str | None = None) -> None:
         """Ends a study with nothing to export (every config failed, or the confirm stage did)."""
         if reason:
             self.study.set_user_attr("confirm_error", reason)
-        self.stage = "done"
+        self.stage = Stage.DONE
 
     def progress_line(self) -> str:
         best = f"best {self.best[0]:.4g} ms {self.best[1]}" if self.best else "no result yet"

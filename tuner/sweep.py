@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any
 
+from .errors import InputError
 from .problems import Problem, get_kernel
 from .space import check_keys, read_yaml
 
@@ -23,7 +24,7 @@ _KEYS = {"kernels": list, "shapes": list, "dtypes": list, "trials": int, "patien
 _MISS_KEYS = ("kernel", "device", "dtype", "shape")
 
 
-class SpecError(ValueError):
+class SpecError(InputError):
     """A sweep spec that cannot be used; the message names the file and key."""
 
 
@@ -47,7 +48,7 @@ def build_problems(kernels: list[str], shapes: list[str], dtypes: list[str],
             for dtype in dtypes:
                 try:
                     problems[spec.problem(str(shape), str(dtype))] = None
-                except ValueError as error:
+                except InputError as error:
                     raise SpecError(f"{where}: {error}") from None
     return tuple(problems)
 
@@ -70,7 +71,7 @@ def parse_spec(data: Any, path: str = "<memory>") -> SweepSpec:
             raise SpecError(f"{path}: missing {key}")
     try:
         kernels = [get_kernel(str(name)).name for name in data.get("kernels") or ["add_layernorm"]]
-    except ValueError as error:
+    except InputError as error:
         raise SpecError(f"{path}: kernels: {error}") from None
     problems = build_problems(kernels, data["shapes"], data["dtypes"], path)
     return SweepSpec(problems, data.get("trials"), data.get("patience"), data.get("timeout"))
@@ -109,7 +110,7 @@ def load_misses(path: str | os.PathLike) -> dict[Problem, frozenset[str]]:
                             f"each line needs {list(_MISS_KEYS)}")
         try:
             problem = get_kernel(record["kernel"]).problem(record["shape"], record["dtype"])
-        except ValueError as error:
+        except InputError as error:
             raise SpecError(f"{where}: {error}") from None
         problems.setdefault(problem, set()).add(record["device"])
     if not problems:

@@ -13,6 +13,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # a local worker imports torch and the kernels once it has started
+    from kernels import LaunchConfig
+
+    from .measure import Confirmation, Measurement
     from .problems import Problem
 
 
@@ -36,14 +39,12 @@ def _warm_up_compiler() -> None:
     torch.cuda.init()
 
 
-def _precompile(problem: Problem, config: dict[str, Any]) -> float:
+def _precompile(problem: Problem, config: LaunchConfig) -> float:
     """Runs in a compile process: compiles one config into Triton's disk cache; returns seconds."""
-    from kernels import LaunchConfig
-
     from .problems import get_kernel
 
     start = time.perf_counter()
-    get_kernel(problem.kernel).compile(problem, LaunchConfig(**config))
+    get_kernel(problem.kernel).compile(problem, config)
     return time.perf_counter() - start
 
 
@@ -79,7 +80,7 @@ class TuningWorker:
         self._copy_gbps: float | None = None
         self._compile_processes = 0 if interpreter_enabled() else compile_processes
         self._compiling: dict[tuple[Problem, str], Any] = {}
-        self._speculative: collections.deque[tuple[Problem, dict[str, Any]]] = collections.deque()
+        self._speculative: collections.deque[tuple[Problem, LaunchConfig]] = collections.deque()
         self._compiler = None
         if self._compile_processes:
             import concurrent.futures
@@ -93,15 +94,13 @@ class TuningWorker:
             for _ in range(self._compile_processes):
                 self._compiler.submit(_warm_up_compiler)
 
-    def _compile(self, problem: Problem, config: dict[str, Any]) -> None:
-        from kernels import LaunchConfig
-
-        key = (problem, LaunchConfig(**config).key())
+    def _compile(self, problem: Problem, config: LaunchConfig) -> None:
+        key = (problem, config.key())
         if key not in self._compiling:
             self._compiling[key] = self._compiler.submit(_precompile, problem, config)
 
-    def _prefetch(self, upcoming: list[tuple[Problem, dict[str, Any]]],
-                  speculative: list[tuple[Problem, dict[str, Any]]] = ()) -> None:
+    def _prefetch(self, upcoming: list[tuple[Problem, LaunchConfig]],
+                  speculative: list[tuple[Problem, LaunchConfig]] = ()) -> None:
         """Compiles ``upcoming`` now, and queues ``speculative`` for when processes are free."""
         if self._compiler is None:
             return
@@ -165,55 +164,51 @@ class TuningWorker:
                                                   self.device, self.seed)
         return self._benches[problem]
 
-    def measure(self, problem: Problem, config: dict[str, Any],
-                upcoming: list[tuple[Problem, dict[str, Any]]] = (),
-                speculative: list[tuple[Problem, dict[str, Any]]] = ()) -> dict[str, Any]:
+    def measure(self, problem: Problem, config: LaunchConfig,
+                upcoming: list[tuple[Problem, LaunchConfig]] = (),
+                speculative: list[tuple[Problem, LaunchConfig]] = ()) -> Measurement:
         """Compile, check and time one config; failures come back in the result.
 
         ``upcoming`` are the configs this worker will measure next: they start compiling now;
         ``speculative`` ones compile whenever a compile process is free.
         """
-        from kernels import LaunchConfig
-
         from .measure import Measurement, is_fatal
 
-        launch_config = LaunchConfig(**config)
         self._prefetch(list(upcoming), list(speculative))
-        compiled_s = self._wait_compiled(problem, launch_config.key())
+        compiled_s = self._wait_compiled(problem, config.key())
         try:
             bench = self._bench(problem)
             copy_gbps = self.copy_gbps()
         except Exception as error:
-            return Measurement(launch_config.key(), error=f"setup failed: {error}",
-                               fatal=is_fatal(error)).as_dict()
-        result = bench.measure(launch_config, copy_gbps, quick=True)
+            return Measurement(config.key(), error=f"setup failed: {error}", fatal=is_fatal(error))
+        result = bench.measure(config, copy_gbps, quick=True)
         if compiled_s is not None and result.compile_s is not None:
             result.compile_s += compiled_s  # compiled elsewhere, then loaded from the cache
         self._top_up()
-        return result.as_dict()
+        return result
 
-    def confirm(self, problem: Problem, configs: list[dict[str, Any]], rounds: int = 5) -> dict[str, Any]:
+    def confirm(self, problem: Problem, configs: list[LaunchConfig],
+                rounds: int = 5) -> Confirmation:
         """Re-times configs interleaved over several rounds (and torch eager once).
 
-        Returns each config's median over rounds, so drift in clocks or temperature affects
+        Gives each config's median over rounds, so drift in clocks or temperature affects
         every config alike.
         """
-        from kernels import LaunchConfig
+        from .measure import Confirmation
 
         bench = self._bench(problem)
-        parsed = [LaunchConfig(**config) for config in configs]
-        samples: dict[str, list[float]] = {config.key(): [] for config in parsed}
-        for config in parsed:
+        samples: dict[str, list[float]] = {config.key(): [] for config in configs}
+        for config in configs:
             bench.check(config)
         for _ in range(rounds):
-            for config in parsed:
+            for config in configs:
                 samples[config.key()].append(bench.time(config))
         try:
             eager_ms = bench.time_eager()
         except Exception:  # PyTorch itself may lack the op (e.g. bfloat16 avg_pool3d on CPU)
             eager_ms = None
-        return {"ms": {key: statistics.median(values) for key, values in samples.items()},
-                "eager_ms": eager_ms, "n_bytes": bench.n_bytes, "copy_gbps": self.copy_gbps()}
+        return Confirmation({key: statistics.median(values) for key, values in samples.items()},
+                            eager_ms, bench.n_bytes, self.copy_gbps())
 
     def close(self) -> None:
         """Ends the compile processes now: killed with their parent, they would linger."""

@@ -1,19 +1,20 @@
-"""RMSNorm over the last dim: a user's @triton.jit kernel and its launcher.
+"""RMSNorm over the last dim: a user's @triton.jit kernel, its descriptor and its launcher.
 
-The launcher asks the tuner's lookup tables for a launch config (``kernels.lookup_config``) and
-falls back to :func:`heuristic_config` where no table has an entry for the problem.
+:data:`RMSNORM`, the kernel's :class:`kernels.KernelDescriptor`, is what both the launcher and
+the tuner ask: the launcher for the tables' config (``RMSNORM.select``, falling back to
+:func:`heuristic_config` where no table has an entry), the tuner for the table key, the default
+config and the search space.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels import LaunchConfig, device_name, lookup_config
-
-KERNEL_NAME = "rmsnorm"
-SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+from kernels import LaunchConfig, RowsCall, RowsDescriptor, device_name, interpreter_enabled
 
 
 @triton.jit
@@ -67,14 +68,41 @@ def heuristic_config(rows: int, width: int, dtype: torch.dtype) -> LaunchConfig:
                         num_warps=max(1, min(16, block_rows * block_w // 256)))
 
 
-def select_config(rows: int, width: int, dtype: torch.dtype,
-                  device: str | None = None) -> tuple[LaunchConfig, str]:
-    """The launch config for a problem and where it came from (``table...`` or ``heuristic``)."""
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"unsupported dtype {dtype}; accepted: float32, float16, bfloat16")
-    return lookup_config(KERNEL_NAME, device if device is not None else device_name(),
-                         str(dtype).removeprefix("torch."), width, rows,
-                         heuristic=lambda: heuristic_config(rows, width, dtype))
+class RMSNorm(RowsDescriptor[RowsCall]):
+    """RMSNorm's identity: keyed by width and row count like every row-wise kernel; a tuner
+    shape is ROWSxWIDTH or a full tensor shape."""
+
+    name = "rmsnorm"
+    space_file = Path(__file__).with_name("rmsnorm.yaml")
+
+    def default_config(self, call: RowsCall, device: str | None = None) -> LaunchConfig:
+        return heuristic_config(call.rows, call.width, call.dtype)
+
+    def compile(self, call: RowsCall, config: LaunchConfig,
+                device: torch.device | str = "cuda") -> None:
+        """Compiles on tiny stand-in tensors (a no-op under the interpreter, which compiles
+        nothing), so the tuner's workers compile upcoming configs while they time others."""
+        if interpreter_enabled():
+            return
+        tiny = torch.empty(16, dtype=call.dtype, device=device)
+        self.launch(tiny, tiny, tiny, call.rows, call.width, 1e-6, config, warmup=True)
+
+    def launch(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, rows: int,
+               width: int, eps: float, config: LaunchConfig, warmup: bool = False) -> None:
+        """Launches the kernel on contiguous x of ``rows x width`` (or, with ``warmup``, only
+        compiles it)."""
+        grid = (triton.cdiv(rows, config.block_rows),)
+        args = (x, weight, out, rows, width, eps)
+        meta = dict(BLOCK_ROWS=config.block_rows, BLOCK_W=config.block_w,
+                    SINGLE_PASS=config.block_w >= width, EVICTION_POLICY=config.eviction_policy,
+                    num_warps=config.num_warps, num_stages=config.num_stages)
+        if warmup:
+            _rmsnorm_kernel.warmup(*args, grid=grid, **meta)
+        else:
+            _rmsnorm_kernel[grid](*args, **meta)
+
+
+RMSNORM = RMSNorm()
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
@@ -89,11 +117,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
     x = x.contiguous()
     rows = x.numel() // width
     if config is None:
-        config, _ = select_config(rows, width, x.dtype,
-                                  device_name(x.device if x.is_cuda else None))
+        config, _ = RMSNORM.select(RowsCall(rows, width, x.dtype),
+                                   device_name(x.device if x.is_cuda else None))
     out = torch.empty_like(x) if out is None else out
-    _rmsnorm_kernel[(triton.cdiv(rows, config.block_rows),)](
-        x, weight, out, rows, width, eps, BLOCK_ROWS=config.block_rows, BLOCK_W=config.block_w,
-        SINGLE_PASS=config.block_w >= width, EVICTION_POLICY=config.eviction_policy,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+    RMSNORM.launch(x, weight, out, rows, width, eps, config)
     return out

@@ -1,36 +1,28 @@
-"""The registration of the RMSNorm example with the tuner: ``examples.rmsnorm.spec:RMSNorm``."""
+"""What tuning adds to the RMSNorm example: ``examples.rmsnorm.spec:RMSNorm``, over the
+kernel's descriptor (``rmsnorm.RMSNORM``)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kernels import LaunchConfig
-from tuner import KernelSpec, Problem, TableKey
+from tuner import KernelSpec, Problem
 from tuner.problems import DTYPES
 
-from .rmsnorm import KERNEL_NAME, heuristic_config, rmsnorm
+from .rmsnorm import RMSNORM, rmsnorm
 
 
 class RMSNorm(KernelSpec):
     """RMSNorm over the last dim; a shape is ROWSxWIDTH or a full tensor shape."""
 
-    name = KERNEL_NAME  # the kernel name its launcher passes to kernels.lookup_config
-
-    @property
-    def space_file(self) -> Path:
-        return Path(__file__).with_name("rmsnorm.yaml")
+    descriptor = RMSNORM  # name, table key, default config, search space: the launcher's own
 
     def canonical_shape(self, dims: tuple[int, ...]) -> tuple[int, ...]:
         return (math.prod(dims[:-1]), dims[-1])
-
-    def table_key(self, problem: Problem) -> TableKey:
-        rows, width = problem.shape
-        return TableKey(width=width, rows=rows)
 
     def make_inputs(self, problem: Problem, device: torch.device,
                     generator: torch.Generator) -> dict[str, Any]:
@@ -58,7 +50,3 @@ class RMSNorm(KernelSpec):
     def bytes_moved(self, problem: Problem) -> int:
         rows, width = problem.shape
         return (2 * rows + 1) * width * DTYPES[problem.dtype].itemsize
-
-    def heuristic(self, problem: Problem) -> LaunchConfig:
-        rows, width = problem.shape
-        return heuristic_config(rows, width, DTYPES[problem.dtype])

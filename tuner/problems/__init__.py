@@ -1,4 +1,4 @@
-"""The kernels the tuner knows, by name: the built-in ones in ``KERNELS``, plus other packages'
+"""The kernels the tuner knows, by name (each a KernelSpec over its kernel's descriptor): the built-in ones in ``KERNELS``, plus other packages'
 kernels by ``module:attribute`` reference or ``tuner.kernels`` entry point (tuner.plugins)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from .add_layernorm_pool_gelu_backward import (
     AddLayerNormPoolGeluBackward,
     AddLayerNormPoolGeluBackwardChannelsLast,
 )
+from ..errors import InputError
 from .base import DTYPES, KernelSpec, Problem, TableKey, parse_dims, parse_dtype
 from .conv_transpose_tail import ConvTransposeTail
 
@@ -21,7 +22,7 @@ KERNELS: dict[str, KernelSpec] = {spec.name: spec for spec in (
 
 def get_kernel(name: str) -> KernelSpec:
     """The kernel called ``name``: built in, a ``module:attribute`` reference or an installed
-    ``tuner.kernels`` entry point; a ValueError lists the known ones."""
+    ``tuner.kernels`` entry point; an InputError lists the known ones."""
     if name in KERNELS:
         return KERNELS[name]
     from ..plugins import entry_point_names, resolve_plugin
@@ -29,7 +30,7 @@ def get_kernel(name: str) -> KernelSpec:
     spec = resolve_plugin(name)
     if spec is None:
         known = ", ".join(sorted(KERNELS) + entry_point_names())
-        raise ValueError(f"unknown kernel {name!r}; known kernels: {known}, or a KernelSpec as "
+        raise InputError(f"unknown kernel {name!r}; known kernels: {known}, or a KernelSpec as "
                          "module:attribute (e.g. my_pkg.my_module:MyKernel)")
     return spec
 

@@ -1,4 +1,4 @@
-"""Registration of the fused add + LayerNorm kernel (kernels.add_layernorm)."""
+"""Tuning the fused add + LayerNorm kernel (kernels.add_layernorm)."""
 
 from __future__ import annotations
 
@@ -8,24 +8,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import LaunchConfig, fused_add_layernorm, heuristic_config
-from kernels.add_layernorm import KERNEL_NAME, compile_config
+from kernels import ADD_LAYERNORM, LaunchConfig, fused_add_layernorm
 
-from .base import DTYPES, KernelSpec, Problem, TableKey
+from .base import DTYPES, KernelSpec, Problem
 
 
 class AddLayerNorm(KernelSpec):
     """``LayerNorm(x + s)`` over the last dim; a shape is ROWSxWIDTH or a full tensor shape."""
 
-    name = KERNEL_NAME
+    descriptor = ADD_LAYERNORM
 
     def canonical_shape(self, dims: tuple[int, ...]) -> tuple[int, ...]:
         # Only rows and width matter to the kernel: 32x64x32x64x64 tunes as 4194304x64.
         return (math.prod(dims[:-1]), dims[-1])
-
-    def table_key(self, problem: Problem) -> TableKey:
-        rows, width = problem.shape
-        return TableKey(width=width, rows=rows)
 
     def make_inputs(self, problem: Problem, device: torch.device,
                     generator: torch.Generator) -> dict[str, Any]:
@@ -61,12 +56,3 @@ class AddLayerNorm(KernelSpec):
     def bytes_moved(self, problem: Problem) -> int:
         rows, width = problem.shape
         return 2 * rows * width * DTYPES[problem.dtype].itemsize
-
-    def compile(self, problem: Problem, config: LaunchConfig) -> None:
-        rows, width = problem.shape
-        dtype = DTYPES[problem.dtype]
-        compile_config(rows, width, dtype, config, sum_weight_dtype=dtype)
-
-    def heuristic(self, problem: Problem) -> LaunchConfig:
-        rows, width = problem.shape
-        return heuristic_config(rows, width, DTYPES[problem.dtype])

@@ -1,4 +1,4 @@
-"""Registration of the add + LayerNorm backward kernel (kernels.add_layernorm_backward)."""
+"""Tuning the add + LayerNorm backward kernel (kernels.add_layernorm_backward)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import LaunchConfig
-from kernels.add_layernorm_backward import (
-    KERNEL_NAME,
-    add_layernorm_backward,
-    compile_config,
-    heuristic_config,
-)
+from kernels import ADD_LAYERNORM_BACKWARD, LaunchConfig
+from kernels.add_layernorm_backward import add_layernorm_backward
 
 from .add_layernorm import AddLayerNorm
 from .base import DTYPES, Problem
@@ -26,7 +21,7 @@ class AddLayerNormBackward(AddLayerNorm):
     dweight, dbias and dsum_weight, as a training step runs it. A shape is ROWSxWIDTH or a
     full tensor shape, as for the forward."""
 
-    name = KERNEL_NAME
+    descriptor = ADD_LAYERNORM_BACKWARD
     sliced_inputs = ("x", "dy")
 
     def make_inputs(self, problem: Problem, device: torch.device,
@@ -66,12 +61,3 @@ class AddLayerNormBackward(AddLayerNorm):
         rows, width = problem.shape
         # x and dy read, dx written; the float32 mean and rstd read.
         return 3 * rows * width * DTYPES[problem.dtype].itemsize + 8 * rows
-
-    def compile(self, problem: Problem, config: LaunchConfig) -> None:
-        rows, width = problem.shape
-        dtype = DTYPES[problem.dtype]
-        compile_config(rows, width, dtype, config, sum_weight_dtype=dtype)
-
-    def heuristic(self, problem: Problem) -> LaunchConfig:
-        rows, width = problem.shape
-        return heuristic_config(rows, width, DTYPES[problem.dtype])

@@ -1,4 +1,4 @@
-"""Registration of the fused tail kernel: add + LayerNorm + AvgPool3d + GELU."""
+"""Tuning the fused tail kernel: add + LayerNorm + AvgPool3d + GELU."""
 
 from __future__ import annotations
 
@@ -7,49 +7,31 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import LaunchConfig
-from kernels.add_layernorm_pool_gelu import (
-    KERNEL_NAME,
-    compile_config,
+from kernels import (
+    ADD_LAYERNORM_POOL_GELU,
+    ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST,
+    LaunchConfig,
     fused_add_layernorm_pool_gelu,
-    heuristic_config,
-    table_variant,
 )
+from kernels.add_layernorm_pool_gelu import APPROXIMATE, POOL_KERNEL
 
-from .base import DTYPES, KernelSpec, Problem, TableKey
-
-# The reference model's pooling and activation (kernels/model.py).
-POOL_KERNEL = (2, 2, 2)
-APPROXIMATE = "none"
+from .base import DTYPES, KernelSpec, Problem
 
 
 class AddLayerNormPoolGelu(KernelSpec):
     """``gelu(avg_pool3d(layer_norm(x + s, (W,)), 2))`` for x of shape NxCxDxHxW (contiguous)."""
 
-    name = KERNEL_NAME
-    channels_last = False
+    descriptor = ADD_LAYERNORM_POOL_GELU
+
+    @property
+    def channels_last(self) -> bool:
+        return self.descriptor.channels_last
 
     def canonical_shape(self, dims: tuple[int, ...]) -> tuple[int, ...]:
-        if len(dims) != 5:
-            raise ValueError(f"{self.name} takes a 5-D shape NxCxDxHxW such as 32x64x32x64x64, "
-                             f"got {'x'.join(map(str, dims))}")
-        if any(dim < kernel for dim, kernel in zip(dims[2:], POOL_KERNEL)):
-            raise ValueError(f"spatial dims {dims[2:]} are smaller than the pool kernel {POOL_KERNEL}")
         if self.channels_last:  # programs split C: it stays a dim of its own
             return tuple(dims)
         # N and C only multiply the rows: fold them into one leading dim.
         return (dims[0] * dims[1], 1) + tuple(dims[2:])
-
-    def _pooled_rows(self, problem: Problem) -> int:
-        batch, channels, depth, height, _ = problem.shape
-        return batch * channels * (depth // POOL_KERNEL[0]) * (height // POOL_KERNEL[1])
-
-    def table_key(self, problem: Problem) -> TableKey:
-        width, height = problem.shape[4], problem.shape[3]
-        return TableKey(width=width, rows=self._pooled_rows(problem),
-                        variant=table_variant(height, POOL_KERNEL, APPROXIMATE,
-                                              channels_last=self.channels_last,
-                                              channels=problem.shape[1]))
 
     def make_inputs(self, problem: Problem, device: torch.device,
                     generator: torch.Generator) -> dict[str, Any]:
@@ -95,22 +77,9 @@ class AddLayerNormPoolGelu(KernelSpec):
         outputs = batch * channels * (depth // kd) * (height // kh) * (width // kw)
         return (batch * channels * depth * height * width + outputs) * DTYPES[problem.dtype].itemsize
 
-    def compile(self, problem: Problem, config: LaunchConfig) -> None:
-        dtype = DTYPES[problem.dtype]
-        compile_config(problem.shape, dtype, config, pool_kernel=POOL_KERNEL,
-                       approximate=APPROXIMATE, channels_last=self.channels_last,
-                       sum_weight_dtype=dtype)
-
-    def heuristic(self, problem: Problem) -> LaunchConfig:
-        return heuristic_config(self._pooled_rows(problem), problem.shape[4],
-                                DTYPES[problem.dtype], POOL_KERNEL, self.channels_last,
-                                problem.shape[1] if self.channels_last else None)
-
 
 class AddLayerNormPoolGeluChannelsLast(AddLayerNormPoolGelu):
     """The same tail on a ``channels_last_3d`` conv output (ModelNew's layout); its configs
     (``block_rows`` = channels per program) are a table variant of their own."""
 
-    name = KERNEL_NAME + "_channels_last"
-    table_kernel = KERNEL_NAME
-    channels_last = True
+    descriptor = ADD_LAYERNORM_POOL_GELU_CHANNELS_LAST

@@ -1,4 +1,4 @@
-"""Registration of the fused tail's backward (kernels.add_layernorm_pool_gelu_backward)."""
+"""Tuning the fused tail's backward (kernels.add_layernorm_pool_gelu_backward)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ from typing import Any
 
 import torch
 
-from kernels import LaunchConfig
-from kernels.add_layernorm_pool_gelu import backward_heuristic_config
-from kernels.add_layernorm_pool_gelu_backward import (
-    KERNEL_NAME,
-    add_layernorm_pool_gelu_backward,
-    compile_config,
+from kernels import (
+    ADD_LAYERNORM_POOL_GELU_BACKWARD,
+    ADD_LAYERNORM_POOL_GELU_BACKWARD_CHANNELS_LAST,
+    LaunchConfig,
 )
+from kernels.add_layernorm_pool_gelu_backward import add_layernorm_pool_gelu_backward
 
 from .add_layernorm_pool_gelu import APPROXIMATE, POOL_KERNEL, AddLayerNormPoolGelu
 from .base import DTYPES, Problem
@@ -26,7 +25,7 @@ class AddLayerNormPoolGeluBackward(AddLayerNormPoolGelu):
     shape NxCxDxHxW: dx (the checked output) with dweight, dbias and dsum_weight, as a training
     step runs it."""
 
-    name = KERNEL_NAME
+    descriptor = ADD_LAYERNORM_POOL_GELU_BACKWARD
     sliced_inputs = ("x", "dy")
 
     def make_inputs(self, problem: Problem, device: torch.device,
@@ -50,21 +49,12 @@ class AddLayerNormPoolGeluBackward(AddLayerNormPoolGelu):
     def _memory_format(self) -> torch.memory_format:
         return torch.channels_last_3d if self.channels_last else torch.contiguous_format
 
-    def _config(self, inputs: dict[str, Any], config: LaunchConfig | None) -> LaunchConfig:
-        if config is not None:
-            return config
-        batch, channels, depth, height, width = inputs["x"].shape
-        return backward_heuristic_config(
-            batch * channels * (depth // POOL_KERNEL[0]) * (height // POOL_KERNEL[1]), width,
-            inputs["x"].dtype, POOL_KERNEL, self.channels_last,
-            channels if self.channels_last else None)
-
     def run(self, inputs: dict[str, Any], config: LaunchConfig | None,
             out: torch.Tensor | None = None) -> torch.Tensor:
         return add_layernorm_pool_gelu_backward(
             inputs["dy"], inputs["x"], inputs["weight"], inputs["bias"], inputs["mean"],
-            inputs["rstd"], inputs["sum_weight"], POOL_KERNEL, APPROXIMATE,
-            self._config(inputs, config), channels_last=self.channels_last, dx_out=out).dx
+            inputs["rstd"], inputs["sum_weight"], POOL_KERNEL, APPROXIMATE, config,
+            channels_last=self.channels_last, dx_out=out).dx
 
     def _dx(self, inputs: dict[str, Any], dtype: torch.dtype | None) -> torch.Tensor:
         """dx by PyTorch autograd (forward and backward), in ``dtype`` or the inputs' own."""
@@ -90,22 +80,9 @@ class AddLayerNormPoolGeluBackward(AddLayerNormPoolGelu):
         dx_bytes = math.prod(problem.shape) * DTYPES[problem.dtype].itemsize
         return super().bytes_moved(problem) + dx_bytes
 
-    def compile(self, problem: Problem, config: LaunchConfig) -> None:
-        dtype = DTYPES[problem.dtype]
-        compile_config(problem.shape, dtype, config, pool_kernel=POOL_KERNEL,
-                       approximate=APPROXIMATE, channels_last=self.channels_last,
-                       sum_weight_dtype=dtype)
-
-    def heuristic(self, problem: Problem) -> LaunchConfig:
-        return backward_heuristic_config(self._pooled_rows(problem), problem.shape[4],
-                                         DTYPES[problem.dtype], POOL_KERNEL, self.channels_last,
-                                         problem.shape[1] if self.channels_last else None)
-
 
 class AddLayerNormPoolGeluBackwardChannelsLast(AddLayerNormPoolGeluBackward):
     """The same backward on ``channels_last_3d`` x, dy and dx (ModelNew's training layout); its
     configs (``block_rows`` = channels per tile) are a table variant of their own."""
 
-    name = KERNEL_NAME + "_channels_last"
-    table_kernel = KERNEL_NAME
-    channels_last = True
+    descriptor = ADD_LAYERNORM_POOL_GELU_BACKWARD_CHANNELS_LAST

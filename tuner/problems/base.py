@@ -1,4 +1,4 @@
-"""What the tuner needs to know about a kernel: how to build, check, run and count a problem."""
+"""What tuning adds to a kernel's descriptor: how to build, check, run and count a problem."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import abc
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from kernels import LaunchConfig
+from kernels import KernelDescriptor, LaunchConfig, TableKey
+
+from ..errors import InputError
 
 SEARCH_SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 DTYPES: dict[str, torch.dtype] = {
@@ -22,10 +24,10 @@ REFERENCE_SLICE_ELEMENTS = 1 << 24
 
 
 def parse_dtype(text: str) -> torch.dtype:
-    """``"bfloat16"`` -> torch.bfloat16; anything else is a ValueError listing the choices."""
+    """``"bfloat16"`` -> torch.bfloat16; anything else is an InputError listing the choices."""
     name = text.strip().removeprefix("torch.")
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {text!r}; accepted: {', '.join(DTYPES)}")
+        raise InputError(f"unknown dtype {text!r}; accepted: {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -35,10 +37,10 @@ def parse_dims(text: str) -> tuple[int, ...]:
     forms = ("expected positive integers joined by 'x', such as 128x64 (ROWSxWIDTH) or "
              "32x64x32x64x64 (a full tensor shape)")
     if not _SHAPE.match(cleaned):
-        raise ValueError(f"bad shape {text!r}: {forms}")
+        raise InputError(f"bad shape {text!r}: {forms}")
     dims = tuple(int(part) for part in cleaned.split("x"))
     if any(dim < 1 for dim in dims):
-        raise ValueError(f"bad shape {text!r}: every dim must be >= 1; {forms}")
+        raise InputError(f"bad shape {text!r}: every dim must be >= 1; {forms}")
     return dims
 
 
@@ -58,50 +60,64 @@ class Problem:
         return f"{self.kernel} {self.shape_text} {self.dtype}"
 
 
-@dataclasses.dataclass(frozen=True)
-class TableKey:
-    """The lookup-table coordinates of a problem (kernels.table)."""
-
-    width: int
-    rows: int
-    variant: str = ""
-
-
 class KernelSpec(abc.ABC):
-    """The registration of one kernel with the tuner.
+    """What tuning adds to a kernel's :class:`~kernels.KernelDescriptor`: random inputs, the
+    exact result, PyTorch's eager baseline, the bytes the kernel must move and the tolerance.
 
-    Subclasses say how to read a shape string, build random inputs, run a config, compute the
-    float64 reference and count the bytes the kernel must move.
+    The kernel's identity (name, table key, default config, compilation, search space) is
+    the descriptor's, which its runtime wrapper uses too. Subclasses set :attr:`descriptor`
+    and say how to build inputs, run a config, compute the reference and count bytes.
     """
 
-    name: str
-    #: the kernel name in lookup tables (registrations of one kernel's variants share it)
-    table_kernel: str = ""
+    #: the kernel's descriptor, shared with its runtime wrapper
+    descriptor: ClassVar[KernelDescriptor]
     #: the inputs split along dim 0 with x when the reference is computed in slices
     sliced_inputs: tuple[str, ...] = ("x",)
     #: relative tolerance on ||out - ref|| / ||ref|| per dtype
     tolerance: dict[str, float] = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
 
+    def __init__(self) -> None:
+        #: the name problems carry: the descriptor's, or the reference a plugin was found by
+        self.name: str = self.descriptor.name
+
     @property
     def table_name(self) -> str:
-        return self.table_kernel or self.name
+        return self.descriptor.table_name
 
     @property
     def space_file(self) -> Path:
-        return SEARCH_SPACES_DIR / f"{self.name}.yaml"
+        return SEARCH_SPACES_DIR / self.descriptor.space_file
 
     def problem(self, shape: str | tuple[int, ...], dtype: str) -> Problem:
         """A validated, canonical problem from a shape string (or dims) and a dtype name."""
         dims = parse_dims(shape) if isinstance(shape, str) else tuple(shape)
-        return Problem(self.name, self.canonical_shape(dims), str(parse_dtype(dtype))[6:])
+        torch_dtype = parse_dtype(dtype)
+        try:
+            self.descriptor.call_for_shape(dims, torch_dtype)  # the kernel takes the shape
+        except ValueError as error:
+            raise InputError(str(error)) from None
+        return Problem(self.name, self.canonical_shape(dims), str(torch_dtype)[6:])
 
-    @abc.abstractmethod
     def canonical_shape(self, dims: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape that identifies the problem (problems that tune alike share one)."""
+        """The shape that names the problem (problems that tune alike may share one)."""
+        return dims
 
-    @abc.abstractmethod
+    def call(self, problem: Problem) -> Any:
+        """The kernel call the problem measures (the descriptor's call dataclass)."""
+        return self.descriptor.call_for_shape(problem.shape, DTYPES[problem.dtype])
+
     def table_key(self, problem: Problem) -> TableKey:
         """Where the problem's winner goes in the lookup table."""
+        return self.descriptor.table_key(self.call(problem))
+
+    def heuristic(self, problem: Problem, device: str | None = None) -> LaunchConfig:
+        """The runtime's default config for the problem on the GPU model ``device``."""
+        return self.descriptor.default_config(self.call(problem), device)
+
+    def compile(self, problem: Problem, config: LaunchConfig) -> None:
+        """Compiles ``config`` for the problem into Triton's cache without launching it, so a
+        worker can compile upcoming trials in other processes while it times the current one."""
+        self.descriptor.compile(self.call(problem), config)
 
     @abc.abstractmethod
     def make_inputs(self, problem: Problem, device: torch.device,
@@ -148,12 +164,3 @@ class KernelSpec(abc.ABC):
     @abc.abstractmethod
     def bytes_moved(self, problem: Problem) -> int:
         """The fewest bytes the kernel must read and write (each input once, output once)."""
-
-    def compile(self, problem: Problem, config: LaunchConfig) -> None:
-        """Compiles ``config`` for the problem into Triton's cache without launching it, so a
-        worker can compile upcoming trials in other processes while it times the current one.
-        The default does nothing (the first launch compiles)."""
-
-    @abc.abstractmethod
-    def heuristic(self, problem: Problem) -> LaunchConfig:
-        """The runtime's default config for the problem when no table entry exists."""

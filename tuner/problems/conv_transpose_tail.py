@@ -1,5 +1,5 @@
-"""Registration of the whole-model kernel: ConvTranspose3d (3, stride 2, padding 1, output
-padding 1) with add + LayerNorm + AvgPool3d(2) + GELU as its epilogue."""
+"""Tuning the whole-model kernel: ConvTranspose3d (3, stride 2, padding 1, output padding 1)
+with add + LayerNorm + AvgPool3d(2) + GELU as its epilogue."""
 
 from __future__ import annotations
 
@@ -8,18 +8,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import LaunchConfig
-from kernels.conv_transpose_tail import (
-    KERNEL_NAME,
-    OUTPUT_PADDING,
-    PADDING,
-    STRIDE,
-    fused_conv_transpose_tail,
-    heuristic_config,
-    table_variant,
-)
+from kernels import CONV_TRANSPOSE_TAIL, LaunchConfig, fused_conv_transpose_tail
+from kernels.conv_transpose_tail import OUTPUT_PADDING, PADDING, STRIDE
 
-from .base import DTYPES, KernelSpec, Problem, TableKey
+from .base import DTYPES, KernelSpec, Problem
 
 APPROXIMATE = "none"
 
@@ -28,21 +20,9 @@ class ConvTransposeTail(KernelSpec):
     """A shape is the conv input and the output channels: NxC_inxDxHxWxC_out, such as
     32x32x16x32x32x64 for the reference model at batch 32."""
 
-    name = KERNEL_NAME
+    descriptor = CONV_TRANSPOSE_TAIL
     # float32 runs on TF32 tensor cores (as cuDNN's convolution does by default).
     tolerance = {"float32": 5e-3, "float16": 5e-3, "bfloat16": 2e-2}
-
-    def canonical_shape(self, dims: tuple[int, ...]) -> tuple[int, ...]:
-        if len(dims) != 6:
-            raise ValueError(f"{self.name} takes NxC_inxDxHxWxC_out (the conv input and its "
-                             f"output channels), such as 32x32x16x32x32x64; got "
-                             f"{'x'.join(map(str, dims))}")
-        return tuple(dims)
-
-    def table_key(self, problem: Problem) -> TableKey:
-        batch, c_in, depth, height, width, c_out = problem.shape
-        return TableKey(width=width, rows=batch * depth * height,
-                        variant=table_variant(c_in, c_out, height, APPROXIMATE))
 
     def make_inputs(self, problem: Problem, device: torch.device,
                     generator: torch.Generator) -> dict[str, Any]:
@@ -89,7 +69,3 @@ class ConvTransposeTail(KernelSpec):
         batch, c_in, depth, height, width, c_out = problem.shape
         elements = (batch * c_in + batch * c_out) * depth * height * width + c_in * c_out * 27
         return elements * DTYPES[problem.dtype].itemsize
-
-    def heuristic(self, problem: Problem) -> LaunchConfig:
-        return heuristic_config(problem.shape[5], problem.shape[4], problem.shape[1],
-                                DTYPES[problem.dtype])

@@ -13,6 +13,7 @@ import itertools
 import multiprocessing
 import os
 import signal
+import sys
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,11 @@ from .pools import NoGPUError, Pool, PoolOptions
 from .tuning_worker import TuningWorker, default_compile_processes, die_with_parent
 
 _worker: TuningWorker | None = None  # the TuningWorker of this process, once started
+# Workers end by SIGKILL (nothing in them to save), so their queues' semaphores are reclaimed
+# by multiprocessing's resource tracker, which would warn about each one when the command
+# exits. The tracker process, started with the first executor, takes its warning filters from
+# this process's -W options.
+_RECLAIMED_SEMAPHORES_WARNING = "ignore:resource_tracker:UserWarning"
 
 
 def _start_worker(gpu: str | None, seed: int, compile_processes: int,
@@ -124,6 +130,8 @@ class LocalPool(Pool):
                              "none). Run on a machine with a GPU, pass --address of a Ray "
                              "cluster that has them, or use --interpret to run the whole "
                              "pipeline on the CPU through the Triton interpreter.")
+        if _RECLAIMED_SEMAPHORES_WARNING not in sys.warnoptions:
+            sys.warnoptions.append(_RECLAIMED_SEMAPHORES_WARNING)
         self._pending = [self._spawn(gpu) for gpu in self._gpus]
 
     def _spawn(self, gpu: str | None):

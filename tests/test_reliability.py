@@ -203,7 +203,7 @@ def test_claims_of_a_dead_driver_on_this_host_expire_at_once(tmp_path, owner):
     config = SPACE.candidates(SPEC.table_key(PROBLEM))[0]
     if owner == "closed":  # a driver of this process that died without releasing its claims
         dead = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, url, Settings(trials=8))
-        dead.sampler.enqueue_trial(config.as_dict())
+        dead.enqueue(config)
         assert dead.ask()[1] == config
         dead.claims.close()
     else:

@@ -185,8 +185,8 @@ def test_studyrun_never_proposes_a_measured_config_twice():
     assert run.measured == {good.key(): fake_ms(good.key()), bad.key(): None}
 
     # The sampler proposes both again: the measured value (or the failure) is told, not re-measured.
-    run.sampler.enqueue_trial(good.as_dict())
-    run.sampler.enqueue_trial(bad.as_dict())
+    run.enqueue(good)
+    run.enqueue(bad)
     third = measure_next()
     assert third.key() not in (good.key(), bad.key())
     duplicates = [t for t in run.sampler.get_trials(deepcopy=False) if t.user_attrs.get("duplicate")]
@@ -201,7 +201,7 @@ def test_studyrun_never_proposes_a_measured_config_twice():
 
     # A config in flight is not handed out again either.
     trial, inflight = run.ask()
-    run.sampler.enqueue_trial(inflight.as_dict())
+    run.enqueue(inflight)
     other_trial, other = run.ask()
     assert other != inflight
     pruned = [t for t in run.sampler.get_trials(deepcopy=False)
@@ -383,8 +383,8 @@ def test_failed_measurement_fails_only_its_trial_and_is_never_remeasured():
     space = parse_space(small_space())
     bench = ProblemBench(Broken("raise"), PROBLEM, torch.device("cpu"), seed=0)
     run = StudyRun(SPEC, PROBLEM, "interpreter", space, storage, Settings(trials=100))
-    run.sampler.enqueue_trial(BAD_CONFIG.as_dict())
-    run.sampler.enqueue_trial(GOOD_CONFIG.as_dict())
+    run.enqueue(BAD_CONFIG)
+    run.enqueue(GOOD_CONFIG)
     for expected in (BAD_CONFIG, GOOD_CONFIG):
         trial, config = run.ask()
         assert config == expected
@@ -396,7 +396,7 @@ def test_failed_measurement_fails_only_its_trial_and_is_never_remeasured():
     assert run.best[1] == GOOD_CONFIG.key()
     assert run.measured[BAD_CONFIG.key()] is None
 
-    run.sampler.enqueue_trial(BAD_CONFIG.as_dict())
+    run.enqueue(BAD_CONFIG)
     remaining = []
     while (proposal := run.ask()) is not None:
         trial, config = proposal

@@ -24,6 +24,8 @@ from .storage import open_storage
 # configs are proposed before TPE's picks: TPE finds the right region, the neighbours the
 # best point in it (few configs in a landscape are within 2% of the best).
 LOCAL_SEARCH_AFTER = 0.5
+# Knobs whose values are ordered (sizes and counts), as opposed to the eviction policy.
+ORDERED_KNOBS = ("block_rows", "block_w", "num_warps", "num_stages")
 # Best configs whose neighbours the local search visits, best first.
 LOCAL_SEARCH_TOP = 3
 # Proposals in a row that the restrictions reject before a random valid config is enqueued.
@@ -129,6 +131,12 @@ class StudyRun:
                 seed=settings.seed, multivariate=True, constant_liar=True))
         self.distributions = {name: optuna.distributions.CategoricalDistribution(self.choices[name])
                               for name in PARAMETERS}
+        # The sampler sees ordered knobs as their rank among the choices (TPE's estimators
+        # then carry over between neighbouring values: 4 warps is near 8, not as far as 32).
+        self.ordered = {name: sorted(self.choices[name]) for name in ORDERED_KNOBS}
+        self.sampler_distributions = {
+            name: (optuna.distributions.IntDistribution(0, len(self.ordered[name]) - 1)
+                   if name in self.ordered else self.distributions[name]) for name in PARAMETERS}
         for name, value in (("kernel", problem.kernel), ("device", device),
                             ("dtype", problem.dtype), ("shape", list(problem.shape)),
                             ("heuristic_config", spec.heuristic(problem, device).key()),
@@ -182,7 +190,7 @@ class StudyRun:
                 continue
             self._note(key, value)
             if key in self.valid:  # configs of an older, different space teach nothing
-                self.sampler.add_trial(self._frozen(self.valid[key], value, {}))
+                self.sampler.add_trial(self._for_sampler(self.valid[key], value))
         self.others = others - set(self.measured)
 
     @property
@@ -213,6 +221,21 @@ class StudyRun:
         return optuna.trial.create_trial(
             params=config.as_dict(), distributions=self.distributions, value=value,
             state=state, user_attrs=user_attrs)
+
+    def enqueue(self, config: LaunchConfig, skip_if_exists: bool = False) -> None:
+        """Has the sampler propose ``config`` next (measured configs are told, not re-measured)."""
+        self.sampler.enqueue_trial(self._sampler_params(config), skip_if_exists=skip_if_exists)
+
+    def _sampler_params(self, config: LaunchConfig) -> dict[str, Any]:
+        """``config``'s knobs as the sampler sees them (ranks for the ordered ones)."""
+        values = config.as_dict()
+        return {name: self.ordered[name].index(values[name]) if name in self.ordered
+                else values[name] for name in PARAMETERS}
+
+    def _for_sampler(self, config: LaunchConfig, value: float | None) -> optuna.trial.FrozenTrial:
+        return optuna.trial.create_trial(
+            params=self._sampler_params(config), distributions=self.sampler_distributions,
+            value=value, state=TrialState.COMPLETE if value is not None else TrialState.FAIL)
 
     def _trial_budget(self) -> int:
         return min(self.settings.trials, len(self.valid))
@@ -245,7 +268,7 @@ class StudyRun:
                                  variant=self.table_key.variant)
         for config in seeds:
             if config.key() in self.valid and config.key() not in self.measured:
-                self.sampler.enqueue_trial(config.as_dict(), skip_if_exists=True)
+                self.enqueue(config, skip_if_exists=True)
 
     def stopped(self, now: float, deadline: float | None) -> bool:
         """True once the run's time is up or patience ran out: trials not yet started are dropped."""
@@ -279,7 +302,7 @@ class StudyRun:
         if self.n_measured >= LOCAL_SEARCH_AFTER * self._trial_budget():
             local = self._unmeasured_neighbour()
             if local is not None:
-                self.sampler.enqueue_trial(local.as_dict())
+                self.enqueue(local)
         while True:
             if len(self.measured) + len(self.inflight) + len(self.others) >= len(self.valid):
                 self.exhausted = True
@@ -287,7 +310,9 @@ class StudyRun:
             if self._full():
                 return None
             trial = self.sampler.ask()
-            params = {name: trial.suggest_categorical(name, self.choices[name]) for name in PARAMETERS}
+            params = {name: self.ordered[name][trial.suggest_int(name, 0, len(self.ordered[name]) - 1)]
+                      if name in self.ordered else trial.suggest_categorical(name, self.choices[name])
+                      for name in PARAMETERS}
             key = _key(params)
             config = self.valid.get(key)
             if config is None:
@@ -372,7 +397,7 @@ class StudyRun:
         left = [key for key in self.valid
                 if key not in self.measured and key not in self.inflight and key not in self.others]
         if left:
-            self.sampler.enqueue_trial(self.valid[self.rng.choice(left)].as_dict())
+            self.enqueue(self.valid[self.rng.choice(left)])
 
     def tell(self, trial: Trial, config: LaunchConfig, measurement: Measurement, worker: str) -> None:
         """Records a measurement in the storage and the sampler (a failed config fails its trial

@@ -64,8 +64,13 @@ def test_search_without_a_cluster_runs_on_local_processes_and_leaves_none(tmp_pa
     assert "2 workers on interpreter" in done.stderr
     timeline = next(line for line in done.stderr.splitlines()
                     if line.startswith("seconds since the command started"))
-    for phase in ("workers launched", "workers ready", "first trial sent", "first result", "shutdown"):
+    for phase in ("workers launched", "first worker up", "last worker up", "workers ready",
+                  "first trial sent", "first result", "shutdown"):
         assert phase in timeline
+    stamps = dict(mark.rsplit(" ", 1) for mark in timeline.split(": ", 1)[1].split(", "))
+    # The workers' own clocks fall between their launch and the driver seeing them ready.
+    assert float(stamps["workers launched"]) <= float(stamps["first worker up"]) \
+        <= float(stamps["last worker up"]) <= float(stamps["workers ready"])
     [entry] = load_table(tmp_path / "table.json")
     assert entry.trials == 4 and entry.device == "interpreter"
     study = optuna.load_study(study_name=study_name(PROBLEM, "interpreter"),

@@ -263,6 +263,10 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
             pool = _ray_pool(args)
         workers = pool.start()
         clock.mark("workers ready")
+        if not _use_ray(args):  # same host: the workers' monotonic clocks are this one's
+            answered = [worker.info["answered_monotonic"] for worker in workers]
+            clock.mark("first worker up", min(answered))
+            clock.mark("last worker up", max(answered))
         devices = sorted({worker.device for worker in workers})
         memory: dict[str, int] = {}
         for worker in workers:

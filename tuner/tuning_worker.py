@@ -130,8 +130,9 @@ class TuningWorker:
             return None
 
     def info(self) -> dict[str, Any]:
-        """Device name (from the CUDA driver), compute capability, versions, node, pid and the
-        device's memory in bytes."""
+        """Device name (from the CUDA driver), compute capability, versions, node, pid, the
+        device's memory in bytes and when this answered (``time.monotonic()`` here: comparable
+        with the driver's on the same host)."""
         import torch
         import triton
 
@@ -144,7 +145,8 @@ class TuningWorker:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return {"device": device_name(cuda), "compute_capability": compute_capability(cuda),
                 "torch": torch.__version__.split("+")[0], "triton": triton.__version__,
-                "node": _node_id(), "pid": os.getpid(), "memory_bytes": memory}
+                "node": _node_id(), "pid": os.getpid(), "memory_bytes": memory,
+                "answered_monotonic": time.monotonic()}
 
     def copy_gbps(self) -> float:
         """Device-to-device copy bandwidth, measured once per worker (on first use)."""

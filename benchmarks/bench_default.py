@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -56,19 +55,6 @@ for _limit in ("recompile_limit", "cache_size_limit"):
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-_CONFIG_KEY = re.compile(r"^r(\d+)_w(\d+)_warps(\d+)_s(\d+)_(none|evict_first|evict_last)$")
-
-
-def parse_config_key(key: str) -> LaunchConfig:
-    """``r64_w64_warps16_s1_evict_last`` (LaunchConfig.key()) back to a LaunchConfig."""
-    match = _CONFIG_KEY.match(key)
-    if match is None:
-        raise ValueError(f"bad config key {key!r}; expected like r64_w64_warps16_s1_evict_last")
-    rows, width, warps, stages, policy = match.groups()
-    return LaunchConfig(int(rows), int(width), int(warps), int(stages),
-                        "" if policy == "none" else policy)
-
-
 def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return ((out.double() - expected).norm() / expected.norm()).item()
 
@@ -134,7 +120,7 @@ def bench_layernorm(exhaustive: dict, compile_: bool, tune: bool) -> list[dict]:
         if best:
             row["best_config"] = best[1]
             row["best_ms_recorded"] = best[0]
-            attempt(row, "best_ms", lambda: checked_ms(run(parse_config_key(best[1])), expected,
+            attempt(row, "best_ms", lambda: checked_ms(run(LaunchConfig.from_key(best[1])), expected,
                                                        dtype, f"{label} exhaustive best"))
         results.append(row)
         print(f"{label}: default {row['default_config']} {milliseconds(row, 'default_ms')}, "

@@ -86,7 +86,7 @@ def run_gpu(gpu: int, shapes: list[tuple[str, str]], compile_processes: int, cac
             careful = None
             if measured.ms is not None:
                 careful = bench.time(config)
-            rows.append({"config": config.key(), "params": config.as_dict(), "ms": careful, "quick_ms": measured.ms,
+            rows.append({"config": config.key(), "ms": careful, "quick_ms": measured.ms,
                          "error": measured.error})
         heuristic = spec.heuristic(problem)
         heuristic_ms = next((row["ms"] for row in rows if row["config"] == heuristic.key()), None)

@@ -69,9 +69,8 @@ def main() -> None:
         truth_configs, valid, heuristic_ratio = {}, {}, {}
         for problem in problems:
             data = recorded[f"{problem.shape_text} {problem.dtype}"]
-            ranked = sorted((row["ms"], index) for index, row in enumerate(data["configs"]) if row["ms"])
-            truth_configs[problem] = [LaunchConfig.from_dict(data["configs"][index]["params"])
-                                      for _, index in ranked[:args.top]]
+            ranked = sorted((row["ms"], row["config"]) for row in data["configs"] if row["ms"])
+            truth_configs[problem] = [LaunchConfig.from_key(key) for _, key in ranked[:args.top]]
             valid[problem] = len(ranked)
             heuristic_ratio[problem] = data["heuristic_ms"] / ranked[0][0]
     else:

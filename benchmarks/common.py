@@ -9,24 +9,23 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tuner import measure  # noqa: E402
 from tuner.columns import format_columns  # noqa: E402
+from tuner.timing import do_bench_ms  # noqa: E402
 
 
 def time_ms(fn) -> float:
-    """Median milliseconds of ``fn`` (triton.testing.do_bench: CUDA events, L2 flushed)."""
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    """Median milliseconds of ``fn``: ``do_bench``, L2 flushed before every call
+    (tuner.timing.do_bench_ms)."""
+    return do_bench_ms(fn)
 
 
-def copy_bandwidth_gbps(n_bytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
-    src = torch.empty(n_bytes // 4, dtype=torch.float32, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src))
-    return 2 * n_bytes / ms / 1e6
+def copy_bandwidth_gbps() -> float:
+    """The current GPU's device-to-device copy bandwidth (tuner.measure.copy_bandwidth_gbps)."""
+    return measure.copy_bandwidth_gbps(torch.device("cuda"))
 
 
 def versions() -> dict:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import stand_in_tensors
+from ._common import load_shift, stand_in_tensors
 from .backward_reduce import (
     choose_reduction,
     column_sums,
@@ -94,10 +94,7 @@ def _add_layernorm_backward_kernel(
     else:
         partial_start = pid.to(tl.int64) * partial_stride
     cols = tl.arange(0, BLOCK_W)
-    if SUM_FROM_PTR:
-        shift = tl.load(sum_weight_ptr).to(tl.float32)
-    else:
-        shift = sum_weight_value
+    shift = load_shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR)
 
     if SINGLE_PASS:
         col_mask = cols < width

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import stand_in_tensors
+from ._common import load_shift, stand_in_tensors
 from ._pool_gelu import PoolGeluCall, PoolGeluDescriptor
 from .add_layernorm_backward import Gradients
 from .backward_reduce import column_sums, partial_sums, program_count, resident_programs
@@ -112,10 +112,7 @@ def _add_layernorm_pool_gelu_backward_kernel(
     col_mask = (ks < KW)[None, :] & (cols < width)
     # Columns some pooling window covers (floor mode drops the last width % KW).
     in_window = (ks < KW)[None, :] & (wo < out_width)[:, None]
-    if SUM_FROM_PTR:
-        shift = tl.load(sum_weight_ptr).to(tl.float32)
-    else:
-        shift = sum_weight_value
+    shift = load_shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR)
     if HAS_WEIGHT:
         weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -246,10 +243,7 @@ def _add_layernorm_pool_gelu_backward_cl_kernel(
     cols = wo[:, None] * KW + ks[None, :]
     col_mask = (ks < KW)[None, :] & (cols < width)
     in_window = (ks < KW)[None, :] & (wo < out_width)[:, None]
-    if SUM_FROM_PTR:
-        shift = tl.load(sum_weight_ptr).to(tl.float32)
-    else:
-        shift = sum_weight_value
+    shift = load_shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR)
     if HAS_WEIGHT:
         weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, :, None]
     if HAS_BIAS:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 EVICTION_POLICIES: tuple[str, ...] = ("", "evict_first", "evict_last")
 NUM_WARPS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 # Triton refuses tensors of more elements than this (TRITON_MAX_TENSOR_NUMEL).
 MAX_TILE_ELEMENTS = 1 << 20
+_KEY = re.compile(r"^r(\d+)_w(\d+)_warps(\d+)_s(\d+)_(none|evict_first|evict_last)$")
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -75,6 +77,16 @@ class LaunchConfig:
         if missing:
             raise ValueError(f"LaunchConfig is missing {sorted(missing)}")
         return cls(**data)
+
+    @classmethod
+    def from_key(cls, key: str) -> "LaunchConfig":
+        """The config :meth:`key` names (``r64_w64_warps16_s1_evict_last``); a ValueError for
+        anything else."""
+        match = _KEY.match(key)
+        if match is None:
+            raise ValueError(f"bad config key {key!r}; expected like r64_w64_warps16_s1_evict_last")
+        rows, width, warps, stages, policy = match.groups()
+        return cls(int(rows), int(width), int(warps), int(stages), "" if policy == "none" else policy)
 
     def key(self) -> str:
         """A short stable string naming the config, used to dedupe measurements."""

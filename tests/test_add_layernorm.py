@@ -474,6 +474,11 @@ def test_launch_config_limits_and_round_trip():
     assert LaunchConfig.from_dict(config.as_dict()) == config
     assert config.key() == "r4_w256_warps8_s3_evict_last"
     assert LaunchConfig(1, 64, 4).key() == "r1_w64_warps4_s1_none"
+    for named in (config, LaunchConfig(1, 64, 4)):
+        assert LaunchConfig.from_key(named.key()) == named
+    for bad in ("r4_w256_warps8_s3_evict", "4_w256_warps8_s3_none", "r3_w256_warps8_s1_none"):
+        with pytest.raises(ValueError):
+            LaunchConfig.from_key(bad)
     with pytest.raises(ValueError, match=r"unknown LaunchConfig keys \['warps'\]"):
         LaunchConfig.from_dict({"block_rows": 1, "block_w": 64, "warps": 4})
     with pytest.raises(ValueError, match=r"missing \['num_warps'\]"):

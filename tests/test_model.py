@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.model import REFERENCE_ARGS, Model, ModelNew
+from tests.models import model_pair
 
 # Input [N, C_in, D, H, W] = [2, 3, 2, 4, 4]: the transposed convolution (stride 2, padding 1,
 # output padding 1) doubles each spatial dim, so the LayerNorm sees rows of width 8.
@@ -34,15 +35,7 @@ pytestmark = pytest.mark.usefixtures("no_tables")
 
 def make_models(seed=0, **changes):
     """A Model with randomised parameters (LayerNorm affine too) and a ModelNew loaded from it."""
-    args = {**SMALL_ARGS, **changes}
-    torch.manual_seed(seed)
-    model = Model(**args)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        model.norm.weight.copy_(torch.randn(model.norm.weight.shape, generator=generator) * 0.3 + 1)
-        model.norm.bias.copy_(torch.randn(model.norm.bias.shape, generator=generator) * 0.3)
-    new = ModelNew(**args)
-    new.load_state_dict(model.state_dict())
+    model, new = model_pair({**SMALL_ARGS, **changes}, seed)
     return model.eval(), new.eval()
 
 

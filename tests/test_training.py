@@ -19,7 +19,6 @@ import kernels.add_layernorm_backward as backward_module
 import kernels.add_layernorm_pool_gelu as pool_gelu_module
 from kernels import (
     LaunchConfig,
-    Model,
     ModelNew,
     fused_add_layernorm,
     fused_add_layernorm_pool_gelu,
@@ -31,6 +30,7 @@ from kernels.add_layernorm_backward import (
     add_layernorm_backward,
 )
 from kernels.backward_reduce import REDUCTIONS
+from tests.models import model_pair
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = ("fp32", "fp16", "bf16")
@@ -293,16 +293,7 @@ TINY_INPUT = (2, 3, 2, 4, 4)  # the LayerNorm sees rows of width 8
 
 
 def tiny_models(seed, **changes):
-    args = {**TINY_ARGS, **changes}
-    torch.manual_seed(seed)
-    model = Model(**args)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        model.norm.weight.copy_(torch.randn(model.norm.weight.shape, generator=generator) * 0.3 + 1)
-        model.norm.bias.copy_(torch.randn(model.norm.bias.shape, generator=generator) * 0.3)
-    new = ModelNew(**args)
-    new.load_state_dict(model.state_dict())
-    return model, new
+    return model_pair({**TINY_ARGS, **changes}, seed)
 
 
 @pytest.mark.parametrize("changes,channels_last_conv", [

@@ -110,12 +110,28 @@ def launch_or_compile(kernel, grid: tuple[int, ...], args: tuple, meta: dict,
         kernel[grid](*args, **meta)
 
 
+def needs_64bit_offsets(padded_rows: int, width: int, block_w: int) -> bool:
+    """Whether element offsets up to ``padded_rows`` rows of ``width`` (and a chunk of
+    ``block_w`` past the last) may pass 2**31, so that a kernel must compute them in 64 bits;
+    below that 32-bit offsets save instructions on every element."""
+    return padded_rows * width + block_w >= 2**31
+
+
 def sum_weight_dtype(sum_tensor: torch.Tensor | None) -> torch.dtype | None:
     """The dtype a call records for its sum_weight: the tensor's, None for a number."""
     return None if sum_tensor is None else sum_tensor.dtype
 
 
 # -- @triton.jit helpers -------------------------------------------------------------------------
+@triton.jit
+def first_row(tile, BLOCK_ROWS: tl.constexpr, INDEX_64: tl.constexpr):
+    """The first row of row tile ``tile``, in 64 bits when ``INDEX_64``
+    (:func:`needs_64bit_offsets`), else in 32."""
+    if INDEX_64:
+        tile = tile.to(tl.int64)
+    return tile * BLOCK_ROWS
+
+
 @triton.jit
 def load_shift(sum_weight_ptr, sum_weight_value, SUM_FROM_PTR: tl.constexpr):
     """``sum_weight`` in float32: read on the device, or the Python number passed in."""

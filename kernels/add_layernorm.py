@@ -26,9 +26,11 @@ from ._common import (
     check_no_out_with_autograd,
     check_param,
     check_tensor,
+    first_row,
     gradients_required,
     launch_or_compile,
     load_shift,
+    needs_64bit_offsets,
     split_sum_weight,
     stand_in_tensors,
     store_stats,
@@ -63,9 +65,9 @@ def _add_layernorm_kernel(
     SUM_FROM_PTR: tl.constexpr,
     STORE_STATS: tl.constexpr,
     EVICTION_POLICY: tl.constexpr,
+    INDEX_64: tl.constexpr,
 ):
-    # 64-bit row offsets: rows * width may pass 2**31 elements.
-    row_ids = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ids = first_row(tl.program_id(0), BLOCK_ROWS, INDEX_64) + tl.arange(0, BLOCK_ROWS)
     row_mask = row_ids < rows
     row_starts = row_ids * width
     cols = tl.arange(0, BLOCK_W)
@@ -192,8 +194,10 @@ class AddLayerNorm(RowsDescriptor[AddLayerNormCall]):
                     SINGLE_PASS=config.block_w >= width, HAS_WEIGHT=weight is not None,
                     HAS_BIAS=bias is not None, SUM_FROM_PTR=sum_tensor is not None,
                     STORE_STATS=stats is not None,
-                    EVICTION_POLICY=config.eviction_policy, num_warps=config.num_warps,
-                    num_stages=config.num_stages)
+                    EVICTION_POLICY=config.eviction_policy,
+                    INDEX_64=needs_64bit_offsets(grid[0] * config.block_rows, width,
+                                                 config.block_w),
+                    num_warps=config.num_warps, num_stages=config.num_stages)
         launch_or_compile(_add_layernorm_kernel, grid, args, meta, warmup)
 
 

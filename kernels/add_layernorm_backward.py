@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import load_shift, stand_in_tensors
+from ._common import first_row, load_shift, needs_64bit_offsets, stand_in_tensors
 from .backward_reduce import (
     choose_reduction,
     column_sums,
@@ -85,6 +85,7 @@ def _add_layernorm_backward_kernel(
     COMPUTE_DBIAS: tl.constexpr,
     ATOMIC_REDUCE: tl.constexpr,
     EVICTION_POLICY: tl.constexpr,
+    INDEX_64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -105,8 +106,8 @@ def _add_layernorm_backward_kernel(
         dbias_acc = tl.zeros([BLOCK_ROWS, BLOCK_W], dtype=tl.float32)
         for step in range(0, tiles_per_program):
             # Tiles interleaved over programs: programs running together read neighbouring rows.
-            # 64-bit row offsets: rows * width may pass 2**31 elements.
-            row_ids = (pid + step * programs).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+            row_ids = first_row(pid + step * programs, BLOCK_ROWS, INDEX_64) \
+                + tl.arange(0, BLOCK_ROWS)
             row_mask = row_ids < rows
             mask = row_mask[:, None] & col_mask[None, :]
             offsets = row_ids[:, None] * width + cols[None, :]
@@ -138,7 +139,8 @@ def _add_layernorm_backward_kernel(
                              col_mask, ATOMIC_REDUCE)
     else:
         for step in range(0, tiles_per_program):
-            row_ids = (pid + step * programs).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+            row_ids = first_row(pid + step * programs, BLOCK_ROWS, INDEX_64) \
+                + tl.arange(0, BLOCK_ROWS)
             row_mask = row_ids < rows
             row_starts = row_ids * width
             mean = tl.load(mean_ptr + row_ids, mask=row_mask, other=0.0)
@@ -276,7 +278,12 @@ class AddLayerNormBackward(RowsDescriptor[AddLayerNormBackwardCall]):
                     SINGLE_PASS=config.block_w >= width, HAS_WEIGHT=weight is not None,
                     SUM_FROM_PTR=sum_tensor is not None, STORE_DX=dx is not None,
                     COMPUTE_DWEIGHT=compute[0], COMPUTE_DBIAS=compute[1], ATOMIC_REDUCE=atomic,
-                    EVICTION_POLICY=config.eviction_policy, num_warps=config.num_warps,
+                    EVICTION_POLICY=config.eviction_policy,
+                    # The last program's tiles may run up to one grid of tiles past the rows.
+                    INDEX_64=needs_64bit_offsets(
+                        2 * triton.cdiv(rows, config.block_rows) * config.block_rows, width,
+                        config.block_w),
+                    num_warps=config.num_warps,
                     num_stages=config.num_stages)
 
         def arguments(dweight_partial: torch.Tensor, dbias_partial: torch.Tensor, stride: int,

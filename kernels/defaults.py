@@ -1,10 +1,12 @@
 """Default launch configs derived from the GPU's properties and each kernel's arithmetic.
 
-No constant here is fitted to one card's timings. The inputs are the device's SM count,
-threads and registers per SM, shared memory per block, L2 size and DRAM bandwidth (from
-``torch.cuda.get_device_properties``; fixed values under the Triton interpreter) and, per
-kernel, the bytes a row occupies, the lanes Triton allocates for it (a power of two) and the
-registers a lane costs. The reasoning:
+The inputs are the device's SM count, threads and registers per SM, shared memory per block
+and DRAM bandwidth (from ``torch.cuda.get_device_properties``; fixed values under the Triton
+interpreter) and, per kernel, the bytes a row occupies, the lanes Triton allocates for it (a
+power of two) and the registers a lane costs. Narrow rows follow from that reasoning alone;
+the shape of a wide-row program (32 lanes a thread, 4096-lane or 16 KB tiles) was read off the
+exhaustive grids of two held-out sets on an H100 and is checked on other GPU models and shapes
+(BENCHMARKS.md). The reasoning:
 
 * Latency hiding (Little's law): to stream at full DRAM bandwidth an SM must keep about
   ``bandwidth * latency / SMs`` bytes in flight; spread over the threads an SM can hold that
@@ -15,12 +17,6 @@ registers a lane costs. The reasoning:
 * Registers: a thread holds its lanes in float32 (the row and its centred copy); lanes per
   thread times the registers of a lane, times the threads of a program, must fit an SM's
   register file, and no thread may pass 255 registers.
-* L2: rows too wide for one pass are read twice, the second time from L2 only while the rows
-  of all resident programs fit there; that bounds how many programs may be resident.
-* Reductions: a row's statistics are summed serially within a thread, then across warps
-  through shared memory, a step per warp; a row gets a program of its own once whole-row
-  programs can fill an SM within its limit on resident programs, with threads balancing the
-  two costs.
 * Waves: programs are shrunk (fewer rows each) until there are enough to give every SM its
   full complement of resident programs, so that small problems still use the whole GPU.
 * Masked lanes of a non-power-of-two row cost registers but move no bytes: threads are
@@ -30,6 +26,12 @@ registers a lane costs. The reasoning:
   spreads every row over all its warps, and each warp past the first adds a shared-memory
   exchange and a barrier to both of the row's reductions. Such programs are kept to a few
   warps and hold more rows per thread instead.
+* Wide rows (512 lanes and more): a row's statistics cross warps through shared memory, so
+  threads hold many lanes each (32: many loads in flight, 80 registers) and programs stay at
+  4-8 warps; a program holds a few whole rows (4096 lanes, or 16 KB once rows are 8 KB), or
+  two rows walked in chunks of half that, where the second read of each chunk comes from L2
+  soon after the first. With fewer rows than SMs a row gets wide chunks (32 KB) and the
+  threads of 32 lanes each, so that the little work there is spreads over more threads.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import math
 import torch
 import triton
 
-from .config import MAX_TILE_ELEMENTS, LaunchConfig
+from .config import LaunchConfig
 from .device import INTERPRETER_DEVICE, interpreter_enabled
 
 # DRAM latency under load, in nanoseconds: a property of GDDR/HBM memory systems generally.
@@ -58,6 +60,16 @@ MAX_REGISTERS_PER_THREAD = 255
 MAX_THREADS_PER_PROGRAM = 1024
 # Triton specialises integer arguments divisible by 16; only then are row starts known aligned.
 ALIGNMENT_ELEMENTS = 16
+# Rows of WIDE_ROW_LANES lanes and more (see "Wide rows" above): 32 lanes a thread in tiles of
+# 4096 lanes, 16 KB for rows of 8 KB or more; chunked rows in chunks of at least
+# MIN_CHUNK_ELEMENTS (search_spaces/add_layernorm.yaml's min_chunk_elements); fewer rows than
+# SMs get chunks of up to 32 KB.
+WIDE_ROW_LANES = 512
+WIDE_LANES_PER_THREAD = 32
+WIDE_TILE_ELEMENTS = 4096
+WIDE_TILE_BYTES = 16 << 10
+MIN_CHUNK_ELEMENTS = 4096
+FEW_ROWS_CHUNK_BYTES = 32 << 10
 # Warps one row of a packed tile may span (see "Layout" above): up to four, a row's reductions
 # cross warps in two shared-memory steps at most.
 MAX_WARPS_PER_ROW = 4
@@ -161,19 +173,6 @@ def lanes_per_thread_target(width: int, itemsize: int, props: DeviceProperties) 
     return max(1, lanes)
 
 
-def single_pass_lanes(aligned: bool) -> int:
-    """Lanes a LayerNorm thread holds at most in one pass: 80 registers either way, so that
-    programs of 512 threads (the most whole rows need) still fit a 64K-register SM."""
-    return 32 if aligned else 16
-
-
-def single_pass_width(props: DeviceProperties, aligned: bool = True) -> int:
-    """The widest row (a power of two) the add+LayerNorm default keeps in registers; wider
-    rows are walked in chunks of this width."""
-    lanes = single_pass_lanes(aligned)
-    return lanes * max_program_threads(lanes, props, aligned)
-
-
 def _resident_programs(threads: int, props: DeviceProperties, lanes_per_thread: int,
                        aligned: bool) -> int:
     by_threads = props.max_threads_per_sm // threads
@@ -199,48 +198,17 @@ def add_layernorm_default(rows: int, width: int, itemsize: int,
                           props: DeviceProperties) -> LaunchConfig:
     """The add+LayerNorm launch config for ``rows x width`` rows of ``itemsize``-byte elements
     on a GPU with ``props`` (see the module docstring for the reasoning)."""
+    span = triton.next_power_of_2(width)
+    if span >= WIDE_ROW_LANES:
+        return _wide_rows_default(rows, width, itemsize, props)
     lanes_target = lanes_per_thread_target(width, itemsize, props)
     aligned = width % ALIGNMENT_ELEMENTS == 0
-    most_lanes = single_pass_lanes(aligned)
-    widest_program = max_program_threads(most_lanes, props, aligned)
-    span = triton.next_power_of_2(width)
-    if span > single_pass_width(props, aligned):
-        # Chunked: two passes over the row, the second from L2 only while the rows of all
-        # resident programs fit there. Chunks are as wide as one pass holds; programs get
-        # fewer threads (more of them resident, hiding latency better) only while the rows
-        # they hold at once stay within half of L2.
-        block_w = single_pass_width(props, aligned)
-        threads = MAX_THREADS_PER_PROGRAM
-        row_bytes = width * itemsize
-        # Unaligned lanes cost twice the registers in the two-pass loop (ptxas for sm_89:
-        # 124 of the 128 a 512-thread program may have, at 16 lanes a thread).
-        fewest_threads = block_w // (most_lanes if aligned else most_lanes // 2)
-        while threads // 2 >= fewest_threads and \
-                props.sm_count * (props.max_threads_per_sm // (threads // 2)) * row_bytes \
-                <= props.l2_bytes // 2:
-            threads //= 2
-        while threads > 32 and threads * registers_per_thread(block_w // threads, aligned) \
-                > props.registers_per_sm:
-            threads //= 2
-        return LaunchConfig(block_rows=1, block_w=block_w, num_warps=max(1, threads // 32))
-
     block_w = span
     # Threads from the useful bytes of a row; lanes per thread from its power-of-two span.
     row_threads = triton.next_power_of_2(triton.cdiv(width, lanes_target))
     # A quarter of an SM's threads per program: at least four programs resident per SM.
     program_threads = max(32, min(_floor_pow2(props.max_threads_per_sm // 4),
                                   max_program_threads(block_w // row_threads, props, aligned)))
-    if row_threads >= props.max_threads_per_sm // props.max_programs_per_sm or \
-            row_threads * 2 > widest_program:
-        # Wide rows: one row a program, as soon as whole-row programs can fill an SM's threads
-        # within its limit on resident programs. Each thread sums its lanes serially and the
-        # warps combine their sums through shared memory, a step per warp: threads balance the
-        # two (lanes per thread = 2 x warps, i.e. threads = sqrt(16 * lanes of the row)), with
-        # a 16-byte vector a thread at least and no more lanes than one pass holds.
-        balanced = triton.next_power_of_2(math.isqrt(16 * block_w))
-        balanced = min(balanced, max(32, block_w * itemsize // VECTOR_BYTES))
-        threads = min(max(balanced, triton.cdiv(block_w, most_lanes), 32), widest_program)
-        return LaunchConfig(block_rows=1, block_w=block_w, num_warps=threads // 32)
 
     # Narrow rows: every thread holds its lanes target, over as many rows as that takes, in
     # programs that span at most MAX_WARPS_PER_ROW warps of a row and leave the fewest of an
@@ -257,6 +225,33 @@ def add_layernorm_default(rows: int, width: int, itemsize: int,
         if block_rows == 1 or triton.cdiv(rows, block_rows) >= wanted:
             break
         block_rows //= 2
+    return LaunchConfig(block_rows=block_rows, block_w=block_w, num_warps=threads // 32)
+
+
+def _wide_rows_default(rows: int, width: int, itemsize: int,
+                       props: DeviceProperties) -> LaunchConfig:
+    """Rows spanning :data:`WIDE_ROW_LANES` lanes or more: programs of
+    :data:`WIDE_TILE_ELEMENTS` lanes (16 KB once rows are 8 KB), 32 lanes a thread, whole rows
+    while they fit, else two rows walked in chunks of half that; fewer rows (and threads) a
+    program while the grid has under two programs an SM; and for fewer rows than SMs, a row a
+    program with as many threads as 32 lanes each give, within the SM's registers."""
+    span = triton.next_power_of_2(width)
+    if rows < props.sm_count:
+        most_threads = max_program_threads(WIDE_LANES_PER_THREAD, props,
+                                           aligned=width % ALIGNMENT_ELEMENTS == 0)
+        block_w = min(span, FEW_ROWS_CHUNK_BYTES // itemsize, most_threads * WIDE_LANES_PER_THREAD)
+        threads = max(32, block_w // WIDE_LANES_PER_THREAD)
+        return LaunchConfig(block_rows=1, block_w=block_w, num_warps=threads // 32)
+    tile = WIDE_TILE_ELEMENTS
+    if span * itemsize >= WIDE_TILE_BYTES // 2:
+        tile = max(tile, WIDE_TILE_BYTES // itemsize)
+    chunk = max(tile // 2, MIN_CHUNK_ELEMENTS)
+    block_w = span if span < tile or span <= chunk else chunk
+    block_rows = max(1, tile // block_w)
+    while block_rows > 1 and triton.cdiv(rows, block_rows) < 2 * props.sm_count:
+        block_rows //= 2
+    threads = max(32, min(MAX_THREADS_PER_PROGRAM,
+                          block_rows * block_w // WIDE_LANES_PER_THREAD))
     return LaunchConfig(block_rows=block_rows, block_w=block_w, num_warps=threads // 32)
 
 

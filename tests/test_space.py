@@ -6,6 +6,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+import torch
 import triton
 
 from kernels import LaunchConfig, TableKey
@@ -242,3 +243,21 @@ def test_conv_space_drops_configs_over_sm89_shared_memory():
     assert all(space.allows(config, wide) for config in space.candidates(wide))
     with pytest.raises(SpaceError, match="conv_transpose_tail only"):
         space.allows(small, TableKey(width=16, rows=100))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_shipped_space_holds_the_default(dtype):
+    """The default is the first trial of a study (and what the tuner is compared with): it
+    must be a config of the space, on every GPU model's properties."""
+    from kernels.defaults import INTERPRETER_PROPERTIES, add_layernorm_default
+    from tests.test_defaults import H100, RTX4090
+
+    space = load_space(SPACE)
+    for props in (RTX4090, H100, INTERPRETER_PROPERTIES):
+        for width in (1, 22, 64, 100, 477, 768, 1289, 3275, 4096, 6226, 10532, 37586, 65536):
+            for rows in (1, 45, 229, 5000, 4_000_000):
+                if rows * width * dtype.itemsize > 4 << 30:
+                    continue
+                config = add_layernorm_default(rows, width, dtype.itemsize, props)
+                assert space.allows(config, TableKey(width=width, rows=rows)), \
+                    (props.name, rows, width, config)

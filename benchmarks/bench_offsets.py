@@ -1,0 +1,87 @@
+"""32- against 64-bit element offsets in the add+LayerNorm kernel: the same launch config
+(the default, and the ``--configs`` given) timed both ways, beside ``torch.compile`` of
+``F.layer_norm(x + s)``, on the held-out shapes (benchmarks/heldout.py) and the narrow-row
+shapes where torch.compile led.
+
+    python benchmarks/bench_offsets.py [--shapes 5873773x26:float16,...]
+
+Results go to $OUT/bench_offsets.json; the table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from common import print_table, time_ms, versions, write_json
+from heldout import heldout_shapes
+
+import kernels.add_layernorm as add_layernorm
+from kernels import LaunchConfig, fused_add_layernorm
+from kernels.add_layernorm import heuristic_config
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Narrow rows of millions where torch.compile beat every config (HELDOUT_SEED=20261128/27).
+NARROW = "5873773x26:float16,12540784x36:bfloat16,2158748x56:bfloat16,27219231x21:bfloat16"
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, torch.dtype]]:
+    shapes = []
+    for item in text.split(","):
+        dims, dtype = item.split(":")
+        rows, width = map(int, dims.split("x"))
+        shapes.append((rows, width, DTYPES[dtype]))
+    return shapes
+
+
+def time_offsets(x, s, weight, bias, config: LaunchConfig, force_64: bool) -> float:
+    original = add_layernorm.needs_64bit_offsets
+    if force_64:
+        add_layernorm.needs_64bit_offsets = lambda *args: True
+    try:
+        out = torch.empty_like(x)
+        return time_ms(lambda: fused_add_layernorm(x, s, x.shape[-1], weight, bias,
+                                                   config=config, out=out))
+    finally:
+        add_layernorm.needs_64bit_offsets = original
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=None, help="ROWSxWIDTH:DTYPE,... (default: held-out "
+                                                        "set and the narrow rows)")
+    parser.add_argument("--configs", default="", help="extra config keys to time on every shape")
+    args = parser.parse_args()
+    shapes = parse_shapes(args.shapes) if args.shapes else (
+        [(rows, width, dtype) for rows, width, dtype in heldout_shapes()] + parse_shapes(NARROW))
+    extra = [LaunchConfig.from_key(key) for key in args.configs.split(",") if key]
+    compiled = torch.compile(lambda x, s, w, b: F.layer_norm(x + s, (x.shape[-1],), w, b),
+                             dynamic=False)
+    records, table = [], []
+    for rows, width, dtype in shapes:
+        generator = torch.Generator(device="cuda").manual_seed(rows + width)
+        x = torch.randn(rows, width, device="cuda", dtype=dtype, generator=generator)
+        weight = torch.randn(width, device="cuda", dtype=dtype, generator=generator)
+        bias = torch.randn(width, device="cuda", dtype=dtype, generator=generator)
+        s = torch.tensor([0.5], device="cuda", dtype=dtype)
+        torch._dynamo.reset()
+        compile_ms = time_ms(lambda: compiled(x, s, weight, bias))
+        for config in [heuristic_config(rows, width, dtype)] + extra:
+            ms32 = time_offsets(x, s, weight, bias, config, force_64=False)
+            ms64 = time_offsets(x, s, weight, bias, config, force_64=True)
+            label = f"{rows}x{width} {str(dtype).removeprefix('torch.')}"
+            records.append({"shape": label, "config": config.key(), "ms_32bit": ms32,
+                            "ms_64bit": ms64, "compile_ms": compile_ms})
+            table.append([label, config.key(), f"{ms64:.4f}", f"{ms32:.4f}",
+                          f"{ms64 / ms32:.2f}", f"{compile_ms:.4f}", f"{ms32 / compile_ms:.2f}"])
+            print(table[-1], flush=True)
+        del x
+    write_json("bench_offsets.json", {"versions": versions(), "records": records})
+    print_table(["shape", "config", "64-bit ms", "32-bit ms", "64/32", "compile ms",
+                 "32-bit/compile"], table)
+
+
+if __name__ == "__main__":
+    main()

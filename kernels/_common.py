@@ -3,6 +3,7 @@ helpers."""
 
 from __future__ import annotations
 
+import math
 from numbers import Real
 
 import torch
@@ -117,12 +118,27 @@ def needs_64bit_offsets(padded_rows: int, width: int, block_w: int) -> bool:
     return padded_rows * width + block_w >= 2**31
 
 
+def width_multiple(width: int) -> int:
+    """The largest power of two, up to 16, that divides ``width`` (a kernel's
+    ``WIDTH_MULTIPLE``, see :func:`known_multiple`)."""
+    return math.gcd(width, 16)
+
+
 def sum_weight_dtype(sum_tensor: torch.Tensor | None) -> torch.dtype | None:
     """The dtype a call records for its sum_weight: the tensor's, None for a number."""
     return None if sum_tensor is None else sum_tensor.dtype
 
 
 # -- @triton.jit helpers -------------------------------------------------------------------------
+@triton.jit
+def known_multiple(width, WIDTH_MULTIPLE: tl.constexpr):
+    """``width``, written so that the compiler knows it is a multiple of ``WIDTH_MULTIPLE``:
+    Triton specialises integers on divisibility by 16 only, so rows of, say, 20 halves would
+    otherwise load element by element; knowing 4 divides the width, row starts are 8-byte
+    aligned and loads take 4 elements at a time."""
+    return width // WIDTH_MULTIPLE * WIDTH_MULTIPLE
+
+
 @triton.jit
 def first_row(tile, BLOCK_ROWS: tl.constexpr, INDEX_64: tl.constexpr):
     """The first row of row tile ``tile``, in 64 bits when ``INDEX_64``

@@ -27,10 +27,12 @@ from ._common import (
     check_param,
     check_tensor,
     first_row,
+    known_multiple,
     gradients_required,
     launch_or_compile,
     load_shift,
     needs_64bit_offsets,
+    width_multiple,
     split_sum_weight,
     stand_in_tensors,
     store_stats,
@@ -66,7 +68,9 @@ def _add_layernorm_kernel(
     STORE_STATS: tl.constexpr,
     EVICTION_POLICY: tl.constexpr,
     INDEX_64: tl.constexpr,
+    WIDTH_MULTIPLE: tl.constexpr,
 ):
+    width = known_multiple(width, WIDTH_MULTIPLE)
     row_ids = first_row(tl.program_id(0), BLOCK_ROWS, INDEX_64) + tl.arange(0, BLOCK_ROWS)
     row_mask = row_ids < rows
     row_starts = row_ids * width
@@ -197,6 +201,7 @@ class AddLayerNorm(RowsDescriptor[AddLayerNormCall]):
                     EVICTION_POLICY=config.eviction_policy,
                     INDEX_64=needs_64bit_offsets(grid[0] * config.block_rows, width,
                                                  config.block_w),
+                    WIDTH_MULTIPLE=width_multiple(width),
                     num_warps=config.num_warps, num_stages=config.num_stages)
         launch_or_compile(_add_layernorm_kernel, grid, args, meta, warmup)
 

@@ -33,7 +33,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import first_row, load_shift, needs_64bit_offsets, stand_in_tensors
+from ._common import (
+    first_row,
+    known_multiple,
+    load_shift,
+    needs_64bit_offsets,
+    stand_in_tensors,
+    width_multiple,
+)
 from .backward_reduce import (
     choose_reduction,
     column_sums,
@@ -86,7 +93,9 @@ def _add_layernorm_backward_kernel(
     ATOMIC_REDUCE: tl.constexpr,
     EVICTION_POLICY: tl.constexpr,
     INDEX_64: tl.constexpr,
+    WIDTH_MULTIPLE: tl.constexpr,
 ):
+    width = known_multiple(width, WIDTH_MULTIPLE)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     # The program's row of partial sums: its own, or the single shared row of the atomics.
@@ -283,6 +292,7 @@ class AddLayerNormBackward(RowsDescriptor[AddLayerNormBackwardCall]):
                     INDEX_64=needs_64bit_offsets(
                         2 * triton.cdiv(rows, config.block_rows) * config.block_rows, width,
                         config.block_w),
+                    WIDTH_MULTIPLE=width_multiple(width),
                     num_warps=config.num_warps,
                     num_stages=config.num_stages)
 

@@ -27,13 +27,13 @@ import triton
 
 from .config import LaunchConfig
 from .defaults import (
-    ALIGNMENT_ELEMENTS,
     MAX_REGISTERS_PER_THREAD,
     REGISTERS_BASE,
     REGISTERS_PER_LANE,
     REGISTERS_PER_UNALIGNED_LANE,
     DeviceProperties,
     device_properties,
+    rows_aligned,
 )
 from ._common import dtype_name
 from .device import INTERPRETER_DEVICE, compute_capability, device_name, interpreter_enabled
@@ -208,7 +208,7 @@ def tune_add_layernorm(descriptor: AddLayerNorm, call: AddLayerNormCall, x: torc
         descriptor.launch(x, scratch, weight, bias, sum_tensor, sum_value, rows, width, eps,
                           config)
 
-    fits = _fits_registers(REGISTERS_PER_LANE if width % ALIGNMENT_ELEMENTS == 0
+    fits = _fits_registers(REGISTERS_PER_LANE if rows_aligned(width, x.dtype.itemsize)
                            else REGISTERS_PER_UNALIGNED_LANE, device_properties(device))
     neighbours = _neighbours(default, triton.next_power_of_2(rows), fits)
     return _tune(descriptor, call, device, default, neighbours, x, run, scratch,

@@ -11,9 +11,10 @@ exhaustive grids of two held-out sets on an H100 and is checked on other GPU mod
 * Latency hiding (Little's law): to stream at full DRAM bandwidth an SM must keep about
   ``bandwidth * latency / SMs`` bytes in flight; spread over the threads an SM can hold that
   gives the bytes each thread must load per step, never under one 16-byte vector.
-* Loads vectorise only when every row starts 16-byte aligned: Triton knows that only for
-  widths divisible by 16. Other widths load one element at a time, so a thread issues more,
-  smaller loads and needs more of them in flight.
+* Loads vectorise fully only when every row starts 16-byte aligned (the kernels tell the
+  compiler the power of two dividing the width). Other rows load in smaller pieces, down to
+  one element at a time for odd widths, so a thread issues more, smaller loads and needs more
+  of them in flight.
 * Registers: a thread holds its lanes in float32 (the row and its centred copy); lanes per
   thread times the registers of a lane, times the threads of a program, must fit an SM's
   register file, and no thread may pass 255 registers.
@@ -58,8 +59,6 @@ REGISTERS_PER_UNALIGNED_LANE = 4
 REGISTERS_BASE = 16
 MAX_REGISTERS_PER_THREAD = 255
 MAX_THREADS_PER_PROGRAM = 1024
-# Triton specialises integer arguments divisible by 16; only then are row starts known aligned.
-ALIGNMENT_ELEMENTS = 16
 # Rows of WIDE_ROW_LANES lanes and more (see "Wide rows" above): 32 lanes a thread in tiles of
 # 4096 lanes, 16 KB for rows of 8 KB or more; chunked rows in chunks of at least
 # MIN_CHUNK_ELEMENTS (search_spaces/add_layernorm.yaml's min_chunk_elements); fewer rows than
@@ -141,6 +140,12 @@ def _floor_pow2(value: float) -> int:
     return 1 << max(0, int(value).bit_length() - 1) if value >= 1 else 1
 
 
+def rows_aligned(width: int, itemsize: int) -> bool:
+    """Whether rows of ``width`` elements of ``itemsize`` bytes all start 16-byte aligned, so
+    that the kernels load them in full 16-byte vectors."""
+    return width * itemsize % VECTOR_BYTES == 0
+
+
 def registers_per_thread(lanes_per_thread: int, aligned: bool = True) -> int:
     """Estimated registers of a LayerNorm thread holding ``lanes_per_thread`` lanes of rows
     that start 16-byte aligned (``aligned``) or not."""
@@ -166,7 +171,7 @@ def bytes_per_thread(props: DeviceProperties) -> int:
 def lanes_per_thread_target(width: int, itemsize: int, props: DeviceProperties) -> int:
     """Elements a thread should load per step for rows of ``width`` elements."""
     lanes = bytes_per_thread(props) // itemsize
-    if width % ALIGNMENT_ELEMENTS:
+    if not rows_aligned(width, itemsize):
         # Unaligned rows load element by element: twice the loads in flight make up for the
         # smaller transactions (and keep the per-thread addressing cost amortised).
         lanes *= 2
@@ -202,7 +207,7 @@ def add_layernorm_default(rows: int, width: int, itemsize: int,
     if span >= WIDE_ROW_LANES:
         return _wide_rows_default(rows, width, itemsize, props)
     lanes_target = lanes_per_thread_target(width, itemsize, props)
-    aligned = width % ALIGNMENT_ELEMENTS == 0
+    aligned = rows_aligned(width, itemsize)
     block_w = span
     # Threads from the useful bytes of a row; lanes per thread from its power-of-two span.
     row_threads = triton.next_power_of_2(triton.cdiv(width, lanes_target))
@@ -238,7 +243,7 @@ def _wide_rows_default(rows: int, width: int, itemsize: int,
     span = triton.next_power_of_2(width)
     if rows < props.sm_count:
         most_threads = max_program_threads(WIDE_LANES_PER_THREAD, props,
-                                           aligned=width % ALIGNMENT_ELEMENTS == 0)
+                                           aligned=rows_aligned(width, itemsize))
         block_w = min(span, FEW_ROWS_CHUNK_BYTES // itemsize, most_threads * WIDE_LANES_PER_THREAD)
         threads = max(32, block_w // WIDE_LANES_PER_THREAD)
         return LaunchConfig(block_rows=1, block_w=block_w, num_warps=threads // 32)

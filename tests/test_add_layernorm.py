@@ -22,6 +22,7 @@ from kernels import (
     select_config,
 )
 from kernels.config import MAX_TILE_ELEMENTS
+from kernels._common import needs_64bit_offsets, width_multiple
 from kernels.defaults import MIN_CHUNK_ELEMENTS
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -546,3 +547,13 @@ def test_launcher_uses_selected_config(launch_grids):
                         config=LaunchConfig(block_rows=4, block_w=128, num_warps=2))
     assert grids[-1] == (10,)
 
+
+
+def test_addressing_hints():
+    """The kernels learn the power of two dividing the width (for vector loads) and use 64-bit
+    offsets only where 32 bits could overflow."""
+    assert [width_multiple(width) for width in (1, 17, 20, 26, 48, 4096, 10828)] == \
+        [1, 1, 4, 2, 16, 16, 4]
+    assert not needs_64bit_offsets(1 << 20, 1 << 10, 1024)
+    assert needs_64bit_offsets(1 << 21, 1 << 10, 0)
+    assert needs_64bit_offsets((1 << 21) - 1, 1 << 10, 1024)

@@ -16,6 +16,7 @@ from kernels.defaults import (
     INTERPRETER_PROPERTIES,
     DeviceProperties,
     MIN_CHUNK_ELEMENTS,
+    rows_aligned,
     add_layernorm_default,
     add_layernorm_pool_gelu_default,
     conv_tail_block_co,
@@ -65,7 +66,7 @@ def test_layernorm_default_fits_the_device(props, dtype):
             config = add_layernorm_default(rows, width, dtype.itemsize, props)
             threads = 32 * config.num_warps
             lanes = config.tile_elements // threads
-            aligned = width % 16 == 0
+            aligned = rows_aligned(width, dtype.itemsize)
             registers = registers_per_thread(max(1, lanes), aligned)
             assert registers <= 255 and registers * threads <= props.registers_per_sm, \
                 (rows, width, config)

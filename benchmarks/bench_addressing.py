@@ -1,11 +1,12 @@
-"""32- against 64-bit element offsets in the add+LayerNorm kernel: the same launch config
-(the default, and the ``--configs`` given) timed both ways, beside ``torch.compile`` of
-``F.layer_norm(x + s)``, on the held-out shapes (benchmarks/heldout.py) and the narrow-row
-shapes where torch.compile led.
+"""How the add+LayerNorm kernel addresses rows: the same launch config (the default, and the
+``--configs`` given) timed as before (64-bit offsets, no alignment known for widths not
+divisible by 16), with 32-bit offsets, and with 32-bit offsets plus the width's power-of-two
+factor (the current kernel), beside ``torch.compile`` of ``F.layer_norm(x + s)``, on the
+held-out shapes (benchmarks/heldout.py) and the narrow-row shapes where torch.compile led.
 
-    python benchmarks/bench_offsets.py [--shapes 5873773x26:float16,...]
+    python benchmarks/bench_addressing.py [--shapes 5873773x26:float16,...] [--configs KEY,...]
 
-Results go to $OUT/bench_offsets.json; the table is printed last.
+Results go to $OUT/bench_addressing.json; the table is printed last.
 """
 
 from __future__ import annotations
@@ -36,16 +37,23 @@ def parse_shapes(text: str) -> list[tuple[int, int, torch.dtype]]:
     return shapes
 
 
-def time_offsets(x, s, weight, bias, config: LaunchConfig, force_64: bool) -> float:
-    original = add_layernorm.needs_64bit_offsets
+# (name, force 64-bit offsets, hide the width's power-of-two factor)
+VARIANTS = (("64-bit", True, True), ("32-bit", False, True), ("32-bit + multiple", False, False))
+
+
+def time_variant(x, s, weight, bias, config: LaunchConfig, force_64: bool,
+                 hide_multiple: bool) -> float:
+    originals = add_layernorm.needs_64bit_offsets, add_layernorm.width_multiple
     if force_64:
         add_layernorm.needs_64bit_offsets = lambda *args: True
+    if hide_multiple:
+        add_layernorm.width_multiple = lambda width: 16 if width % 16 == 0 else 1
     try:
         out = torch.empty_like(x)
         return time_ms(lambda: fused_add_layernorm(x, s, x.shape[-1], weight, bias,
                                                    config=config, out=out))
     finally:
-        add_layernorm.needs_64bit_offsets = original
+        add_layernorm.needs_64bit_offsets, add_layernorm.width_multiple = originals
 
 
 def main() -> None:
@@ -55,32 +63,30 @@ def main() -> None:
     parser.add_argument("--configs", default="", help="extra config keys to time on every shape")
     args = parser.parse_args()
     shapes = parse_shapes(args.shapes) if args.shapes else (
-        [(rows, width, dtype) for rows, width, dtype in heldout_shapes()] + parse_shapes(NARROW))
+        [(rows, width, DTYPES[dtype]) for rows, width, dtype in heldout_shapes()] + parse_shapes(NARROW))
     extra = [LaunchConfig.from_key(key) for key in args.configs.split(",") if key]
     compiled = torch.compile(lambda x, s, w, b: F.layer_norm(x + s, (x.shape[-1],), w, b),
                              dynamic=False)
     records, table = [], []
     for rows, width, dtype in shapes:
         generator = torch.Generator(device="cuda").manual_seed(rows + width)
-        x = torch.randn(rows, width, device="cuda", dtype=dtype, generator=generator)
-        weight = torch.randn(width, device="cuda", dtype=dtype, generator=generator)
-        bias = torch.randn(width, device="cuda", dtype=dtype, generator=generator)
+        x, weight, bias = (torch.randn(shape, device="cuda", generator=generator).to(dtype)
+                           for shape in ((rows, width), (width,), (width,)))
         s = torch.tensor([0.5], device="cuda", dtype=dtype)
         torch._dynamo.reset()
         compile_ms = time_ms(lambda: compiled(x, s, weight, bias))
+        label = f"{rows}x{width} {str(dtype).removeprefix('torch.')}"
         for config in [heuristic_config(rows, width, dtype)] + extra:
-            ms32 = time_offsets(x, s, weight, bias, config, force_64=False)
-            ms64 = time_offsets(x, s, weight, bias, config, force_64=True)
-            label = f"{rows}x{width} {str(dtype).removeprefix('torch.')}"
-            records.append({"shape": label, "config": config.key(), "ms_32bit": ms32,
-                            "ms_64bit": ms64, "compile_ms": compile_ms})
-            table.append([label, config.key(), f"{ms64:.4f}", f"{ms32:.4f}",
-                          f"{ms64 / ms32:.2f}", f"{compile_ms:.4f}", f"{ms32 / compile_ms:.2f}"])
+            ms = {name: time_variant(x, s, weight, bias, config, force_64, hide)
+                  for name, force_64, hide in VARIANTS}
+            records.append({"shape": label, "config": config.key(), "ms": ms,
+                            "compile_ms": compile_ms})
+            table.append([label, config.key(), *(f"{value:.4f}" for value in ms.values()),
+                          f"{compile_ms:.4f}", f"{ms[VARIANTS[-1][0]] / compile_ms:.2f}"])
             print(table[-1], flush=True)
-        del x
-    write_json("bench_offsets.json", {"versions": versions(), "records": records})
-    print_table(["shape", "config", "64-bit ms", "32-bit ms", "64/32", "compile ms",
-                 "32-bit/compile"], table)
+    write_json("bench_addressing.json", {"versions": versions(), "records": records})
+    print_table(["shape", "config", *(f"{name} ms" for name, _, _ in VARIANTS), "compile ms",
+                 "now/compile"], table)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """How the add+LayerNorm kernel addresses rows: the same launch config (the default, and the
 ``--configs`` given) timed as before (64-bit offsets, no alignment known for widths not
-divisible by 16), with 32-bit offsets, and with 32-bit offsets plus the width's power-of-two
-factor (the current kernel), beside ``torch.compile`` of ``F.layer_norm(x + s)``, on the
+divisible by 16), with 32-bit offsets, with the width's power-of-two factor known, and with
+both (the current kernel), beside ``torch.compile`` of ``F.layer_norm(x + s)``, on the
 held-out shapes (benchmarks/heldout.py) and the narrow-row shapes where torch.compile led.
 
     python benchmarks/bench_addressing.py [--shapes 5873773x26:float16,...] [--configs KEY,...]
@@ -38,7 +38,8 @@ def parse_shapes(text: str) -> list[tuple[int, int, torch.dtype]]:
 
 
 # (name, force 64-bit offsets, hide the width's power-of-two factor)
-VARIANTS = (("64-bit", True, True), ("32-bit", False, True), ("32-bit + multiple", False, False))
+VARIANTS = (("64-bit", True, True), ("32-bit", False, True), ("64-bit + multiple", True, False),
+            ("32-bit + multiple", False, False))
 
 
 def time_variant(x, s, weight, bias, config: LaunchConfig, force_64: bool,

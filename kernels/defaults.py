@@ -31,7 +31,8 @@ exhaustive grids of two held-out sets on an H100 and is checked on other GPU mod
   threads hold many lanes each (32: many loads in flight, 80 registers) and programs stay at
   4-8 warps; a program holds a few whole rows (4096 lanes, or 16 KB once rows are 8 KB), or
   two rows walked in chunks of half that, where the second read of each chunk comes from L2
-  soon after the first. With fewer rows than SMs a row gets wide chunks (32 KB) and the
+  soon after the first; rows loaded in full 16-byte vectors stay whole up to 32 lanes on each
+  of the most threads the registers allow. With fewer rows than SMs a row gets wide chunks (32 KB) and the
   threads of 32 lanes each, so that the little work there is spreads over more threads.
 """
 
@@ -247,11 +248,15 @@ def _wide_rows_default(rows: int, width: int, itemsize: int,
         block_w = min(span, FEW_ROWS_CHUNK_BYTES // itemsize, most_threads * WIDE_LANES_PER_THREAD)
         threads = max(32, block_w // WIDE_LANES_PER_THREAD)
         return LaunchConfig(block_rows=1, block_w=block_w, num_warps=threads // 32)
+    aligned = rows_aligned(width, itemsize)
     tile = WIDE_TILE_ELEMENTS
     if span * itemsize >= WIDE_TILE_BYTES // 2:
         tile = max(tile, WIDE_TILE_BYTES // itemsize)
     chunk = max(tile // 2, MIN_CHUNK_ELEMENTS)
-    block_w = span if span < tile or span <= chunk else chunk
+    # Aligned rows cost half the registers a lane: whole rows fit one pass up to 32 lanes on
+    # each thread of the largest program the registers allow.
+    whole_row = max_program_threads(WIDE_LANES_PER_THREAD, props) * WIDE_LANES_PER_THREAD
+    block_w = span if span < tile or span <= chunk or (aligned and span <= whole_row) else chunk
     block_rows = max(1, tile // block_w)
     while block_rows > 1 and triton.cdiv(rows, block_rows) < 2 * props.sm_count:
         block_rows //= 2

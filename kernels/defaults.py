@@ -45,6 +45,7 @@ import math
 import torch
 import triton
 
+from ._common import width_multiple
 from .config import LaunchConfig
 from .device import INTERPRETER_DEVICE, interpreter_enabled
 
@@ -144,7 +145,7 @@ def _floor_pow2(value: float) -> int:
 def rows_aligned(width: int, itemsize: int) -> bool:
     """Whether rows of ``width`` elements of ``itemsize`` bytes all start 16-byte aligned, so
     that the kernels load them in full 16-byte vectors."""
-    return width * itemsize % VECTOR_BYTES == 0
+    return width_multiple(width) * itemsize >= VECTOR_BYTES
 
 
 def registers_per_thread(lanes_per_thread: int, aligned: bool = True) -> int:

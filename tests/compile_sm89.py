@@ -98,9 +98,9 @@ def record_launches() -> list[tuple[str, object, tuple, dict]]:
         cases.append((label, fn, args, meta))
 
     for dtype_name, dtype in DTYPES.items():
-        for width, many in ((width, many) for width in LAYERNORM_WIDTHS for many in (True, False)):
-            # 64 MB of rows, and fewer rows than SMs (programs of their own)
-            rows = max(1, (64 << 20) // (width * dtype.itemsize)) if many else 100
+        # 64 MB of rows, and fewer rows than SMs (a program each)
+        for width, rows in ((width, rows) for width in LAYERNORM_WIDTHS
+                            for rows in (max(1, (64 << 20) // (width * dtype.itemsize)), 100)):
             call = ADD_LAYERNORM.call_for_shape((rows, width), dtype)
             config = ADD_LAYERNORM.default_config(call, RTX4090.name)
             ADD_LAYERNORM.compile(call, config, device="cpu")

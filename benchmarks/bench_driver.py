@@ -29,9 +29,9 @@ def cost_ms(storage, trials: int) -> tuple[float, int]:
     rng = random.Random(0)
     start = time.perf_counter()
     for _ in range(trials):
-        trial, config = run.ask()
+        config = run.ask()
         fake_ms = 0.3 + 0.1 * rng.random() + 0.01 * config.num_warps
-        run.tell(trial, config, Measurement(config.key(), ms=fake_ms), "simulated")
+        run.tell(config, Measurement(config.key(), ms=fake_ms), "simulated")
     proposals = getattr(run, "sampler", run.study).trials  # (older versions: one study)
     return (time.perf_counter() - start) / trials * 1e3, len(proposals)
 

@@ -30,16 +30,16 @@ def simulate(grid: dict, shape_name: str, seed: int, trials: int, parallel: int)
     inflight = []
     while True:
         while len(inflight) < parallel and not run.search_finished(0.0, None):
-            proposal = run.ask()
-            if proposal is None:
+            config = run.ask()
+            if config is None:
                 break
-            inflight.append(proposal)
+            inflight.append(config)
         if not inflight:
             break
-        trial, config = inflight.pop(0)
+        config = inflight.pop(0)
         row = timings.get(config.key())
         ms = None if row is None else row.get("quick_ms") or row.get("ms")
-        run.tell(trial, config, Measurement(config.key(), ms=ms,
+        run.tell(config, Measurement(config.key(), ms=ms,
                                             error=None if ms else "not in the grid"), "sim")
     candidates = run.confirm_candidates()
     confirmed = {c.key(): timings[c.key()]["ms"] for c in candidates

@@ -75,14 +75,13 @@ def drive(url: str, errors: list, seed: int) -> None:
         rng = random.Random(seed)
         run = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, url, Settings(trials=len(CONFIGS)))
         while not run.search_finished(0.0, None):
-            proposal = run.ask()
-            if proposal is None:
+            config = run.ask()
+            if config is None:
                 time.sleep(0.02)
                 run.refresh()
                 continue
-            trial, config = proposal
             time.sleep(rng.uniform(0, 0.02))
-            run.tell(trial, config, Measurement(config.key(), ms=rng.uniform(1, 2)), f"d{seed}")
+            run.tell(config, Measurement(config.key(), ms=rng.uniform(1, 2)), f"d{seed}")
         assert run.n_measured == len(CONFIGS)
     except BaseException as error:  # reported by the main thread
         errors.append(error)
@@ -117,16 +116,16 @@ def test_claim_of_a_driver_elsewhere_expires_after_its_heartbeat_grace(url):
     run.refresh()
     assert run.others == {config.key()}
     keys = []
-    while (proposal := run.ask()) is not None:
-        keys.append(proposal[1].key())
-        run.tell(*proposal, Measurement(proposal[1].key(), ms=1.0), "test")
+    while (proposed := run.ask()) is not None:
+        keys.append(proposed.key())
+        run.tell(proposed, Measurement(proposed.key(), ms=1.0), "test")
     assert len(keys) == 11 and config.key() not in keys  # held by the live-looking claim
     assert run.waiting and not run.search_finished(0.0, None)
     time.sleep(5.0)  # past the grace period with room for a loaded machine
     run.refresh()
     assert not run.waiting
-    trial, proposed = run.ask()
+    proposed = run.ask()
     assert proposed == config
-    run.tell(trial, proposed, Measurement(config.key(), ms=1.0), "test")
+    run.tell(proposed, Measurement(config.key(), ms=1.0), "test")
     assert run.search_finished(0.0, None)
     assert storage.get_trial(trial_id).state == TrialState.FAIL

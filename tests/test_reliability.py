@@ -190,10 +190,9 @@ def dead_pid() -> int:
 
 def propose_all(run: StudyRun) -> list[str]:
     keys = []
-    while (proposal := run.ask()) is not None:
-        trial, config = proposal
+    while (config := run.ask()) is not None:
         keys.append(config.key())
-        run.tell(trial, config, Measurement(config.key(), ms=1.0), "test")
+        run.tell(config, Measurement(config.key(), ms=1.0), "test")
     return keys
 
 
@@ -204,7 +203,7 @@ def test_claims_of_a_dead_driver_on_this_host_expire_at_once(tmp_path, owner):
     if owner == "closed":  # a driver of this process that died without releasing its claims
         dead = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, url, Settings(trials=8))
         dead.enqueue(config)
-        assert dead.ask()[1] == config
+        assert dead.ask() == config
         dead.claims.close()
     else:
         claim_by(url, f"{HOST}/{dead_pid()}/token", config)

@@ -33,14 +33,14 @@ def fill_study(storage, measured: int, failing: int = 0, confirm: bool = True) -
     """A study with ``measured`` made-up measurements, the last ``failing`` of them failed."""
     run = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, storage, Settings(trials=measured))
     for index in range(measured):
-        trial, config = run.ask()
+        config = run.ask()
         if index >= measured - failing:
             measurement = Measurement(config.key(), error="WrongResult: relative error 0.5")
         else:
             ms = 1.0 + config.block_rows * 0.3 + config.num_warps * 0.05 + (index % 3) * 0.01
             measurement = Measurement(config.key(), ms=ms, gbps=100 / ms, pct_of_copy=10 / ms,
                                       compile_s=0.1)
-        run.tell(trial, config, measurement, "worker-1")
+        run.tell(config, measurement, "worker-1")
     if confirm:
         candidates = run.confirm_candidates()
         run.finish(Confirmation({config.key(): 1.0 + i * 0.1 for i, config in enumerate(candidates)},

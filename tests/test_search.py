@@ -173,49 +173,37 @@ def test_studyrun_never_proposes_a_measured_config_twice():
     proposed: list[str] = []
 
     def measure_next(ms=None, error=None):
-        trial, config = run.ask()
+        config = run.ask()
         assert config.key() not in proposed
         proposed.append(config.key())
-        run.tell(trial, config, Measurement(config.key(), ms=ms if error else fake_ms(config.key()),
-                                            error=error), "test")
+        run.tell(config, Measurement(config.key(), ms=ms if error else fake_ms(config.key()),
+                                     error=error), "test")
         return config
 
     good = measure_next()
     bad = measure_next(error="RuntimeError: boom")
     assert run.measured == {good.key(): fake_ms(good.key()), bad.key(): None}
 
-    # The sampler proposes both again: the measured value (or the failure) is told, not re-measured.
+    # Enqueued again (as the local search or a table seed might), a measured config or a
+    # failure is skipped, not re-measured.
     run.enqueue(good)
     run.enqueue(bad)
     third = measure_next()
     assert third.key() not in (good.key(), bad.key())
-    duplicates = [t for t in run.sampler.get_trials(deepcopy=False) if t.user_attrs.get("duplicate")]
-    # The two enqueued first; the sampler may have proposed more of them before a new config.
-    assert [t.user_attrs["config"] for t in duplicates[:2]] == [good.key(), bad.key()]
-    for t in duplicates:
-        assert not t.user_attrs.get("measured")
-        if t.user_attrs["config"] == good.key():
-            assert t.state == TrialState.COMPLETE and t.value == fake_ms(good.key())
-        else:
-            assert t.user_attrs["config"] == bad.key() and t.state == TrialState.FAIL
 
     # A config in flight is not handed out again either.
-    trial, inflight = run.ask()
+    inflight = run.ask()
     run.enqueue(inflight)
-    other_trial, other = run.ask()
+    other = run.ask()
     assert other != inflight
-    pruned = [t for t in run.sampler.get_trials(deepcopy=False)
-              if t.user_attrs.get("duplicate") and t.state == TrialState.PRUNED]
-    assert [t.user_attrs["config"] for t in pruned] == [inflight.key()]
-    for t, config in ((trial, inflight), (other_trial, other)):
+    for config in (inflight, other):
         proposed.append(config.key())
-        run.tell(t, config, Measurement(config.key(), ms=fake_ms(config.key())), "test")
+        run.tell(config, Measurement(config.key(), ms=fake_ms(config.key())), "test")
 
-    while (proposal := run.ask()) is not None:
-        trial, config = proposal
+    while (config := run.ask()) is not None:
         assert config.key() not in proposed
         proposed.append(config.key())
-        run.tell(trial, config, Measurement(config.key(), ms=fake_ms(config.key())), "test")
+        run.tell(config, Measurement(config.key(), ms=fake_ms(config.key())), "test")
     assert sorted(proposed) == sorted(run.valid)
     assert run.exhausted and run.search_finished(0.0, None)
     measured = measured_trials(run.study)
@@ -234,19 +222,18 @@ def test_studyrun_resume_proposes_trials_that_were_in_flight_again():
     storage = optuna.storages.InMemoryStorage()
     space = parse_space(small_space())
     run = StudyRun(SPEC, PROBLEM, "interpreter", space, storage, Settings(trials=100))
-    trial, config = run.ask()
-    run.tell(trial, config, Measurement(config.key(), ms=1.0), "test")
-    lost_trial, lost = run.ask()  # the driver dies with this trial in flight
+    config = run.ask()
+    run.tell(config, Measurement(config.key(), ms=1.0), "test")
+    lost = run.ask()  # the driver dies with this trial in flight
 
     resumed = StudyRun(SPEC, PROBLEM, "interpreter", space, storage, Settings(trials=100))
     # Only the measurement reached the storage; the lost proposal left nothing behind.
     assert [t.user_attrs["config"] for t in run.study.trials] == [config.key()]
     assert resumed.measured == {config.key(): 1.0}
     keys = []
-    while (proposal := resumed.ask()) is not None:
-        trial, proposed = proposal
+    while (proposed := resumed.ask()) is not None:
         keys.append(proposed.key())
-        resumed.tell(trial, proposed, Measurement(proposed.key(), ms=2.0), "test")
+        resumed.tell(proposed, Measurement(proposed.key(), ms=2.0), "test")
     assert lost.key() in keys and config.key() not in keys
     assert len(keys) == len(set(keys)) == 7
 
@@ -268,8 +255,8 @@ def test_studyrun_resume_after_interrupted_confirm_confirms_again():
 
     def measure(run, count):
         for _ in range(count):
-            trial, config = run.ask()
-            run.tell(trial, config, Measurement(config.key(), ms=fake_ms(config.key())), "test")
+            config = run.ask()
+            run.tell(config, Measurement(config.key(), ms=fake_ms(config.key())), "test")
 
     first = start(3)
     measure(first, 3)
@@ -292,13 +279,13 @@ def test_studyrun_seeds_heuristic_first_and_stops_at_budget():
     # 128x64 float32: the heuristic r32_w64_warps16 is in the shipped space, so it goes first.
     run = StudyRun(SPEC, PROBLEM, "interpreter", load_space(SPEC.space_file),
                    optuna.storages.InMemoryStorage(), Settings(trials=3))
-    trial, config = run.ask()
+    config = run.ask()
     assert config == SPEC.heuristic(PROBLEM)
-    run.tell(trial, config, Measurement(config.key(), ms=5.0), "test")
+    run.tell(config, Measurement(config.key(), ms=5.0), "test")
     for _ in range(2):
         assert not run.search_finished(0.0, None)
-        trial, config = run.ask()
-        run.tell(trial, config, Measurement(config.key(), ms=6.0), "test")
+        config = run.ask()
+        run.tell(config, Measurement(config.key(), ms=6.0), "test")
     assert run.search_finished(0.0, None)
     assert run.best == (5.0, SPEC.heuristic(PROBLEM).key())
     assert run.confirm_candidates()[0] == SPEC.heuristic(PROBLEM)
@@ -315,9 +302,9 @@ def test_studyrun_heuristic_outside_the_space_is_not_seeded(shape, dtype):
     run = StudyRun(SPEC, problem, "interpreter", space, optuna.storages.InMemoryStorage(),
                    Settings(trials=4))
     for _ in range(4):
-        trial, config = run.ask()
+        config = run.ask()
         assert config.key() in run.valid
-        run.tell(trial, config, Measurement(config.key(), ms=1.0), "test")
+        run.tell(config, Measurement(config.key(), ms=1.0), "test")
     # The confirm stage still re-times the heuristic beside the best configs.
     assert heuristic in run.confirm_candidates()
 
@@ -386,9 +373,9 @@ def test_failed_measurement_fails_only_its_trial_and_is_never_remeasured():
     run.enqueue(BAD_CONFIG)
     run.enqueue(GOOD_CONFIG)
     for expected in (BAD_CONFIG, GOOD_CONFIG):
-        trial, config = run.ask()
+        config = run.ask()
         assert config == expected
-        run.tell(trial, config, bench.measure(config, 10.0), "worker-1")
+        run.tell(config, bench.measure(config, 10.0), "worker-1")
     states = {t.user_attrs["config"]: t for t in measured_trials(run.study)}
     assert states[BAD_CONFIG.key()].state == TrialState.FAIL
     assert "boom" in states[BAD_CONFIG.key()].user_attrs["error"]
@@ -398,10 +385,9 @@ def test_failed_measurement_fails_only_its_trial_and_is_never_remeasured():
 
     run.enqueue(BAD_CONFIG)
     remaining = []
-    while (proposal := run.ask()) is not None:
-        trial, config = proposal
+    while (config := run.ask()) is not None:
         remaining.append(config)
-        run.tell(trial, config, Measurement(config.key(), ms=3.0), "worker-1")
+        run.tell(config, Measurement(config.key(), ms=3.0), "worker-1")
     assert BAD_CONFIG not in remaining and len(remaining) == 6
     assert BAD_CONFIG not in run.confirm_candidates()
 
@@ -570,13 +556,13 @@ def test_cli_export_rebuilds_a_table_and_show_prints_it(tmp_path, capsys, monkey
     for problem in (PROBLEM, SPEC.problem("40x64", "bfloat16")):
         run = StudyRun(SPEC, problem, "NVIDIA GeForce RTX 4090", space, url, Settings(trials=2))
         for _ in range(2):
-            trial, config = run.ask()
-            run.tell(trial, config, Measurement(config.key(), ms=fake_ms(config.key())), "test")
+            config = run.ask()
+            run.tell(config, Measurement(config.key(), ms=fake_ms(config.key())), "test")
         confirm_all(run)
     unfinished = StudyRun(SPEC, SPEC.problem("8x64", "float32"), "NVIDIA GeForce RTX 4090", space,
                           url, Settings(trials=2))
-    trial, config = unfinished.ask()
-    unfinished.tell(trial, config, Measurement(config.key(), ms=1.0), "test")
+    config = unfinished.ask()
+    unfinished.tell(config, Measurement(config.key(), ms=1.0), "test")
 
     out = tmp_path / "exported.json"
     assert cli.main(["export", "--storage", url, "--out", str(out)]) == 0

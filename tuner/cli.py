@@ -12,6 +12,7 @@ import time
 _STARTED = time.perf_counter()
 
 import argparse  # noqa: E402  (after the clock: everything below counts as start-up)
+import concurrent.futures  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -215,7 +216,8 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
     (each problem on the GPU models ``only_on()`` names for it, if it names any).
 
     Local workers are launched before anything heavy is imported here, so their start overlaps
-    this process's imports, the problems' validation and the storage's opening.
+    this process's imports, the problems' validation and the storage's opening (in a thread
+    beside the imports).
     """
     clock = Timeline()
     info = (lambda *_: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
@@ -236,6 +238,7 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
             except NoGPUError as error:  # reported after the input is checked: bad input first
                 pool, no_gpu = None, error
             clock.mark("workers launched")
+        opening = concurrent.futures.ThreadPoolExecutor(1).submit(make_storage, args.storage)
         from .driver import Driver
         from .progress import Progress, quiet_library_noise
         from .report import print_summary, results_document
@@ -252,7 +255,7 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
             check_fits(problem_list, {"this machine (--interpret)": host_memory_bytes()})
         clock.mark("imports")
         quiet_library_noise()  # the progress bar says it all
-        storage = make_storage(args.storage)
+        storage = opening.result()
         space = load_space(args.space) if getattr(args, "space", None) else None
         settings = Settings(trials=args.trials or run_defaults.get("trials") or 48,
                             timeout=args.timeout or run_defaults.get("timeout"),
@@ -297,6 +300,7 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
                  f"({driver.progress.measured / max(driver.wall_seconds, 1e-9):.1f}/s); each "
                  "worker busy " + ", ".join(f"{fraction:.0%}" for _, fraction in sorted(busy.items())),
                  file=sys.stderr)  # beside the start-up breakdown, apart from the results
+            print(driver.phase_report(), file=sys.stderr)
         clock.mark("first trial sent", driver.first_dispatch)
         clock.mark("first result", driver.first_result)
         clock.mark("done")

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
 
 import optuna
-from optuna.trial import Trial
 
 from kernels import LaunchConfig, TableEntry, merge_entries
 
@@ -43,7 +42,6 @@ class Job:
 class TrialJob(Job):
     """The measurement of one proposed config."""
 
-    trial: Trial
     config: LaunchConfig
 
 
@@ -76,7 +74,8 @@ class Driver:
         self.retries: list[Job] = []
         # Trials asked ahead for each worker slot: the worker compiles them while it times.
         self.ahead: dict[int, collections.deque[TrialJob]] = {}
-        # One trial asked ahead per worker, so it compiles while the current one is timed; the
+        # One trial asked ahead per worker, so it compiles while the current one is timed and
+        # starts the moment that one's result arrives (before the driver tells it); the
         # workers' other compile processes compile the studies' configs speculatively, which
         # keeps the GPUs fed without asking the sampler far ahead of what it has learnt.
         self.prefetch = min(1, pool.compile_processes)
@@ -88,6 +87,9 @@ class Driver:
         # When the first trial was sent and its result came back (time.monotonic), for --verbose.
         self.first_dispatch: float | None = None
         self.first_result: float | None = None
+        # Seconds summed over the run's trials: the driver's asking and telling, and each phase
+        # the workers reported (Measurement.phases), for --verbose.
+        self.phase_seconds: collections.Counter[str] = collections.Counter()
 
     def _space_for(self, kernel: str) -> SearchSpace:
         if self.space is not None:
@@ -153,8 +155,13 @@ class Driver:
             idle_rounds = 0
             ready, _ = concurrent.futures.wait(list(self.inflight), timeout=0.5,
                                                return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in ready:
-                self._handle(future, self.inflight.pop(future))
+            finished = [(future, self.inflight.pop(future)) for future in ready]
+            for future, job in finished:  # the GPU goes on with its next trial while these are told
+                if _worker_healthy(future):
+                    self._start_queued(job.worker, deadline)
+            for future, job in finished:
+                self._handle(future, job)
+            self._ask_ahead(deadline)
             self._check_timeouts()
             self.progress.update(self.runs, len(self.inflight), len(self.pool.workers))
 
@@ -164,17 +171,13 @@ class Driver:
                 del self.retries[index]
                 self._submit(dataclasses.replace(job, worker=worker))
                 return
+        if self._start_queued(worker, deadline):
+            return
         now = time.monotonic()
-        self._drop_stopped(now, deadline)
-        queue = self.ahead.setdefault(worker.slot, collections.deque())
-        job = queue.popleft() if queue else self._ask(worker, now, deadline)
+        job = self._ask(worker, now, deadline)
         if job is not None:
-            while len(queue) < self.prefetch:  # the worker compiles these while it times `job`
-                upcoming = self._ask(worker, now, deadline)
-                if upcoming is None:
-                    break
-                queue.append(upcoming)
             self._submit(job)
+            self._ask_ahead(deadline)
             return
         for run in self.runs:
             if run.device == worker.device and run.stage is Stage.SEARCH \
@@ -186,16 +189,44 @@ class Driver:
                 self._submit(ConfirmJob(run, worker, now))
                 return
 
+    def _start_queued(self, worker: Any, deadline: float | None) -> bool:
+        """Sends the worker the trial asked ahead for it, if any; whether it did."""
+        self._drop_stopped(time.monotonic(), deadline)
+        queue = self.ahead.get(worker.slot)
+        if not queue or worker not in self.pool.workers:
+            return False
+        self._submit(queue.popleft())
+        return True
+
+    def _ask_ahead(self, deadline: float | None) -> None:
+        """Tops up each busy worker's trials asked ahead, and has it compile them now."""
+        busy = {job.worker.slot: job.worker for job in self.inflight.values()}
+        now = time.monotonic()
+        for slot, worker in busy.items():
+            queue = self.ahead.setdefault(slot, collections.deque())
+            while len(queue) < self.prefetch:
+                job = self._ask(worker, now, deadline)
+                if job is None:
+                    break
+                queue.append(job)
+                worker.prefetch([(job.run.problem, job.config)], self._speculative_for(job))
+
     def _ask(self, worker: Any, now: float, deadline: float | None) -> TrialJob | None:
         """A new trial for the worker's GPU model, from the study with the fewest in flight."""
+        started = time.perf_counter()
+        try:
+            return self._ask_any(worker, now, deadline)
+        finally:
+            self.phase_seconds["driver: asking"] += time.perf_counter() - started
+
+    def _ask_any(self, worker: Any, now: float, deadline: float | None) -> TrialJob | None:
         searching = sorted((run for run in self.runs if run.device == worker.device
                             and not run.search_finished(now, deadline)),
                            key=lambda run: (len(run.inflight), run.n_measured))
         for run in searching:
-            proposal = run.ask()
-            if proposal is not None:
-                trial, config = proposal
-                return TrialJob(run, worker, now, trial, config)
+            config = run.ask()
+            if config is not None:
+                return TrialJob(run, worker, now, config)
         return None
 
     def _drop_stopped(self, now: float, deadline: float | None) -> None:
@@ -203,7 +234,7 @@ class Driver:
         for queue in self.ahead.values():
             for job in [job for job in queue if job.run.stopped(now, deadline)]:
                 queue.remove(job)
-                job.run.abandon(job.trial, job.config, "skipped: the search stopped")
+                job.run.abandon(job.config, "skipped: the search stopped")
 
     def _submit(self, job: Job) -> None:
         problem = job.run.problem
@@ -212,10 +243,7 @@ class Driver:
             future = job.worker.call("confirm", problem, job.run.confirm_candidates(),
                                      self.settings.confirm_rounds)
         else:
-            upcoming = [(queued.run.problem, queued.config)
-                        for queued in self.ahead.get(job.worker.slot, ())]
-            future = job.worker.call("measure", problem, job.config, upcoming,
-                                     self._speculative_for(job))
+            future = job.worker.call("measure", problem, job.config)
             if self.first_dispatch is None:
                 self.first_dispatch = job.started
         self.inflight[future] = job
@@ -237,6 +265,12 @@ class Driver:
         self.retries.extend(self.ahead.pop(worker.slot, ()))
         if worker in self.pool.workers:
             self.pool.replace(worker)
+
+    def phase_report(self) -> str:
+        """Milliseconds per measured trial of each driver and worker phase."""
+        trials = max(1, self.progress.measured)
+        return "per trial (ms): " + ", ".join(
+            f"{name} {1e3 * seconds / trials:.0f}" for name, seconds in self.phase_seconds.items())
 
     def busy_fractions(self) -> dict[int, float]:
         """Per worker slot, the share of the run's wall time it spent on jobs."""
@@ -263,7 +297,11 @@ class Driver:
         measurement: Measurement = result
         if self.first_result is None:
             self.first_result = time.monotonic()
-        job.run.tell(job.trial, job.config, measurement, job.worker.info.get("node", ""))
+        self.phase_seconds.update({f"worker: {name}": seconds
+                                   for name, seconds in measurement.phases.items()})
+        started = time.perf_counter()
+        job.run.tell(job.config, measurement, job.worker.info.get("node", ""))
+        self.phase_seconds["driver: telling"] += time.perf_counter() - started
         self.progress.measured += 1
         if measurement.fatal:  # the CUDA context is gone: a fresh process takes the GPU
             self._replace_worker(job.worker)
@@ -278,7 +316,7 @@ class Driver:
         elif isinstance(job, ConfirmJob):
             job.run.finish_without_confirm(f"confirm stage failed: {reason}")
         else:
-            job.run.tell(job.trial, job.config,
+            job.run.tell(job.config,
                          Measurement(job.config.key(), error=f"{reason} (after {job.attempts} attempts)"), "")
 
     def _check_timeouts(self) -> None:
@@ -292,14 +330,14 @@ class Driver:
             if isinstance(job, ConfirmJob):
                 self._retry_or_fail(job, reason)
             else:  # a config that hangs its worker is to blame: no retry
-                job.run.tell(job.trial, job.config, Measurement(job.config.key(), error=reason), "")
+                job.run.tell(job.config, Measurement(job.config.key(), error=reason), "")
 
     def _abandon_inflight(self) -> None:
         queued = [job for queue in self.ahead.values() for job in queue]
         for job in list(self.inflight.values()) + self.retries + queued:
             if isinstance(job, TrialJob):
                 try:
-                    job.run.abandon(job.trial, job.config, "interrupted")
+                    job.run.abandon(job.config, "interrupted")
                 except Exception:
                     pass
         self.inflight.clear()
@@ -308,3 +346,11 @@ class Driver:
 
     def _export(self, result: StudyResult) -> None:
         merge_entries(self.table_for_device(result.device), [entry_from_result(result)])
+
+
+def _worker_healthy(future: concurrent.futures.Future) -> bool:
+    """Whether the worker that answered ``future`` can take its next trial at once (it did not
+    die, raise, or lose its CUDA context)."""
+    if future.exception() is not None:
+        return False
+    return not getattr(future.result(), "fatal", False)

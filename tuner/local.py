@@ -14,13 +14,15 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
 from .pools import NoGPUError, Pool, PoolOptions
-from .tuning_worker import TuningWorker, default_compile_processes, die_with_parent
+from .compiling import die_with_parent
+from .tuning_worker import TuningWorker, default_compile_processes
 
 _worker: TuningWorker | None = None  # the TuningWorker of this process, once started
 # Workers end by SIGKILL (nothing in them to save), so their queues' semaphores are reclaimed
@@ -31,14 +33,23 @@ _RECLAIMED_SEMAPHORES_WARNING = "ignore:resource_tracker:UserWarning"
 
 
 def _start_worker(gpu: str | None, seed: int, compile_processes: int,
-                  env_vars: dict[str, str]) -> None:
-    """Initialiser of a worker process: pins the GPU before CUDA starts, builds the worker."""
+                  env_vars: dict[str, str], prefetches: multiprocessing.Queue) -> None:
+    """Initialiser of a worker process: pins the GPU before CUDA starts, builds the worker and
+    a thread that passes the driver's prefetches to it while it measures."""
     global _worker
     die_with_parent()
     os.environ.update(env_vars)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     _worker = TuningWorker(seed, compile_processes)
+    worker = _worker
+    threading.Thread(target=_serve_prefetches, args=(worker, prefetches), daemon=True,
+                     name="tuner-prefetch").start()
+
+
+def _serve_prefetches(worker: TuningWorker, prefetches: multiprocessing.Queue) -> None:
+    while True:
+        worker.prefetch(*prefetches.get())
 
 
 def _invoke(method: str, args: tuple) -> Any:
@@ -83,6 +94,7 @@ class LocalWorker:
     info: dict[str, Any]
     slot: int
     gpu: str | None
+    prefetches: Any  # a multiprocessing.Queue read by the worker's prefetch thread
 
     @property
     def device(self) -> str:
@@ -92,6 +104,10 @@ class LocalWorker:
         """Runs ``TuningWorker.<method>(*args)`` in the worker process."""
         return self.executor.submit(_invoke, method, args)
 
+    def prefetch(self, *args: Any) -> None:
+        """``TuningWorker.prefetch(*args)`` in the worker process, now, even while it measures."""
+        self.prefetches.put(args)
+
     def kill(self) -> None:
         pid = self.info.get("pid")
         if pid:
@@ -100,6 +116,8 @@ class LocalWorker:
             except ProcessLookupError:
                 pass
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.prefetches.close()
+        self.prefetches.cancel_join_thread()  # nobody reads what is still queued
 
 
 class LocalPool(Pool):
@@ -116,7 +134,7 @@ class LocalPool(Pool):
         self.workers: list[LocalWorker] = []
         self._slots = itertools.count()
         self._pending: list[tuple[concurrent.futures.ProcessPoolExecutor, str | None,
-                                  concurrent.futures.Future]] = []
+                                  Any, concurrent.futures.Future]] = []
         self._gpus: list[str | None] = ([None] * (options.workers or 1) if options.interpret
                                         else visible_gpus()[:options.workers or None])
         self.compile_processes = 0 if options.interpret else (
@@ -138,18 +156,21 @@ class LocalPool(Pool):
         env_vars = dict(self.options.env_vars)
         if self.options.interpret:
             env_vars["TRITON_INTERPRET"] = "1"
+        context = multiprocessing.get_context("spawn")
+        prefetches = context.Queue()
         executor = concurrent.futures.ProcessPoolExecutor(
-            1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-            initargs=(gpu, self.options.seed, self.compile_processes, env_vars))
-        return executor, gpu, executor.submit(_invoke, "info", ())
+            1, mp_context=context, initializer=_start_worker,
+            initargs=(gpu, self.options.seed, self.compile_processes, env_vars, prefetches))
+        return executor, gpu, prefetches, executor.submit(_invoke, "info", ())
 
     def start(self, timeout: float = 600.0) -> list[LocalWorker]:
         """Starts the workers (if ``launch`` has not) and waits until each reported its device."""
         if not self._pending and not self.workers:
             self.launch()
-        for executor, gpu, info in self._pending:
+        for executor, gpu, prefetches, info in self._pending:
             try:
-                self.workers.append(LocalWorker(executor, info.result(timeout), next(self._slots), gpu))
+                self.workers.append(LocalWorker(executor, info.result(timeout), next(self._slots),
+                                                gpu, prefetches))
             except concurrent.futures.TimeoutError:
                 self.shutdown()
                 executor.shutdown(wait=False, cancel_futures=True)
@@ -163,9 +184,9 @@ class LocalPool(Pool):
         """Kills ``worker`` and starts another on its GPU; None if none can start."""
         worker.kill()
         self.workers.remove(worker)
-        executor, gpu, info = self._spawn(worker.gpu)
+        executor, gpu, prefetches, info = self._spawn(worker.gpu)
         try:
-            replacement = LocalWorker(executor, info.result(300), next(self._slots), gpu)
+            replacement = LocalWorker(executor, info.result(300), next(self._slots), gpu, prefetches)
         except Exception:
             executor.shutdown(wait=False, cancel_futures=True)
             return None

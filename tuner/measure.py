@@ -38,6 +38,8 @@ class Measurement:
     compile_s: float | None = None
     error: str | None = None
     fatal: bool = False
+    # Seconds the worker spent on each phase of the trial (``--verbose`` sums them up).
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +73,7 @@ def time_ms(fn, device: torch.device, quick: bool = False) -> float:
     return wall_time_ms(fn)
 
 
-def copy_bandwidth_gbps(device: torch.device, n_bytes: int = 1 << 30) -> float:
+def copy_bandwidth_gbps(device: torch.device, n_bytes: int = 1 << 28) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
     if device.type != "cuda":
         n_bytes = 1 << 24
@@ -148,7 +150,9 @@ class ProblemBench:
             self.check(config)  # the first launch compiles
             self._sync()
             result.compile_s = time.perf_counter() - start
+            result.phases["first launch and check"] = result.compile_s
             result.ms = self.time(config, quick)
+            result.phases["timing"] = time.perf_counter() - start - result.compile_s
             result.gbps = self.gbps(result.ms)
             result.pct_of_copy = 100 * result.gbps / copy_gbps
         except Exception as error:  # any failure fails this trial only

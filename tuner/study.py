@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import enum
@@ -10,13 +11,14 @@ import time
 from typing import Any
 
 import optuna
-from optuna.trial import Trial, TrialState
+from optuna.trial import TrialState
 
 from kernels import LaunchConfig, nearest_configs
 
 from .claims import ClaimBook
 from .measure import Confirmation, Measurement
 from .problems import KernelSpec, Problem
+from .sampler import CandidateTPE
 from .space import PARAMETERS, SearchSpace
 from .storage import open_storage
 
@@ -24,12 +26,8 @@ from .storage import open_storage
 # configs are proposed before TPE's picks: TPE finds the right region, the neighbours the
 # best point in it (few configs in a landscape are within 2% of the best).
 LOCAL_SEARCH_AFTER = 0.5
-# Knobs whose values are ordered (sizes and counts), as opposed to the eviction policy.
-ORDERED_KNOBS = ("block_rows", "block_w", "num_warps", "num_stages")
 # Best configs whose neighbours the local search visits, best first.
 LOCAL_SEARCH_TOP = 3
-# Proposals in a row that the restrictions reject before a random valid config is enqueued.
-MAX_REJECTED_PROPOSALS = 32
 # Seconds between looks at what other drivers on the same storage measured and claimed.
 REFRESH_S = 1.0
 
@@ -105,7 +103,7 @@ def study_name(problem: Problem, device: str) -> str:
 
 
 class StudyRun:
-    """Drives one study: ask (skipping rejected and already measured configs), tell, confirm."""
+    """Drives one study: ask (a valid config not measured yet), tell, confirm."""
 
     def __init__(self, spec: KernelSpec, problem: Problem, device: str, space: SearchSpace,
                  storage: optuna.storages.BaseStorage | str, settings: Settings) -> None:
@@ -114,11 +112,10 @@ class StudyRun:
         self.choices = space.choices(self.table_key)
         self.valid = {config.key(): config for config in space.candidates(self.table_key)}
         # The storage holds one trial per measured config (and claims given up unmeasured,
-        # failed, on storages other processes share). Proposals come from an in-memory
-        # twin study, so restriction-rejected, duplicate and abandoned proposals cost no storage
-        # writes (with SQLite they cost ~40 ms each, and TPE makes several per measurement).
-        # Each measured config is first claimed in the storage, so that concurrent drivers on
-        # one storage split the configs (tuner.claims).
+        # failed, on storages other processes share). Proposals come from TPE over the valid
+        # configs (tuner.sampler), never a rejected or measured one. Each measured config is
+        # first claimed in the storage, so that concurrent drivers on one storage split the
+        # configs (tuner.claims).
         self.storage = optuna.storages.get_storage(
             open_storage(storage) if isinstance(storage, str) else storage)
         self.study = optuna.create_study(study_name=study_name(problem, device),
@@ -126,17 +123,10 @@ class StudyRun:
                                          load_if_exists=True)
         self.claims = ClaimBook(self.storage,
                                 self.storage.get_study_id_from_name(self.study.study_name))
-        self.sampler = optuna.create_study(
-            direction="minimize", sampler=optuna.samplers.TPESampler(
-                seed=settings.seed, multivariate=True, constant_liar=True))
+        self.proposer = CandidateTPE(list(self.valid.values()), self.choices, settings.seed)
+        self.queued: collections.deque[LaunchConfig] = collections.deque()  # proposed first
         self.distributions = {name: optuna.distributions.CategoricalDistribution(self.choices[name])
                               for name in PARAMETERS}
-        # The sampler sees ordered knobs as their rank among the choices (TPE's estimators
-        # then carry over between neighbouring values: 4 warps is near 8, not as far as 32).
-        self.ordered = {name: sorted(self.choices[name]) for name in ORDERED_KNOBS}
-        self.sampler_distributions = {
-            name: (optuna.distributions.IntDistribution(0, len(self.ordered[name]) - 1)
-                   if name in self.ordered else self.distributions[name]) for name in PARAMETERS}
         for name, value in (("kernel", problem.kernel), ("device", device),
                             ("dtype", problem.dtype), ("shape", list(problem.shape)),
                             ("heuristic_config", spec.heuristic(problem, device).key()),
@@ -145,13 +135,12 @@ class StudyRun:
         self.measured: dict[str, float | None] = {}
         self.best: tuple[float, str] | None = None
         self.since_improvement = 0
-        self.inflight: dict[str, Trial] = {}
+        self.inflight: dict[str, LaunchConfig] = {}
         self.claimed: dict[str, int] = {}  # config key -> trial id of this run's claim
         self.others: set[str] = set()  # configs other live drivers claimed and are measuring
         self._loaded: set[int] = set()  # numbers of finished trials already learned from
         self._refreshed = 0.0
         self.exhausted = False
-        self.rng = random.Random(settings.seed)
         self.result: StudyResult | None = None
         self.stage = Stage.SEARCH
         self._load_existing()
@@ -186,11 +175,8 @@ class StudyRun:
             else:
                 continue
             self._loaded.add(trial.number)
-            if key in self.measured:  # told by this run already
-                continue
-            self._note(key, value)
-            if key in self.valid:  # configs of an older, different space teach nothing
-                self.sampler.add_trial(self._for_sampler(self.valid[key], value))
+            if key not in self.measured:  # else told by this run already
+                self._note(key, value)
         self.others = others - set(self.measured)
 
     @property
@@ -222,20 +208,10 @@ class StudyRun:
             params=config.as_dict(), distributions=self.distributions, value=value,
             state=state, user_attrs=user_attrs)
 
-    def enqueue(self, config: LaunchConfig, skip_if_exists: bool = False) -> None:
-        """Has the sampler propose ``config`` next (measured configs are told, not re-measured)."""
-        self.sampler.enqueue_trial(self._sampler_params(config), skip_if_exists=skip_if_exists)
-
-    def _sampler_params(self, config: LaunchConfig) -> dict[str, Any]:
-        """``config``'s knobs as the sampler sees them (ranks for the ordered ones)."""
-        values = config.as_dict()
-        return {name: self.ordered[name].index(values[name]) if name in self.ordered
-                else values[name] for name in PARAMETERS}
-
-    def _for_sampler(self, config: LaunchConfig, value: float | None) -> optuna.trial.FrozenTrial:
-        return optuna.trial.create_trial(
-            params=self._sampler_params(config), distributions=self.sampler_distributions,
-            value=value, state=TrialState.COMPLETE if value is not None else TrialState.FAIL)
+    def enqueue(self, config: LaunchConfig) -> None:
+        """Proposes ``config`` before the sampler's picks, unless it is measured by then."""
+        if config not in self.queued:
+            self.queued.append(config)
 
     def _trial_budget(self) -> int:
         return min(self.settings.trials, len(self.valid))
@@ -268,7 +244,7 @@ class StudyRun:
                                  variant=self.table_key.variant)
         for config in seeds:
             if config.key() in self.valid and config.key() not in self.measured:
-                self.enqueue(config, skip_if_exists=True)
+                self.enqueue(config)
 
     def stopped(self, now: float, deadline: float | None) -> bool:
         """True once the run's time is up or patience ran out: trials not yet started are dropped."""
@@ -290,64 +266,41 @@ class StudyRun:
             self.n_measured + len(self.inflight) + len(self.others) >= self._trial_budget()
 
     # -- ask / tell ----------------------------------------------------------------------------
-    def ask(self) -> tuple[Trial, LaunchConfig] | None:
-        """The next config to measure, or None when every valid config is measured or running.
-
-        Configs the restrictions reject are told PRUNED (TPE learns to avoid them); configs
-        measured before are told their stored value without measuring again.
-        """
+    def ask(self) -> LaunchConfig | None:
+        """The next config to measure, or None when every valid config is measured or running."""
         if self.claims.enabled and time.monotonic() - self._refreshed >= REFRESH_S:
             self.refresh()
-        rejected = 0
         if self.n_measured >= LOCAL_SEARCH_AFTER * self._trial_budget():
             local = self._unmeasured_neighbour()
             if local is not None:
                 self.enqueue(local)
         while True:
-            if len(self.measured) + len(self.inflight) + len(self.others) >= len(self.valid):
+            busy = set(self.inflight) | self.others
+            if sum(key in self.valid for key in self.measured) + len(busy) >= len(self.valid):
                 self.exhausted = True
                 return None
             if self._full():
                 return None
-            trial = self.sampler.ask()
-            params = {name: self.ordered[name][trial.suggest_int(name, 0, len(self.ordered[name]) - 1)]
-                      if name in self.ordered else trial.suggest_categorical(name, self.choices[name])
-                      for name in PARAMETERS}
-            key = _key(params)
-            config = self.valid.get(key)
-            if config is None:
-                trial.set_user_attr("rejected", "restrictions")
-                self.sampler.tell(trial, state=TrialState.PRUNED)
-                rejected += 1
-                if rejected >= MAX_REJECTED_PROPOSALS:
-                    self._enqueue_random_unmeasured()
-                    rejected = 0
-                continue
-            trial.set_user_attr("config", key)
-            if key in self.measured:
-                value = self.measured[key]
-                trial.set_user_attr("duplicate", True)
-                if value is None:
-                    self.sampler.tell(trial, state=TrialState.FAIL)
-                else:
-                    self.sampler.tell(trial, value)
-                self.since_improvement += 1
-                continue
-            if key in self.inflight or key in self.others:
-                trial.set_user_attr("duplicate", True)
-                self.sampler.tell(trial, state=TrialState.PRUNED)
-                self._enqueue_random_unmeasured()
-                continue
+            config = self._next_queued(busy) or self.proposer.propose(self.measured, busy)
+            if config is None:  # measured configs of an older space fill the count
+                self.exhausted = True
+                return None
+            key = config.key()
             if self.claims.enabled:
                 claim = self.claims.claim(self._frozen(config, None, {}, TrialState.RUNNING), key)
                 if claim is None:  # another driver claimed it first
                     self.others.add(key)
-                    trial.set_user_attr("duplicate", True)
-                    self.sampler.tell(trial, state=TrialState.PRUNED)
                     continue
                 self.claimed[key] = claim
-            self.inflight[key] = trial
-            return trial, config
+            self.inflight[key] = config
+            return config
+
+    def _next_queued(self, busy: set[str]) -> LaunchConfig | None:
+        while self.queued:
+            config = self.queued.popleft()
+            if config.key() not in self.measured and config.key() not in busy:
+                return config
+        return None
 
     def neighbours(self, config: LaunchConfig) -> list[LaunchConfig]:
         """Valid configs one step from ``config``: one numeric knob to the next value up or
@@ -393,15 +346,9 @@ class StudyRun:
                     return config
         return None
 
-    def _enqueue_random_unmeasured(self) -> None:
-        left = [key for key in self.valid
-                if key not in self.measured and key not in self.inflight and key not in self.others]
-        if left:
-            self.enqueue(self.valid[self.rng.choice(left)])
-
-    def tell(self, trial: Trial, config: LaunchConfig, measurement: Measurement, worker: str) -> None:
-        """Records a measurement in the storage and the sampler (a failed config fails its trial
-        and is never retried)."""
+    def tell(self, config: LaunchConfig, measurement: Measurement, worker: str) -> None:
+        """Records a measurement in the storage (a failed config fails its trial and is never
+        retried)."""
         self.inflight.pop(config.key(), None)
         attrs: dict[str, Any] = {"config": config.key(), "measured": True, "worker": worker}
         for name in ("gbps", "pct_of_copy", "compile_s", "error"):
@@ -414,24 +361,18 @@ class StudyRun:
             self.study.add_trial(frozen)
         else:
             self.claims.finish(claim, frozen)
-        if measurement.ms is None:
-            self.sampler.tell(trial, state=TrialState.FAIL)
-        else:
-            self.sampler.tell(trial, measurement.ms)
         if self._note(config.key(), measurement.ms):
             self.since_improvement = 0
         else:
             self.since_improvement += 1
 
-    def abandon(self, trial: Trial, config: LaunchConfig, reason: str) -> None:
+    def abandon(self, config: LaunchConfig, reason: str) -> None:
         """Ends a proposal that was not measured (interrupted): its claim is released, and the
         config can be proposed again."""
         self.inflight.pop(config.key(), None)
         claim = self.claimed.pop(config.key(), None)
         if claim is not None:
             self.claims.release(claim, reason)
-        trial.set_user_attr("interrupted", reason)
-        self.sampler.tell(trial, state=TrialState.FAIL)
 
     # -- confirm -------------------------------------------------------------------------------
     def start_confirm(self) -> None:

@@ -3,49 +3,20 @@ runs it. Imports neither Ray nor Optuna, so a local worker starts as fast as tor
 
 from __future__ import annotations
 
-import collections
 import os
-import signal
 import socket
 import statistics
 import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from .compiling import CompileAhead
+
 if TYPE_CHECKING:  # a local worker imports torch and the kernels once it has started
     from kernels import LaunchConfig
 
     from .measure import Confirmation, Measurement
     from .problems import Problem
-
-
-def die_with_parent() -> None:
-    """On Linux, has the kernel kill this process when its parent dies, even by SIGKILL, so
-    that no worker or compile process outlives the driver that started it."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the pools' shutdown still ends them
-        pass
-
-
-def _warm_up_compiler() -> None:
-    """Runs once in each compile process: the imports and the CUDA context a compile needs."""
-    import torch
-
-    import tuner.problems  # noqa: F401  (imports kernels, triton)
-
-    torch.cuda.init()
-
-
-def _precompile(problem: Problem, config: LaunchConfig) -> float:
-    """Runs in a compile process: compiles one config into Triton's disk cache; returns seconds."""
-    from .problems import get_kernel
-
-    start = time.perf_counter()
-    get_kernel(problem.kernel).compile(problem, config)
-    return time.perf_counter() - start
 
 
 def default_compile_processes(workers_on_host: int) -> int:
@@ -61,11 +32,11 @@ class TuningWorker:
     Inputs and references are built once per problem and kept for the next trial of it.
     With ``compile_processes`` > 0, configs are compiled ahead in that many processes (same
     GPU, shared Triton cache) while the GPU checks and times others: first the configs the
-    driver says come next, then, whenever a process is free, the study's other valid configs
+    driver says come next (:meth:`prefetch`, which the pools let the driver call while a
+    measurement runs), then, whenever a process is free, the study's other valid configs
     (speculatively: a space holds a few hundred, a host compiles dozens a second), so that
     compilation leaves the GPU's critical path without the driver asking far ahead of what it
-    has learnt. Trials are timed quickly (a short ``do_bench``); the confirm stage re-times
-    the best few properly.
+    has learnt. Trials are timed quickly; the confirm stage re-times the best few properly.
     """
 
     def __init__(self, seed: int = 0, compile_processes: int = 0) -> None:
@@ -78,56 +49,16 @@ class TuningWorker:
         self.seed = seed
         self._benches: dict[Problem, Any] = {}
         self._copy_gbps: float | None = None
-        self._compile_processes = 0 if interpreter_enabled() else compile_processes
-        self._compiling: dict[tuple[Problem, str], Any] = {}
-        self._speculative: collections.deque[tuple[Problem, LaunchConfig]] = collections.deque()
-        self._compiler = None
-        if self._compile_processes:
-            import concurrent.futures
-            import multiprocessing
+        processes = 0 if interpreter_enabled() else compile_processes
+        self._compiles = CompileAhead(processes) if processes else None
 
-            # Started now, and warmed up (imports, CUDA context) without waiting for them:
-            # the first trials compile inline while these come up.
-            self._compiler = concurrent.futures.ProcessPoolExecutor(
-                self._compile_processes, mp_context=multiprocessing.get_context("spawn"),
-                initializer=die_with_parent)
-            for _ in range(self._compile_processes):
-                self._compiler.submit(_warm_up_compiler)
-
-    def _compile(self, problem: Problem, config: LaunchConfig) -> None:
-        key = (problem, config.key())
-        if key not in self._compiling:
-            self._compiling[key] = self._compiler.submit(_precompile, problem, config)
-
-    def _prefetch(self, upcoming: list[tuple[Problem, LaunchConfig]],
-                  speculative: list[tuple[Problem, LaunchConfig]] = ()) -> None:
-        """Compiles ``upcoming`` now, and queues ``speculative`` for when processes are free."""
-        if self._compiler is None:
-            return
-        for problem, config in upcoming:
-            self._compile(problem, config)
-        self._speculative.extend(speculative)
-        self._top_up()
-
-    def _top_up(self) -> None:
-        """Keeps every compile process busy from the speculative queue (no deeper: a config the
-        driver asks for must not wait behind speculative ones)."""
-        pending = sum(not future.done() for future in self._compiling.values())
-        while self._speculative and pending < self._compile_processes:
-            problem, config = self._speculative.popleft()
-            before = len(self._compiling)
-            self._compile(problem, config)
-            pending += len(self._compiling) - before
-
-    def _wait_compiled(self, problem: Problem, key: str) -> float | None:
-        """Waits for a prefetched compile of this config; its seconds, or None if there was none."""
-        future = self._compiling.pop((problem, key), None)
-        if future is None or future.cancel():  # not started: compiling inline is sooner
-            return None
-        try:
-            return future.result(timeout=600)
-        except Exception:  # the measurement compiles again and reports the error
-            return None
+    def prefetch(self, upcoming: list[tuple[Problem, LaunchConfig]],
+                 speculative: list[tuple[Problem, LaunchConfig]] = ()) -> None:
+        """Compiles ``upcoming`` (the configs this worker measures next) now, and
+        ``speculative`` ones whenever a compile process is free. Safe to call while
+        :meth:`measure` runs."""
+        if self._compiles is not None:
+            self._compiles.prefetch(upcoming, speculative)
 
     def info(self) -> dict[str, Any]:
         """Device name (from the CUDA driver), compute capability, versions, node, pid, the
@@ -166,27 +97,24 @@ class TuningWorker:
                                                   self.device, self.seed)
         return self._benches[problem]
 
-    def measure(self, problem: Problem, config: LaunchConfig,
-                upcoming: list[tuple[Problem, LaunchConfig]] = (),
-                speculative: list[tuple[Problem, LaunchConfig]] = ()) -> Measurement:
-        """Compile, check and time one config; failures come back in the result.
-
-        ``upcoming`` are the configs this worker will measure next: they start compiling now;
-        ``speculative`` ones compile whenever a compile process is free.
-        """
+    def measure(self, problem: Problem, config: LaunchConfig) -> Measurement:
+        """Compile, check and time one config; failures come back in the result."""
         from .measure import Measurement, is_fatal
 
-        self._prefetch(list(upcoming), list(speculative))
-        compiled_s = self._wait_compiled(problem, config.key())
+        waited = time.perf_counter()
+        compiled_s = None if self._compiles is None else self._compiles.wait(problem, config.key())
+        ready = time.perf_counter()
         try:
             bench = self._bench(problem)
             copy_gbps = self.copy_gbps()
         except Exception as error:
             return Measurement(config.key(), error=f"setup failed: {error}", fatal=is_fatal(error))
+        set_up = time.perf_counter()
         result = bench.measure(config, copy_gbps, quick=True)
+        result.phases.update({"waiting for its compile": ready - waited,
+                              "inputs and reference": set_up - ready})
         if compiled_s is not None and result.compile_s is not None:
             result.compile_s += compiled_s  # compiled elsewhere, then loaded from the cache
-        self._top_up()
         return result
 
     def confirm(self, problem: Problem, configs: list[LaunchConfig],
@@ -214,12 +142,9 @@ class TuningWorker:
 
     def close(self) -> None:
         """Ends the compile processes now: killed with their parent, they would linger."""
-        import multiprocessing
-
-        self._speculative.clear()
-        for child in multiprocessing.active_children():
-            child.kill()
-        self._compiler = None
+        if self._compiles is not None:
+            self._compiles.close()
+            self._compiles = None
 
     def ping(self) -> int:
         """The worker's pid: answers as soon as the worker is idle."""

@@ -18,6 +18,10 @@ from .tuning_worker import TuningWorker, default_compile_processes
 
 __all__ = ["NoGPUError", "PoolOptions", "TuningWorker", "Worker", "WorkerPool"]
 
+# The actors' concurrency group for prefetches, which run beside a measurement; every other
+# call (the measurements of all clients of a warm pool) runs one at a time.
+PREFETCH_GROUP = "prefetch"
+
 
 @dataclasses.dataclass
 class Worker:
@@ -34,6 +38,10 @@ class Worker:
     def call(self, method: str, *args: Any) -> concurrent.futures.Future:
         """Runs ``TuningWorker.<method>(*args)`` on the worker."""
         return getattr(self.actor, method).remote(*args).future()
+
+    def prefetch(self, *args: Any) -> None:
+        """``TuningWorker.prefetch(*args)`` on the worker, even while it measures."""
+        self.actor.prefetch.options(concurrency_group=PREFETCH_GROUP).remote(*args)
 
     def kill(self) -> None:
         try:
@@ -123,8 +131,8 @@ class WorkerPool(Pool):
             from .serve import actor_options
 
             options.update(actor_options(name))
-        return ray.remote(TuningWorker).options(**options).remote(self.options.seed,
-                                                                  self.compile_processes)
+        actor_class = ray.remote(concurrency_groups={PREFETCH_GROUP: 1})(TuningWorker)
+        return actor_class.options(**options).remote(self.options.seed, self.compile_processes)
 
     def replace(self, worker: Worker) -> Worker | None:
         """Kills ``worker`` and starts another in its place; None if none can start."""

@@ -1,0 +1,151 @@
+"""A worker's compile processes: configs compiled into Triton's disk cache ahead of their
+measurement, so that compilation leaves the GPU's critical path.
+
+Runs inside a tuning worker (tuner.tuning_worker), whose measurement then loads the compiled
+kernel from the cache. Imports neither Ray nor Optuna.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import multiprocessing
+import threading
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kernels import LaunchConfig
+
+    from .problems import Problem
+
+# What the compile processes' fork server imports before it forks them.
+PRELOAD = ["torch", "tuner.problems"]
+# Seconds the feeder sleeps when nothing woke it (a finished compile always does).
+FEED_POLL_S = 0.05
+
+
+def die_with_parent() -> None:
+    """On Linux, has the kernel kill this process when its parent dies, even by SIGKILL, so
+    that no worker or compile process outlives the driver that started it."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pools' shutdown still ends them
+        pass
+
+
+def _warm_up() -> None:
+    """Runs once in each compile process: the CUDA context a compile needs."""
+    import torch
+
+    torch.cuda.init()
+
+
+def _precompile(problem: Problem, config: LaunchConfig) -> float:
+    """Runs in a compile process: compiles one config into Triton's disk cache; returns seconds."""
+    from .problems import get_kernel
+
+    start = time.perf_counter()
+    get_kernel(problem.kernel).compile(problem, config)
+    return time.perf_counter() - start
+
+
+class CompileAhead:
+    """``processes`` compile processes on the worker's GPU (shared Triton cache), fed from two
+    queues: the configs the driver says come next, at once, then, whenever a process is free,
+    speculative ones (a study's other valid configs: a space holds a few hundred, a host
+    compiles dozens a second).
+
+    The processes fork from a server that imported torch and the kernels once, instead of each
+    importing them at the same moment on a host where the worker itself is starting. One
+    feeder thread submits every compile, so neither :meth:`prefetch` nor :meth:`wait` ever
+    blocks on a process starting.
+    """
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+        self._executor = concurrent.futures.ProcessPoolExecutor(
+            processes, mp_context=context, initializer=die_with_parent)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._upcoming: collections.deque[tuple[Problem, LaunchConfig]] = collections.deque()
+        self._speculative: collections.deque[tuple[Problem, LaunchConfig]] = collections.deque()
+        self._compiling: dict[tuple[Problem, str], concurrent.futures.Future] = {}
+        threading.Thread(target=self._feed, daemon=True, name="tuner-compile-feeder").start()
+
+    def prefetch(self, upcoming: list[tuple[Problem, LaunchConfig]],
+                 speculative: list[tuple[Problem, LaunchConfig]] = ()) -> None:
+        """Queues ``upcoming`` to compile now and ``speculative`` for when a process is free."""
+        with self._lock:
+            self._upcoming.extend(upcoming)
+            self._speculative.extend(speculative)
+        self._wake.set()
+
+    def wait(self, problem: Problem, key: str) -> float | None:
+        """Waits for the compile of this config if one is running; its seconds, or None if
+        there is none (not queued, not started yet, or failed: the caller compiles inline)."""
+        with self._lock:
+            self._upcoming = collections.deque(
+                item for item in self._upcoming if (item[0], item[1].key()) != (problem, key))
+            future = self._compiling.pop((problem, key), None)
+        if future is None or future.cancel():  # not started: compiling inline is sooner
+            return None
+        try:
+            return future.result(timeout=600)
+        except Exception:  # the measurement compiles again and reports the error
+            return None
+
+    def close(self) -> None:
+        """Kills the compile processes now (killed with their parent, they would linger)."""
+        with self._lock:
+            self._closed = True
+            self._upcoming.clear()
+            self._speculative.clear()
+        self._wake.set()
+        for process in list(getattr(self._executor, "_processes", {}).values()):
+            process.kill()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _feed(self) -> None:
+        for _ in range(self.processes):  # each start waits for the fork server's imports
+            if not self._submit(_warm_up):
+                return
+        while True:
+            self._wake.wait(FEED_POLL_S)
+            self._wake.clear()
+            for problem, config in self._take():
+                future = self._submit(_precompile, problem, config)
+                if future is None:
+                    return
+                future.add_done_callback(lambda _: self._wake.set())
+                with self._lock:
+                    self._compiling[(problem, config.key())] = future
+
+    def _take(self) -> list[tuple[Problem, LaunchConfig]]:
+        """What to submit now: every upcoming config, and speculative ones up to one per idle
+        process (no deeper: an upcoming config must not queue behind speculative ones)."""
+        with self._lock:
+            taken = [item for item in self._upcoming
+                     if (item[0], item[1].key()) not in self._compiling]
+            self._upcoming.clear()
+            pending = len(taken) + sum(not future.done() for future in self._compiling.values())
+            while self._speculative and pending < self.processes:
+                item = self._speculative.popleft()
+                if (item[0], item[1].key()) not in self._compiling and item not in taken:
+                    taken.append(item)
+                    pending += 1
+        return taken
+
+    def _submit(self, function, *args) -> concurrent.futures.Future | None:
+        if self._closed:
+            return None
+        try:
+            return self._executor.submit(function, *args)
+        except RuntimeError:  # shut down meanwhile
+            return None

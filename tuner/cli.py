@@ -12,7 +12,6 @@ import time
 _STARTED = time.perf_counter()
 
 import argparse  # noqa: E402  (after the clock: everything below counts as start-up)
-import concurrent.futures  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -216,8 +215,7 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
     (each problem on the GPU models ``only_on()`` names for it, if it names any).
 
     Local workers are launched before anything heavy is imported here, so their start overlaps
-    this process's imports, the problems' validation and the storage's opening (in a thread
-    beside the imports).
+    this process's imports, the problems' validation and the storage's opening.
     """
     clock = Timeline()
     info = (lambda *_: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
@@ -238,7 +236,6 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
             except NoGPUError as error:  # reported after the input is checked: bad input first
                 pool, no_gpu = None, error
             clock.mark("workers launched")
-        opening = concurrent.futures.ThreadPoolExecutor(1).submit(make_storage, args.storage)
         from .driver import Driver
         from .progress import Progress, quiet_library_noise
         from .report import print_summary, results_document
@@ -255,7 +252,7 @@ def _run(args: argparse.Namespace, problems: Callable[[], list],
             check_fits(problem_list, {"this machine (--interpret)": host_memory_bytes()})
         clock.mark("imports")
         quiet_library_noise()  # the progress bar says it all
-        storage = opening.result()
+        storage = make_storage(args.storage)
         space = load_space(args.space) if getattr(args, "space", None) else None
         settings = Settings(trials=args.trials or run_defaults.get("trials") or 48,
                             timeout=args.timeout or run_defaults.get("timeout"),

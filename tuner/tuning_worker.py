@@ -19,11 +19,21 @@ if TYPE_CHECKING:  # a local worker imports torch and the kernels once it has st
     from .problems import Problem
 
 
+# Compile processes on one host, shared by its workers. Each holds a CUDA context on its
+# worker's GPU, and a host creating dozens of contexts at once stalls the workers' own CUDA
+# calls for seconds (BENCHMARKS.md, "Compile processes on a 4-GPU host").
+HOST_COMPILE_PROCESSES = 12
+MIN_COMPILE_PROCESSES = 2
+
+
 def default_compile_processes(workers_on_host: int) -> int:
-    """Compile processes per worker: the host's cores shared by its GPUs, one left for each
-    worker itself, at most 12 each (each holds a CUDA context on the worker's GPU)."""
+    """Compile processes per worker: :data:`HOST_COMPILE_PROCESSES` shared by the host's
+    workers (at least :data:`MIN_COMPILE_PROCESSES`), and no more than the cores each worker
+    has beside itself."""
+    workers = max(1, workers_on_host)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(12, cores // max(1, workers_on_host) - 1))
+    share = max(MIN_COMPILE_PROCESSES, HOST_COMPILE_PROCESSES // workers)
+    return max(1, min(share, cores // workers - 1))
 
 
 class TuningWorker:

@@ -1,0 +1,103 @@
+"""The parts of the tuning engine below the driver: the sampler over valid configs, the
+compile-ahead processes of a worker and how many of them a host gets."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import time
+
+from tuner import get_kernel, load_space
+from tuner.compiling import CompileAhead
+from tuner.sampler import STARTUP_TRIALS, CandidateTPE
+from tuner.tuning_worker import default_compile_processes
+
+SPEC = get_kernel("add_layernorm")
+PROBLEM = SPEC.problem("4096x768", "bfloat16")
+
+
+def candidates():
+    space = load_space(SPEC.space_file)
+    key = SPEC.table_key(PROBLEM)
+    return space.candidates(key), space.choices(key)
+
+
+def landscape(config) -> float:
+    """A smooth synthetic time with one best config, in rank distance from it."""
+    return (1.0 + abs(config.block_rows.bit_length() - 3) + abs(config.num_warps.bit_length() - 3)
+            + 0.5 * abs(config.block_w.bit_length() - 10) + 0.3 * (config.num_stages - 1)
+            + 0.2 * (config.eviction_policy != "evict_first"))
+
+
+def search(proposer: CandidateTPE, trials: int, excluded=()) -> dict[str, float]:
+    measured: dict[str, float | None] = {}
+    for _ in range(trials):
+        config = proposer.propose(measured, set(excluded))
+        assert config is not None
+        measured[config.key()] = landscape(config)
+    return measured
+
+
+def test_proposals_are_valid_unmeasured_and_not_excluded():
+    configs, choices = candidates()
+    valid = {config.key() for config in configs}
+    excluded = {configs[0].key(), configs[1].key()}
+    measured = search(CandidateTPE(configs, choices, seed=3), 40, excluded)
+    assert len(measured) == 40, "never the same config twice"
+    assert set(measured) <= valid and not set(measured) & excluded
+
+
+def test_proposals_end_when_every_candidate_is_measured_or_excluded():
+    configs, choices = candidates()
+    proposer = CandidateTPE(configs[:12], choices, seed=0)
+    measured = {config.key(): landscape(config) for config in configs[:10]}
+    assert proposer.propose(measured, {configs[10].key()}) == configs[11]
+    measured[configs[11].key()] = None  # a failed config counts as measured
+    assert proposer.propose(measured, {configs[10].key()}) is None
+
+
+def test_same_seed_same_proposals_and_failures_are_avoided():
+    configs, choices = candidates()
+    first = list(search(CandidateTPE(configs, choices, seed=7), 20))
+    assert first == list(search(CandidateTPE(configs, choices, seed=7), 20))
+    assert first != list(search(CandidateTPE(configs, choices, seed=8), 20))
+
+
+def test_the_estimator_beats_random_search_on_a_smooth_landscape():
+    configs, choices = candidates()
+    best = min(landscape(config) for config in configs)
+    trials = STARTUP_TRIALS + 16
+    tpe_hits = random_hits = 0
+    for seed in range(8):
+        tpe_hits += min(search(CandidateTPE(configs, choices, seed), trials).values()) == best
+        sample = random.Random(seed).sample(configs, trials)
+        random_hits += min(map(landscape, sample)) == best
+    assert tpe_hits >= 6 and tpe_hits > random_hits
+
+
+def test_default_compile_processes_share_a_host(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(64)), raising=False)
+    assert [default_compile_processes(n) for n in (1, 2, 4, 8, 16)] == [12, 6, 3, 2, 2]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+    assert [default_compile_processes(n) for n in (1, 4, 8, 16)] == [12, 3, 1, 1]
+
+
+def test_compile_ahead_compiles_what_is_prefetched_and_nothing_after_close():
+    """Under the interpreter a compile is a no-op: this checks the feeding, not Triton."""
+    configs, _ = candidates()
+    compiles = CompileAhead(2)
+    try:
+        compiles.prefetch([(PROBLEM, configs[0])], [(PROBLEM, config) for config in configs[1:4]])
+        deadline = time.monotonic() + 120
+        while len(multiprocessing.active_children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the fork server imports torch before the first process starts
+        time.sleep(1.0)  # then the feeder submits; a submitted compile is not cancelled
+        assert compiles.wait(PROBLEM, configs[0].key()) is not None  # upcoming: compiled
+        assert compiles.wait(PROBLEM, configs[0].key()) is None  # waited for once
+        assert compiles.wait(PROBLEM, configs[5].key()) is None  # never asked for
+    finally:
+        compiles.close()
+    compiles.prefetch([(PROBLEM, configs[6])])
+    time.sleep(0.3)
+    assert compiles.wait(PROBLEM, configs[6].key()) is None

@@ -122,10 +122,24 @@ def properties_from_torch(props, capability: tuple[int, int]) -> DevicePropertie
         max_programs_per_sm=_MAX_BLOCKS_PER_SM.get(capability, 32), capability=capability)
 
 
+# GPU models described by whoever measured them (register_device_properties).
+_REGISTERED: dict[str, DeviceProperties] = {}
+
+
+def register_device_properties(device: str, properties: DeviceProperties) -> None:
+    """Makes ``device_properties(device)`` answer ``properties`` without asking CUDA: how a
+    tuning driver learns the GPUs of its workers, which may be on other hosts."""
+    _REGISTERED[device] = properties
+    device_properties.cache_clear()
+
+
 @functools.lru_cache(maxsize=None)
 def device_properties(device: str | None = None) -> DeviceProperties:
-    """The properties of the GPU model called ``device`` (a table device name), of the current
-    CUDA device for None, or :data:`INTERPRETER_PROPERTIES` under the interpreter."""
+    """The properties of the GPU model called ``device`` (a table device name: registered, or
+    one of this host's GPUs), of the current CUDA device for None, or
+    :data:`INTERPRETER_PROPERTIES` under the interpreter."""
+    if device in _REGISTERED:
+        return _REGISTERED[device]
     if interpreter_enabled() or not torch.cuda.is_available():
         return INTERPRETER_PROPERTIES
     indices = range(torch.cuda.device_count())

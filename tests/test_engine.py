@@ -101,3 +101,28 @@ def test_compile_ahead_compiles_what_is_prefetched_and_nothing_after_close():
     compiles.prefetch([(PROBLEM, configs[6])])
     time.sleep(0.3)
     assert compiles.wait(PROBLEM, configs[6].key()) is None
+
+
+def test_a_driver_takes_its_workers_gpu_properties_for_the_defaults(monkeypatch):
+    """The heuristic seeds of a study are those of the workers' GPU model, which the driver's
+    own host may not have (a Ray head node without GPUs)."""
+    import dataclasses
+
+    from kernels import defaults
+    from tuner import Driver, Settings
+    from tuner.tuning_worker import TuningWorker
+
+    info = TuningWorker().info()
+    few_sms = {**info["properties"], "name": "Tiny GPU", "sm_count": 2}
+
+    class Pool:
+        compile_processes = 0
+        workers = [type("Worker", (), {"device": "Tiny GPU", "info": {"properties": few_sms}})()]
+
+    monkeypatch.setattr(defaults, "_REGISTERED", {})
+    defaults.device_properties.cache_clear()
+    assert defaults.device_properties("Tiny GPU").sm_count != 2  # unknown here
+    Driver(Pool(), "sqlite://", Settings(), lambda device: None)._learn_devices()
+    assert dataclasses.asdict(defaults.device_properties("Tiny GPU")) == {
+        **few_sms, "capability": tuple(few_sms["capability"])}
+    defaults.device_properties.cache_clear()

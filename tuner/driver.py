@@ -17,6 +17,7 @@ from typing import Any, Callable, Collection, Mapping
 import optuna
 
 from kernels import LaunchConfig, TableEntry, merge_entries
+from kernels.defaults import DeviceProperties, register_device_properties
 
 from .measure import Confirmation, Measurement
 from .problems import Problem, get_kernel
@@ -109,6 +110,7 @@ class Driver:
         the trials in flight are dropped (they are proposed again on resume) and every finished
         trial stays stored.
         """
+        self._learn_devices()
         spaces = {problem.kernel: self._space_for(problem.kernel) for problem in problems}
         self.runs = [StudyRun(get_kernel(problem.kernel), problem, device, spaces[problem.kernel],
                               self.storage, self.settings)
@@ -128,6 +130,16 @@ class Driver:
             self.wall_seconds = time.monotonic() - started
         self.progress.update(self.runs, 0, len(self.pool.workers), force=True)
         return [run.result for run in self.runs if run.result is not None]
+
+    def _learn_devices(self) -> None:
+        """Describes each worker's GPU model to the kernels' defaults, so that the heuristic
+        configs this process seeds studies with are those of the workers' GPUs (wherever they
+        are), found without starting CUDA here."""
+        for worker in self.pool.workers:
+            properties = worker.info.get("properties")
+            if properties:
+                register_device_properties(worker.device, DeviceProperties(
+                    **{**properties, "capability": tuple(properties["capability"])}))
 
     # -- the dispatch loop ---------------------------------------------------------------------
     def _loop(self, deadline: float | None) -> None:

@@ -7,10 +7,14 @@ import os
 import socket
 import statistics
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from .compiling import CompileAhead
+
+# A small problem whose compile warms up Triton's compiler in a new worker.
+WARM_UP_SHAPE = "64x64"
 
 if TYPE_CHECKING:  # a local worker imports torch and the kernels once it has started
     from kernels import LaunchConfig
@@ -61,6 +65,27 @@ class TuningWorker:
         self._copy_gbps: float | None = None
         processes = 0 if interpreter_enabled() else compile_processes
         self._compiles = CompileAhead(processes) if processes else None
+        self._warming = threading.Thread(target=self._warm_up, daemon=True, name="tuner-warm-up")
+        if self.device.type == "cuda":
+            self._warming.start()
+
+    def _warm_up(self) -> None:
+        """What the first trial would otherwise wait for, done while the driver starts: the
+        CUDA context, the copy bandwidth and Triton's compiler (one small compile)."""
+        from .problems import get_kernel
+
+        try:
+            self.copy_gbps()
+            spec = get_kernel("add_layernorm")
+            problem = spec.problem(WARM_UP_SHAPE, "float32")
+            spec.compile(problem, spec.heuristic(problem))
+        except Exception:  # the first trial meets the same error and reports it
+            pass
+
+    def _ready(self) -> None:
+        """Waits for the warm-up: nothing may share the GPU with a measurement."""
+        if self._warming.is_alive():
+            self._warming.join()
 
     def prefetch(self, upcoming: list[tuple[Problem, LaunchConfig]],
                  speculative: list[tuple[Problem, LaunchConfig]] = ()) -> None:
@@ -71,12 +96,16 @@ class TuningWorker:
             self._compiles.prefetch(upcoming, speculative)
 
     def info(self) -> dict[str, Any]:
-        """Device name (from the CUDA driver), compute capability, versions, node, pid, the
-        device's memory in bytes and when this answered (``time.monotonic()`` here: comparable
-        with the driver's on the same host)."""
+        """Device name (from the CUDA driver), compute capability, the properties the default
+        configs are derived from, versions, node, pid, the device's memory in bytes and when
+        this answered (``time.monotonic()`` here: comparable with the driver's on the same
+        host)."""
+        import dataclasses
+
         import torch
         import triton
 
+        from kernels.defaults import device_properties
         from kernels.device import compute_capability, device_name
 
         cuda = self.device if self.device.type == "cuda" else None
@@ -85,6 +114,7 @@ class TuningWorker:
         else:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return {"device": device_name(cuda), "compute_capability": compute_capability(cuda),
+                "properties": dataclasses.asdict(device_properties()),
                 "torch": torch.__version__.split("+")[0], "triton": triton.__version__,
                 "node": _node_id(), "pid": os.getpid(), "memory_bytes": memory,
                 "answered_monotonic": time.monotonic()}
@@ -111,6 +141,7 @@ class TuningWorker:
         """Compile, check and time one config; failures come back in the result."""
         from .measure import Measurement, is_fatal
 
+        self._ready()
         waited = time.perf_counter()
         compiled_s = None if self._compiles is None else self._compiles.wait(problem, config.key())
         ready = time.perf_counter()
@@ -136,6 +167,7 @@ class TuningWorker:
         """
         from .measure import Confirmation
 
+        self._ready()
         bench = self._bench(problem)
         samples: dict[str, list[float]] = {config.key(): [] for config in configs}
         for config in configs:

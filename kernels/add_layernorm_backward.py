@@ -36,6 +36,7 @@ import triton.language as tl
 from ._common import (
     first_row,
     known_multiple,
+    launch_or_compile,
     load_shift,
     needs_64bit_offsets,
     stand_in_tensors,
@@ -306,7 +307,7 @@ class AddLayerNormBackward(RowsDescriptor[AddLayerNormBackwardCall]):
         # the one launched.
         stand_ins = arguments(mean, mean, 0, 2)
         if warmup:
-            kernel.warmup(*stand_ins, grid=(1,), **meta)
+            launch_or_compile(kernel, (1,), stand_ins, meta, warmup=True)
             return None
         row_tiles = triton.cdiv(rows, config.block_rows)
         if programs is None:

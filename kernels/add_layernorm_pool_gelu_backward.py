@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import load_shift, stand_in_tensors
+from ._common import launch_or_compile, load_shift, stand_in_tensors
 from ._pool_gelu import PoolGeluCall, PoolGeluDescriptor
 from .add_layernorm_backward import Gradients
 from .backward_reduce import column_sums, partial_sums, program_count, resident_programs
@@ -411,7 +411,7 @@ class AddLayerNormPoolGeluBackward(PoolGeluDescriptor):
         # the one launched.
         stand_ins = arguments(mean, mean, 0, 2)
         if warmup:
-            kernel.warmup(*stand_ins, grid=(1,), **meta)
+            launch_or_compile(kernel, (1,), stand_ins, meta, warmup=True)
             return None
         # A tile holds block_rows pooled rows (or channels), each of kd * kh input rows.
         programs = program_count(row_tiles, config.block_rows * kd * kh,

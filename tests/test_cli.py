@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuner import cli
+from tuner import cli, runner
 
 
 @pytest.fixture
@@ -88,9 +88,9 @@ def test_cli_without_an_address_runs_no_ray(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     args = cli.build_parser().parse_args(["search", "--shape", "128x64"])
-    assert not cli._use_ray(args)
+    assert not runner.use_ray(args)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
-    assert cli._use_ray(args)
+    assert runner.use_ray(args)
 
 
 @pytest.mark.parametrize("argv,env,address", [

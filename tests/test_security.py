@@ -32,7 +32,7 @@ def test_ray_keeps_token_auth_and_a_loopback_dashboard():
     text = "\n".join(path.read_text() for path in SOURCES) + (ROOT / "cluster.yaml").read_text()
     assert "RAY_AUTH_MODE=disabled" not in text and "RAY_AUTH_MODE=token" in text
     assert not re.search(r"dashboard[-_]host[= :]+['\"]?0\.0\.0\.0", text)
-    assert "include_dashboard=False" in (ROOT / "tuner" / "cli.py").read_text()
+    assert "include_dashboard=False" in (ROOT / "tuner" / "runner.py").read_text()
 
 
 @pytest.mark.parametrize("device", ["../../etc/x", "/etc/passwd", "..", ".", "", "\x00\n",

@@ -23,7 +23,8 @@ from .measure import Confirmation, Measurement
 from .problems import Problem, get_kernel
 from .progress import Progress
 from .space import SearchSpace, SpaceError, load_space
-from .study import Settings, Stage, StudyResult, StudyRun
+from .result import StudyResult
+from .study import Settings, Stage, StudyRun
 
 # A trial whose worker died is re-run elsewhere this many times before it fails.
 MAX_ATTEMPTS = 2

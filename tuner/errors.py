@@ -9,3 +9,7 @@ class InputError(ValueError):
     The message says what is wrong and names the input; every other exception is a bug and
     keeps its traceback.
     """
+
+
+class UsageError(InputError):
+    """Bad command-line input; printed without a traceback."""

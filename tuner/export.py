@@ -20,14 +20,14 @@ if TYPE_CHECKING:
 
     from kernels import TableEntry
 
-    from .study import StudyResult
+    from .result import StudyResult
 
 
 def results_in_storage(storage: optuna.storages.BaseStorage | str) -> list[StudyResult]:
     """The confirmed winner of every finished study in a storage."""
     import optuna
 
-    from .study import StudyResult
+    from .result import StudyResult
 
     results = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):

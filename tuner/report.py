@@ -17,7 +17,8 @@ from kernels import LaunchConfig
 
 from .columns import format_columns
 from .errors import InputError
-from .study import StudyResult, StudyRun, study_name
+from .result import StudyResult
+from .study import StudyRun, study_name
 
 # Fewer complete trials than this give parameter importances that mean nothing.
 MIN_TRIALS_FOR_IMPORTANCE = 5

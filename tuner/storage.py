@@ -157,3 +157,11 @@ def one_line(error: BaseException) -> str:
     """The first line of an error's message, passwords redacted."""
     text = str(error).strip()
     return redact(text.splitlines()[0] if text else "")
+
+
+def close_storage(storage: optuna.storages.BaseStorage) -> None:
+    """Closes a storage's database connections; SQLite then folds its write-ahead log back
+    into the database file, so that the file alone holds every trial."""
+    engine = getattr(storage, "engine", None)
+    if engine is not None:
+        engine.dispose()

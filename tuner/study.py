@@ -18,6 +18,7 @@ from kernels import LaunchConfig, nearest_configs
 from .claims import ClaimBook
 from .measure import Confirmation, Measurement
 from .problems import KernelSpec, Problem
+from .result import StudyResult
 from .sampler import CandidateTPE
 from .space import PARAMETERS, SearchSpace
 from .storage import open_storage
@@ -44,49 +45,6 @@ class Settings:
     confirm_top: int = 4           # configs re-timed, interleaved, by the confirm stage
     confirm_rounds: int = 5
     seed: int = 0
-
-
-@dataclasses.dataclass
-class StudyResult:
-    """The confirmed winner of a study, with the baselines measured beside it."""
-
-    problem: Problem
-    device: str
-    config: LaunchConfig
-    ms: float
-    gbps: float
-    pct_of_copy: float
-    trials: int
-    heuristic_ms: float
-    eager_ms: float | None  # None where PyTorch eager cannot run the problem
-    compute_capability: str = ""
-    torch: str = ""
-    triton: str = ""
-    date: str = ""
-    resumed: bool = False
-
-    @property
-    def speedup_vs_heuristic(self) -> float:
-        return self.heuristic_ms / self.ms
-
-    @property
-    def speedup_vs_eager(self) -> float | None:
-        return None if self.eager_ms is None else self.eager_ms / self.ms
-
-    def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["problem"] = {"kernel": self.problem.kernel, "shape": list(self.problem.shape),
-                           "dtype": self.problem.dtype}
-        data["config"] = self.config.as_dict()
-        data.pop("resumed")
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "StudyResult":
-        problem = Problem(data["problem"]["kernel"], tuple(data["problem"]["shape"]),
-                          data["problem"]["dtype"])
-        return cls(**{**data, "problem": problem, "config": LaunchConfig.from_dict(data["config"]),
-                      "resumed": True})
 
 
 class Stage(enum.Enum):

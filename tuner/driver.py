@@ -364,6 +364,6 @@ class Driver:
 def _worker_healthy(future: concurrent.futures.Future) -> bool:
     """Whether the worker that answered ``future`` can take its next trial at once (it did not
     die, raise, or lose its CUDA context)."""
-    if future.exception() is not None:
+    if future.cancelled() or future.exception() is not None:
         return False
     return not getattr(future.result(), "fatal", False)

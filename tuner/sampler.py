@@ -1,11 +1,10 @@
 """Proposing configs: the Tree-structured Parzen Estimator over a study's valid configs.
 
 A search space's knobs form a product of which the restrictions keep a fraction, so a sampler
-that proposes in the product (Optuna's TPE) spends most of its proposals on configs that are
-rejected or measured already: a dozen proposals, and about 160 ms of the driver's time, per
-measured trial on an H100 host. Here the same estimator (Bergstra et al.; Optuna's defaults for
-the split and the prior) is built over the valid configs themselves, so every proposal is a
-valid config not measured yet, at a cost of a few matrix columns.
+that proposes in the product (Optuna's TPE) spends most of its proposals, and most of the
+driver's time (BENCHMARKS.md), on configs that are rejected or measured already. Here the same
+estimator (Bergstra et al.; Optuna's defaults for the split and the prior) is built over the
+valid configs themselves, so every proposal is a valid config not measured yet.
 
 Each knob enters as its rank among its values (4 warps is nearer 8 than 32); the eviction policy
 as a category. The density around a measured config is a product kernel normalised over the
@@ -49,20 +48,21 @@ class CandidateTPE:
         self.candidates = list(candidates)
         self.index = {config.key(): position for position, config in enumerate(self.candidates)}
         self.rng = random.Random(seed)
-        self.kernel = self._kernel_matrix(choices)
+        # Each candidate's knobs as the kernels see them: ranks of the ordered ones, the policy.
+        self.ranks = np.array([[sorted(choices[name]).index(getattr(config, name))
+                                for name in ORDERED_KNOBS] for config in self.candidates], float)
+        policies = list(choices["eviction_policy"])
+        self.policies = np.array([policies.index(config.eviction_policy)
+                                  for config in self.candidates])
+        self.other_policy_weight = OTHER_CATEGORY_WEIGHT / max(1, len(policies) - 1)
 
-    def _kernel_matrix(self, choices: Mapping[str, Sequence]) -> np.ndarray:
-        """``kernel[x, c]``: the density at candidate x of the component centred on candidate c."""
-        kernel = np.ones((len(self.candidates), len(self.candidates)))
-        for name in ORDERED_KNOBS:
-            ranks = {value: rank for rank, value in enumerate(sorted(choices[name]))}
-            position = np.array([ranks[getattr(config, name)] for config in self.candidates], float)
-            distance = position[:, None] - position[None, :]
-            kernel *= np.exp(-0.5 * (distance / BANDWIDTH_RANKS) ** 2)
-        policies = np.array([config.eviction_policy for config in self.candidates])
-        others = max(1, len(choices["eviction_policy"]) - 1)
-        kernel *= np.where(policies[:, None] == policies[None, :], 1.0 - OTHER_CATEGORY_WEIGHT,
-                           OTHER_CATEGORY_WEIGHT / others)
+    def _components(self, centres: list[int]) -> np.ndarray:
+        """``[x, j]``: the density at candidate x of the component centred on ``centres[j]``,
+        normalised over the candidates."""
+        distance = self.ranks[:, None, :] - self.ranks[None, centres, :]
+        kernel = np.exp(-0.5 * (distance / BANDWIDTH_RANKS) ** 2).prod(axis=2)
+        kernel *= np.where(self.policies[:, None] == self.policies[None, centres],
+                           1.0 - OTHER_CATEGORY_WEIGHT, self.other_policy_weight)
         return kernel / kernel.sum(axis=0, keepdims=True)
 
     def propose(self, measured: Mapping[str, float | None], excluded: Collection[str]
@@ -91,7 +91,8 @@ class CandidateTPE:
     def _density(self, centres: list[int]) -> np.ndarray:
         """The mixture of the components at ``centres`` and a uniform prior (weight of one)."""
         uniform = np.full(len(self.candidates), 1.0 / len(self.candidates))
-        return (self.kernel[:, centres].sum(axis=1) + uniform) / (len(centres) + 1)
+        mixture = self._components(centres).sum(axis=1) if centres else 0.0
+        return (mixture + uniform) / (len(centres) + 1)
 
     def _draw(self, positions: list[int], weights: np.ndarray) -> list[tuple[int, int]]:
         """Up to EI_CANDIDATES distinct (spot, position) pairs drawn with ``weights``."""

@@ -129,3 +129,26 @@ def test_claim_of_a_driver_elsewhere_expires_after_its_heartbeat_grace(url):
     run.tell(proposed, Measurement(config.key(), ms=1.0), "test")
     assert run.search_finished(0.0, None)
     assert storage.get_trial(trial_id).state == TrialState.FAIL
+
+
+def test_a_driver_killed_while_recording_a_result_leaves_a_config_measured_again(tmp_path):
+    """Killed between writing a measurement's attributes and its state, a driver leaves a
+    running claim that looks measured; once it expires, the config is measured again, once."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/k.db")
+    run = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, storage, Settings(trials=len(CONFIGS)))
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid of this host that no longer runs
+    config = run.valid[CONFIGS[0]]
+    half_written = run._frozen(config, None, {"config": config.key(), "measured": True,
+                                              "claim": f"{socket.gethostname()}/{dead.pid}/x",
+                                              "gbps": 1.0}, TrialState.RUNNING)
+    storage.create_new_trial(run.claims.study_id, template_trial=half_written)
+
+    resumed = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, storage, Settings(trials=len(CONFIGS)))
+    keys = []
+    while (proposed := resumed.ask()) is not None:
+        keys.append(proposed.key())
+        resumed.tell(proposed, Measurement(proposed.key(), ms=1.0), "test")
+    assert sorted(keys) == CONFIGS, "each config measured once, the half-written one included"
+    trials = storage.get_all_trials(run.claims.study_id)
+    assert len(trials) == len(CONFIGS) + 1  # the measurements and the expired claim

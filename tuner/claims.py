@@ -50,6 +50,13 @@ def owner_alive(owner: str) -> bool:
     return _pid_alive(int(pid_text))
 
 
+def is_measurement(trial: FrozenTrial) -> bool:
+    """A trial holding a measurement: not a claim given up, nor one whose driver died while
+    recording its result (attributes written, state not yet), which is measured again."""
+    return bool(trial.user_attrs.get("measured")) and "released" not in trial.user_attrs \
+        and trial.state in (TrialState.COMPLETE, TrialState.FAIL)
+
+
 class _Heartbeats:
     """One thread per process recording heartbeats of every claim held, whatever the driver's
     loop is doing (a worker replacement may block it for minutes)."""
@@ -133,7 +140,7 @@ class ClaimBook:
         number = self.storage.get_trial_number_from_id(trial_id)
         for trial in self.storage.get_all_trials(self.study_id, deepcopy=False):
             if trial.number < number and trial.user_attrs.get("config") == key and (
-                    trial.user_attrs.get("measured") or self.is_live_claim(trial)):
+                    is_measurement(trial) or self.is_live_claim(trial)):
                 self.release(trial_id, "lost: an earlier claim of the same config")
                 return None
         return trial_id

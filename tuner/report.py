@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from kernels import LaunchConfig
 
+from .claims import is_measurement
 from .columns import format_columns
 from .errors import InputError
 from .result import StudyResult
@@ -126,7 +127,7 @@ def load_study_data(storage: optuna.storages.BaseStorage | str, name: str) -> St
     """One study's attributes, measured trials and parameter importances."""
     study = optuna.load_study(study_name=name, storage=storage)
     measured = sorted((trial for trial in study.get_trials(deepcopy=False)
-                       if trial.user_attrs.get("measured")), key=lambda trial: trial.number)
+                       if is_measurement(trial)), key=lambda trial: trial.number)
     complete = sum(trial.state == TrialState.COMPLETE for trial in measured)
     importances, note = _importances(study, complete)
     return StudyData(name, dict(study.user_attrs), measured, importances, note)

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from kernels import LaunchConfig, nearest_configs
 
-from .claims import ClaimBook
+from .claims import ClaimBook, is_measurement
 from .measure import Confirmation, Measurement
 from .problems import KernelSpec, Problem
 from .result import StudyResult
@@ -124,14 +124,9 @@ class StudyRun:
                 if trial.user_attrs.get("claim") != self.claims.owner:
                     others.add(key)
                 continue
-            if trial.number in self._loaded or not trial.user_attrs.get("measured"):
+            if trial.number in self._loaded or not is_measurement(trial):
                 continue
-            if trial.state == TrialState.COMPLETE:
-                value = trial.value
-            elif trial.state == TrialState.FAIL and trial.user_attrs.get("error"):
-                value = None
-            else:
-                continue
+            value = trial.value if trial.state == TrialState.COMPLETE else None
             self._loaded.add(trial.number)
             if key not in self.measured:  # else told by this run already
                 self._note(key, value)

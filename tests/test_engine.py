@@ -137,3 +137,26 @@ def test_a_driver_takes_its_workers_gpu_properties_for_the_defaults(monkeypatch)
     assert dataclasses.asdict(defaults.device_properties("Tiny GPU")) == {
         **few_sms, "capability": tuple(few_sms["capability"])}
     defaults.device_properties.cache_clear()
+
+
+def test_a_local_worker_takes_prefetches_beside_its_measurement():
+    """The driver's prefetches reach a local worker through a queue its own thread reads, so a
+    busy worker starts compiling its next config at once."""
+    import multiprocessing
+    import queue
+    import threading
+
+    from tuner import local
+
+    received: queue.Queue = queue.Queue()
+
+    class Worker:
+        def prefetch(self, *args):
+            received.put(args)
+
+    prefetches = multiprocessing.get_context("spawn").Queue()
+    threading.Thread(target=local._serve_prefetches, args=(Worker(), prefetches),
+                     daemon=True).start()
+    configs, _ = candidates()
+    prefetches.put(([(PROBLEM, configs[0])], [(PROBLEM, configs[1])]))
+    assert received.get(timeout=30) == ([(PROBLEM, configs[0])], [(PROBLEM, configs[1])])

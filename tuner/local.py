@@ -49,7 +49,11 @@ def _start_worker(gpu: str | None, seed: int, compile_processes: int,
 
 def _serve_prefetches(worker: TuningWorker, prefetches: multiprocessing.Queue) -> None:
     while True:
-        worker.prefetch(*prefetches.get())
+        try:
+            args = prefetches.get()
+        except (EOFError, OSError, ValueError):  # the driver's end is gone: nothing more comes
+            return
+        worker.prefetch(*args)
 
 
 def _invoke(method: str, args: tuple) -> Any:

@@ -108,7 +108,7 @@ class CompileAhead:
             self._upcoming.clear()
             self._speculative.clear()
         self._wake.set()
-        for process in list(getattr(self._executor, "_processes", {}).values()):
+        for process in multiprocessing.active_children():  # this worker's only children
             process.kill()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -116,7 +116,7 @@ class CompileAhead:
         for _ in range(self.processes):  # each start waits for the fork server's imports
             if not self._submit(_warm_up):
                 return
-        while True:
+        while not self._closed:
             self._wake.wait(FEED_POLL_S)
             self._wake.clear()
             for problem, config in self._take():

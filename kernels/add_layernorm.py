@@ -27,16 +27,16 @@ from ._common import (
     check_param,
     check_tensor,
     first_row,
-    known_multiple,
     gradients_required,
+    known_multiple,
     launch_or_compile,
     load_shift,
     needs_64bit_offsets,
-    width_multiple,
     split_sum_weight,
     stand_in_tensors,
     store_stats,
     sum_weight_dtype,
+    width_multiple,
 )
 from .add_layernorm_backward import add_layernorm_backward
 from .autotune import autotune_enabled, tune_add_layernorm

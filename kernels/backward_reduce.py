@@ -16,13 +16,13 @@ gradients in their dtype, dweight and dbias in one launch.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import width_multiple
 from .defaults import DeviceProperties, device_properties
 from .device import device_name, interpreter_enabled
 
@@ -94,7 +94,7 @@ def resident_programs(kernel: Any, args: Sequence[Any], meta: dict[str, Any],
     cached. Under the interpreter, a fixed few."""
     if x.device.type != "cuda" or interpreter_enabled():
         return _INTERPRETER_RESIDENT_PROGRAMS
-    key = (kernel, x.device.index, x.dtype, math.gcd(x.shape[-1], 16), tuple(meta.items()))
+    key = (kernel, x.device.index, x.dtype, width_multiple(x.shape[-1]), tuple(meta.items()))
     found = _resident.get(key)
     if found is None:
         props = device_properties(device_name(x.device))

@@ -32,8 +32,9 @@ exhaustive grids of two held-out sets on an H100 and is checked on other GPU mod
   4-8 warps; a program holds a few whole rows (4096 lanes, or 16 KB once rows are 8 KB), or
   two rows walked in chunks of half that, where the second read of each chunk comes from L2
   soon after the first; rows loaded in full 16-byte vectors stay whole up to 32 lanes on each
-  of the most threads the registers allow. With fewer rows than SMs a row gets wide chunks (32 KB) and the
-  threads of 32 lanes each, so that the little work there is spreads over more threads.
+  of the most threads the registers allow. With fewer rows than SMs a row gets wide chunks
+  (32 KB) and the threads of 32 lanes each, so that the little work there is spreads over
+  more threads.
 """
 
 from __future__ import annotations
@@ -257,13 +258,12 @@ def _wide_rows_default(rows: int, width: int, itemsize: int,
     program while the grid has under two programs an SM; and for fewer rows than SMs, a row a
     program with as many threads as 32 lanes each give, within the SM's registers."""
     span = triton.next_power_of_2(width)
+    aligned = rows_aligned(width, itemsize)
     if rows < props.sm_count:
-        most_threads = max_program_threads(WIDE_LANES_PER_THREAD, props,
-                                           aligned=rows_aligned(width, itemsize))
+        most_threads = max_program_threads(WIDE_LANES_PER_THREAD, props, aligned)
         block_w = min(span, FEW_ROWS_CHUNK_BYTES // itemsize, most_threads * WIDE_LANES_PER_THREAD)
         threads = max(32, block_w // WIDE_LANES_PER_THREAD)
         return LaunchConfig(block_rows=1, block_w=block_w, num_warps=threads // 32)
-    aligned = rows_aligned(width, itemsize)
     tile = WIDE_TILE_ELEMENTS
     if span * itemsize >= WIDE_TILE_BYTES // 2:
         tile = max(tile, WIDE_TILE_BYTES // itemsize)

@@ -548,7 +548,6 @@ def test_launcher_uses_selected_config(launch_grids):
     assert grids[-1] == (10,)
 
 
-
 def test_addressing_hints():
     """The kernels learn the power of two dividing the width (for vector loads) and use 64-bit
     offsets only where 32 bits could overflow."""

@@ -19,9 +19,9 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+from .compiling import die_with_parent
 from .errors import InputError
 from .pools import NoGPUError, Pool, PoolOptions
-from .compiling import die_with_parent
 from .tuning_worker import TuningWorker, default_compile_processes
 
 _worker: TuningWorker | None = None  # the TuningWorker of this process, once started
@@ -42,8 +42,7 @@ def _start_worker(gpu: str | None, seed: int, compile_processes: int,
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     _worker = TuningWorker(seed, compile_processes)
-    worker = _worker
-    threading.Thread(target=_serve_prefetches, args=(worker, prefetches), daemon=True,
+    threading.Thread(target=_serve_prefetches, args=(_worker, prefetches), daemon=True,
                      name="tuner-prefetch").start()
 
 

@@ -109,8 +109,10 @@ class KernelDescriptor(abc.ABC, Generic[CallT]):
     def compile(self, call: CallT, config: LaunchConfig,
                 device: torch.device | str = "cuda") -> None:
         """Compiles the kernel the call runs with ``config`` into Triton's cache without
-        launching it (ahead of timing, or at start-up). The default does nothing: the first
-        launch compiles."""
+        launching it (ahead of timing, or at start-up), on stand-in tensors on ``device``: the
+        tuner's compile processes pass ``"cpu"`` and compile for their worker's GPU without a
+        CUDA context (:func:`kernels.targets.compile_only_for`). The default does nothing: the
+        first launch compiles."""
 
     def table_entry(self, call: CallT, device: str, config: LaunchConfig,
                     **provenance: Any) -> TableEntry:

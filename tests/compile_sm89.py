@@ -23,7 +23,6 @@ assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 
 import kernels._pool_gelu as pool_gelu  # noqa: E402
 import kernels.add_layernorm as add_layernorm  # noqa: E402
@@ -39,6 +38,7 @@ from kernels import (  # noqa: E402
 )
 from kernels.defaults import DeviceProperties  # noqa: E402
 from kernels.model import REFERENCE_INPUT_SHAPE  # noqa: E402
+from kernels.targets import GPUTarget, compile_only_for  # noqa: E402
 
 TARGET = GPUTarget("cuda", 89, 32)
 RTX4090 = DeviceProperties(name="NVIDIA GeForce RTX 4090", sm_count=128, max_threads_per_sm=1536,
@@ -126,29 +126,10 @@ def record_launches() -> list[tuple[str, object, tuple, dict]]:
 
 
 def compile_for_sm89(fn, args: tuple, meta: dict):
-    """``triton.compile`` of one launch for :data:`TARGET` (Triton 3.6 to 3.9 internals)."""
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    backend = make_backend(TARGET)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound_args, specialization, options = binder(*args, **meta)
-    if hasattr(fn, "_pack_args"):
-        options, signature, constexprs, attrs = fn._pack_args(backend, meta, bound_args,
-                                                              specialization, options)
-    else:  # Triton 3.6/3.7 inline this in JITFunction.run
-        from triton._utils import find_paths_if, get_iterable_path
-
-        options = backend.parse_options(meta)
-        sigvals = [value[0] for value in specialization]
-        signature = {param.name: value for param, value in zip(fn.params, sigvals)}
-        paths = find_paths_if(sigvals, lambda _, value: value == "constexpr")
-        constexprs = {path: get_iterable_path(list(bound_args.values()), path) for path in paths}
-        attrvals = ["" if value[0] == "constexpr" else value[1] for value in specialization]
-        paths = find_paths_if(attrvals, lambda _, value: isinstance(value, str))
-        attrs = {path: backend.parse_attr(get_iterable_path(attrvals, path)) for path in paths}
-    source = ASTSource(fn, signature, constexprs, attrs)
-    return triton.compile(source, target=TARGET, options=options.__dict__)
+    """One launch compiled for :data:`TARGET` through Triton's own JIT path (the process
+    compiles only: :func:`kernels.targets.compile_only_for`)."""
+    compile_only_for(TARGET)
+    return fn.warmup(*args, grid=(1,), **meta)
 
 
 def resources(compiled, ptxas_path: str) -> dict:

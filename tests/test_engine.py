@@ -7,6 +7,7 @@ import os
 import random
 import time
 
+from kernels.targets import GPUTarget
 from tuner import get_kernel, load_space
 from tuner.compiling import CompileAhead
 from tuner.sampler import STARTUP_TRIALS, CandidateTPE
@@ -77,9 +78,9 @@ def test_the_estimator_beats_random_search_on_a_smooth_landscape():
 
 def test_default_compile_processes_share_a_host(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(64)), raising=False)
-    assert [default_compile_processes(n) for n in (1, 2, 4, 8, 16)] == [12, 6, 3, 2, 2]
+    assert [default_compile_processes(n) for n in (1, 2, 4, 8, 16)] == [32, 30, 14, 6, 2]
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
-    assert [default_compile_processes(n) for n in (1, 4, 8, 16)] == [12, 3, 1, 1]
+    assert [default_compile_processes(n) for n in (1, 4, 8, 16)] == [14, 2, 1, 1]
 
 
 def compiled_soon(compiles: CompileAhead, config, speculative: bool = False) -> float | None:
@@ -102,6 +103,8 @@ def test_compile_ahead_compiles_what_is_prefetched_and_nothing_after_close():
     """Under the interpreter a compile is a no-op: this checks the feeding, not Triton."""
     configs, _ = candidates()
     compiles = CompileAhead(2)
+    compiles.prefetch([(PROBLEM, configs[0])])  # queued before the target is known
+    compiles.start(GPUTarget("cuda", 89, 32))
     try:
         assert compiled_soon(compiles, configs[0]) is not None  # an upcoming config
         assert compiles.wait(PROBLEM, configs[0].key()) is None  # waited for once

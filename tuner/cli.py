@@ -74,7 +74,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-processes", type=int, default=None,
                         help="processes per worker compiling upcoming configs while the GPU "
                              "times the current one (default: the host's cores shared by its "
-                             "GPUs, at most 12; 0 compiles inline)")
+                             "GPUs, less a core for each worker; 0 compiles inline)")
     parser.add_argument("--verbose", action="store_true",
                         help="print where the time went: start-up phases, first trial, shutdown")
     parser.add_argument("--quiet", action="store_true",

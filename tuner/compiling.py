@@ -10,12 +10,14 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import multiprocessing
+import os
 import threading
 import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kernels import LaunchConfig
+    from kernels.targets import GPUTarget
 
     from .problems import Problem
 
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 PRELOAD = ["torch", "tuner.problems"]
 # Seconds the feeder sleeps when nothing woke it (a finished compile always does).
 FEED_POLL_S = 0.05
+# How much lower than its worker a compile process runs (os.nice increment).
+COMPILE_NICENESS = 10
 
 
 def die_with_parent() -> None:
@@ -37,32 +41,48 @@ def die_with_parent() -> None:
         pass
 
 
-def _warm_up() -> None:
-    """Runs once in each compile process: the CUDA context a compile needs."""
-    import torch
+def _start_compile_process() -> None:
+    """Runs first in each compile process: it dies with its worker, and yields the CPU to the
+    worker and the driver, whose every delay holds up the GPU (a compile only has to be
+    ready before its trial)."""
+    die_with_parent()
+    try:
+        os.nice(COMPILE_NICENESS)
+    except (OSError, AttributeError):  # not POSIX: compiles run at the worker's priority
+        pass
 
-    torch.cuda.init()
+
+def _warm_up(target: GPUTarget) -> None:
+    """Runs once in each compile process: it will compile for ``target``, never touching a GPU
+    (a CUDA context per compile process stalls the workers' own CUDA calls)."""
+    from kernels.targets import compile_only_for
+
+    compile_only_for(target)
 
 
-def _precompile(problem: Problem, config: LaunchConfig) -> float:
-    """Runs in a compile process: compiles one config into Triton's disk cache; returns seconds."""
+def _precompile(problem: Problem, config: LaunchConfig, target: GPUTarget) -> float:
+    """Runs in a compile process: compiles one config for ``target`` into Triton's disk cache,
+    where the worker's launch on its GPU finds it; returns seconds."""
+    from kernels.targets import compile_only_for
+
     from .problems import get_kernel
 
     start = time.perf_counter()
-    get_kernel(problem.kernel).compile(problem, config)
+    compile_only_for(target)
+    get_kernel(problem.kernel).compile(problem, config, device="cpu")
     return time.perf_counter() - start
 
 
 class CompileAhead:
-    """``processes`` compile processes on the worker's GPU (shared Triton cache), fed from two
-    queues: the configs the driver says come next, at once, then, whenever a process is free,
-    speculative ones (a study's other valid configs: a space holds a few hundred, a host
-    compiles dozens a second).
+    """``processes`` compile processes for the worker's GPU target (shared Triton cache), fed
+    from two queues: the configs the driver says come next, at once, then, whenever a process
+    is free, speculative ones (a study's other valid configs: a space holds a few hundred, a
+    host compiles dozens a second). Compiling starts once :meth:`start` names the target.
 
-    The processes fork from a server that imported torch and the kernels once, instead of each
-    importing them at the same moment on a host where the worker itself is starting. One
-    feeder thread submits every compile, so neither :meth:`prefetch` nor :meth:`wait` ever
-    blocks on a process starting.
+    The processes never touch the GPU, and fork from a server that imported torch and the
+    kernels once, instead of each importing them at the same moment on a host where the worker
+    itself is starting. One feeder thread submits every compile, so neither :meth:`prefetch`
+    nor :meth:`wait` ever blocks on a process starting.
     """
 
     def __init__(self, processes: int) -> None:
@@ -70,14 +90,20 @@ class CompileAhead:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(PRELOAD)
         self._executor = concurrent.futures.ProcessPoolExecutor(
-            processes, mp_context=context, initializer=die_with_parent)
+            processes, mp_context=context, initializer=_start_compile_process)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
         self._upcoming: collections.deque[tuple[Problem, LaunchConfig]] = collections.deque()
         self._speculative: collections.deque[tuple[Problem, LaunchConfig]] = collections.deque()
         self._compiling: dict[tuple[Problem, str], concurrent.futures.Future] = {}
-        threading.Thread(target=self._feed, daemon=True, name="tuner-compile-feeder").start()
+        self._target: GPUTarget | None = None
+
+    def start(self, target: GPUTarget) -> None:
+        """Starts compiling, for ``target`` (the worker's GPU: :func:`kernels.targets.current_target`)."""
+        if self._target is None:
+            self._target = target
+            threading.Thread(target=self._feed, daemon=True, name="tuner-compile-feeder").start()
 
     def prefetch(self, upcoming: list[tuple[Problem, LaunchConfig]],
                  speculative: list[tuple[Problem, LaunchConfig]] = ()) -> None:
@@ -114,13 +140,13 @@ class CompileAhead:
 
     def _feed(self) -> None:
         for _ in range(self.processes):  # each start waits for the fork server's imports
-            if not self._submit(_warm_up):
+            if not self._submit(_warm_up, self._target):
                 return
         while not self._closed:
             self._wake.wait(FEED_POLL_S)
             self._wake.clear()
             for problem, config in self._take():
-                future = self._submit(_precompile, problem, config)
+                future = self._submit(_precompile, problem, config, self._target)
                 if future is None:
                     return
                 future.add_done_callback(lambda _: self._wake.set())

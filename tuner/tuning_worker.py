@@ -23,29 +23,26 @@ if TYPE_CHECKING:  # a local worker imports torch and the kernels once it has st
     from .problems import Problem
 
 
-# Compile processes on one host, shared by its workers. Each holds a CUDA context on its
-# worker's GPU, and a host creating dozens of contexts at once stalls the workers' own CUDA
-# calls for seconds (BENCHMARKS.md, "Compile processes on a 4-GPU host").
-HOST_COMPILE_PROCESSES = 12
-MIN_COMPILE_PROCESSES = 2
+# Compile processes never touch a GPU, so a host compiles on all its cores: each worker gets
+# an equal share, less a core for itself (and one for the driver), at most this many.
+MAX_COMPILE_PROCESSES = 32
 
 
 def default_compile_processes(workers_on_host: int) -> int:
-    """Compile processes per worker: :data:`HOST_COMPILE_PROCESSES` shared by the host's
-    workers (at least :data:`MIN_COMPILE_PROCESSES`), and no more than the cores each worker
-    has beside itself."""
+    """Compile processes per worker: the host's cores shared by its workers, less one core for
+    each worker itself and one for the driver; at least one, at most
+    :data:`MAX_COMPILE_PROCESSES`."""
     workers = max(1, workers_on_host)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    share = max(MIN_COMPILE_PROCESSES, HOST_COMPILE_PROCESSES // workers)
-    return max(1, min(share, cores // workers - 1))
+    return max(1, min(MAX_COMPILE_PROCESSES, (cores - 1) // workers - 1))
 
 
 class TuningWorker:
     """Measures configs on the one GPU it was given (or on the CPU under the interpreter).
 
     Inputs and references are built once per problem and kept for the next trial of it.
-    With ``compile_processes`` > 0, configs are compiled ahead in that many processes (same
-    GPU, shared Triton cache) while the GPU checks and times others: first the configs the
+    With ``compile_processes`` > 0, configs are compiled ahead in that many processes (for this
+    GPU without touching it, into the shared Triton cache) while the GPU checks and times others: first the configs the
     driver says come next (:meth:`prefetch`, which the pools let the driver call while a
     measurement runs), then, whenever a process is free, the study's other valid configs
     (speculatively: a space holds a few hundred, a host compiles dozens a second), so that
@@ -71,10 +68,15 @@ class TuningWorker:
 
     def _warm_up(self) -> None:
         """What the first trial would otherwise wait for, done while the driver starts: the
-        CUDA context, the copy bandwidth and Triton's compiler (one small compile)."""
+        CUDA context, the compile processes (told the GPU's target), the copy bandwidth and
+        Triton's compiler here (one small compile)."""
+        from kernels.targets import current_target
+
         from .problems import get_kernel
 
         try:
+            if self._compiles is not None:
+                self._compiles.start(current_target())
             self.copy_gbps()
             spec = get_kernel("add_layernorm")
             problem = spec.problem(WARM_UP_SHAPE, "float32")

@@ -114,10 +114,13 @@ class KernelSpec(abc.ABC):
         """The runtime's default config for the problem on the GPU model ``device``."""
         return self.descriptor.default_config(self.call(problem), device)
 
-    def compile(self, problem: Problem, config: LaunchConfig) -> None:
+    def compile(self, problem: Problem, config: LaunchConfig,
+                device: torch.device | str = "cuda") -> None:
         """Compiles ``config`` for the problem into Triton's cache without launching it, so a
-        worker can compile upcoming trials in other processes while it times the current one."""
-        self.descriptor.compile(self.call(problem), config)
+        worker can compile upcoming trials in other processes while it times the current one
+        (there on ``device="cpu"`` stand-ins, for the worker's GPU target:
+        :func:`kernels.targets.compile_only_for`)."""
+        self.descriptor.compile(self.call(problem), config, device)
 
     @abc.abstractmethod
     def make_inputs(self, problem: Problem, device: torch.device,

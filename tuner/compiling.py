@@ -52,12 +52,8 @@ def _start_compile_process() -> None:
         pass
 
 
-def _warm_up(target: GPUTarget) -> None:
-    """Runs once in each compile process: it will compile for ``target``, never touching a GPU
-    (a CUDA context per compile process stalls the workers' own CUDA calls)."""
-    from kernels.targets import compile_only_for
-
-    compile_only_for(target)
+def _started() -> None:
+    """Nothing: submitted once per process, it has the executor start them all now."""
 
 
 def _precompile(problem: Problem, config: LaunchConfig, target: GPUTarget) -> float:
@@ -77,12 +73,13 @@ class CompileAhead:
     """``processes`` compile processes for the worker's GPU target (shared Triton cache), fed
     from two queues: the configs the driver says come next, at once, then, whenever a process
     is free, speculative ones (a study's other valid configs: a space holds a few hundred, a
-    host compiles dozens a second). Compiling starts once :meth:`start` names the target.
+    host compiles dozens a second), keeping one process free for the next upcoming config.
 
-    The processes never touch the GPU, and fork from a server that imported torch and the
-    kernels once, instead of each importing them at the same moment on a host where the worker
-    itself is starting. One feeder thread submits every compile, so neither :meth:`prefetch`
-    nor :meth:`wait` ever blocks on a process starting.
+    The processes start at once (a worker creates this before it imports torch itself) and
+    compile once :meth:`start` names the target. They never touch the GPU, and fork from a
+    server that imported torch and the kernels once, instead of each importing them at the same
+    moment on a host where the worker itself is starting. One feeder thread submits every
+    compile, so neither :meth:`prefetch` nor :meth:`wait` ever blocks on a process starting.
     """
 
     def __init__(self, processes: int) -> None:
@@ -98,12 +95,14 @@ class CompileAhead:
         self._speculative: collections.deque[tuple[Problem, LaunchConfig]] = collections.deque()
         self._compiling: dict[tuple[Problem, str], concurrent.futures.Future] = {}
         self._target: GPUTarget | None = None
+        self._target_known = threading.Event()
+        threading.Thread(target=self._feed, daemon=True, name="tuner-compile-feeder").start()
 
     def start(self, target: GPUTarget) -> None:
-        """Starts compiling, for ``target`` (the worker's GPU: :func:`kernels.targets.current_target`)."""
-        if self._target is None:
-            self._target = target
-            threading.Thread(target=self._feed, daemon=True, name="tuner-compile-feeder").start()
+        """Starts compiling, for ``target`` (the worker's GPU:
+        :func:`kernels.targets.current_target`)."""
+        self._target = target
+        self._target_known.set()
 
     def prefetch(self, upcoming: list[tuple[Problem, LaunchConfig]],
                  speculative: list[tuple[Problem, LaunchConfig]] = ()) -> None:
@@ -140,7 +139,10 @@ class CompileAhead:
 
     def _feed(self) -> None:
         for _ in range(self.processes):  # each start waits for the fork server's imports
-            if not self._submit(_warm_up, self._target):
+            if not self._submit(_started):
+                return
+        while not self._target_known.wait(FEED_POLL_S):
+            if self._closed:
                 return
         while not self._closed:
             self._wake.wait(FEED_POLL_S)
@@ -155,13 +157,14 @@ class CompileAhead:
 
     def _take(self) -> list[tuple[Problem, LaunchConfig]]:
         """What to submit now: every upcoming config, and speculative ones up to one per idle
-        process (no deeper: an upcoming config must not queue behind speculative ones)."""
+        process but one (no deeper: an upcoming config must not queue behind speculative
+        ones)."""
         with self._lock:
             taken = [item for item in self._upcoming
                      if (item[0], item[1].key()) not in self._compiling]
             self._upcoming.clear()
             pending = len(taken) + sum(not future.done() for future in self._compiling.values())
-            while self._speculative and pending < self.processes:
+            while self._speculative and pending < max(1, self.processes - 1):
                 item = self._speculative.popleft()
                 if (item[0], item[1].key()) not in self._compiling and item not in taken:
                     taken.append(item)

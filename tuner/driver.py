@@ -92,6 +92,7 @@ class Driver:
         # Seconds summed over the run's trials: the driver's asking and telling, and each phase
         # the workers reported (Measurement.phases), for --verbose.
         self.phase_seconds: collections.Counter[str] = collections.Counter()
+        self.phase_trials: collections.Counter[str] = collections.Counter()  # trials with each
 
     def _space_for(self, kernel: str) -> SearchSpace:
         if self.space is not None:
@@ -280,10 +281,17 @@ class Driver:
             self.pool.replace(worker)
 
     def phase_report(self) -> str:
-        """Milliseconds per measured trial of each driver and worker phase."""
+        """Milliseconds per measured trial of each driver and worker phase (and how many
+        trials had a phase that not all had)."""
         trials = max(1, self.progress.measured)
+
+        def count(name: str) -> str:
+            having = self.phase_trials.get(name, trials)
+            return f" ({having} trials)" if having < trials else ""
+
         return "per trial (ms): " + ", ".join(
-            f"{name} {1e3 * seconds / trials:.0f}" for name, seconds in self.phase_seconds.items())
+            f"{name} {1e3 * seconds / trials:.0f}{count(name)}"
+            for name, seconds in self.phase_seconds.items())
 
     def busy_fractions(self) -> dict[int, float]:
         """Per worker slot, the share of the run's wall time it spent on jobs."""
@@ -312,6 +320,7 @@ class Driver:
             self.first_result = time.monotonic()
         self.phase_seconds.update({f"worker: {name}": seconds
                                    for name, seconds in measurement.phases.items()})
+        self.phase_trials.update(f"worker: {name}" for name in measurement.phases)
         started = time.perf_counter()
         job.run.tell(job.config, measurement, job.worker.info.get("node", ""))
         self.phase_seconds["driver: telling"] += time.perf_counter() - started

@@ -51,17 +51,18 @@ class TuningWorker:
     """
 
     def __init__(self, seed: int = 0, compile_processes: int = 0) -> None:
+        # The compile processes start first: their fork server imports torch beside this
+        # process (TRITON_INTERPRET read as kernels.interpreter_enabled reads it).
+        interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        processes = 0 if interpret else compile_processes
+        self._compiles = CompileAhead(processes) if processes else None
         import torch
 
-        from kernels import interpreter_enabled
-
         # The pool makes the GPU given to this worker device 0 (CUDA_VISIBLE_DEVICES).
-        self.device = torch.device("cpu") if interpreter_enabled() else torch.device("cuda", 0)
+        self.device = torch.device("cpu") if interpret else torch.device("cuda", 0)
         self.seed = seed
         self._benches: dict[Problem, Any] = {}
         self._copy_gbps: float | None = None
-        processes = 0 if interpreter_enabled() else compile_processes
-        self._compiles = CompileAhead(processes) if processes else None
         self._warming = threading.Thread(target=self._warm_up, daemon=True, name="tuner-warm-up")
         if self.device.type == "cuda":
             self._warming.start()
@@ -156,6 +157,11 @@ class TuningWorker:
         result = bench.measure(config, copy_gbps, quick=True)
         result.phases.update({"waiting for its compile": ready - waited,
                               "inputs and reference": set_up - ready})
+        inline = compiled_s is None and self._compiles is not None
+        if inline and "first launch and check" in result.phases:
+            # Not compiled ahead (asked too late, or its compile had not started): inline.
+            result.phases["first launch, compile inline, check"] = result.phases.pop(
+                "first launch and check")
         if compiled_s is not None and result.compile_s is not None:
             result.compile_s += compiled_s  # compiled elsewhere, then loaded from the cache
         return result

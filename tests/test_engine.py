@@ -10,7 +10,7 @@ import time
 from kernels.targets import GPUTarget
 from tuner import get_kernel, load_space
 from tuner.compiling import CompileAhead
-from tuner.sampler import STARTUP_TRIALS, CandidateTPE
+from tuner.sampler import RUNNER_UPS, STARTUP_TRIALS, CandidateTPE
 from tuner.tuning_worker import default_compile_processes
 
 SPEC = get_kernel("add_layernorm")
@@ -46,6 +46,26 @@ def test_proposals_are_valid_unmeasured_and_not_excluded():
     measured = search(CandidateTPE(configs, choices, seed=3), 40, excluded)
     assert len(measured) == 40, "never the same config twice"
     assert set(measured) <= valid and not set(measured) & excluded
+
+
+def test_runner_ups_are_what_the_next_proposals_pick():
+    """Compiled ahead as the likeliest next proposals: open configs other than the proposal,
+    and often the next proposal itself."""
+    configs, choices = candidates()
+    proposer = CandidateTPE(configs, choices, seed=5)
+    measured = search(proposer, STARTUP_TRIALS - 1)
+    config = proposer.propose(measured, set())
+    assert proposer.runner_ups == []  # proposals are still random
+    measured[config.key()] = landscape(config)
+    foreseen = 0
+    for _ in range(20):
+        config = proposer.propose(measured, set())
+        runner_ups = proposer.runner_ups
+        assert 0 < len(runner_ups) <= RUNNER_UPS and config not in runner_ups
+        assert not {runner_up.key() for runner_up in runner_ups} & set(measured)
+        measured[config.key()] = landscape(config)
+        foreseen += proposer.propose(measured, set()) in runner_ups
+    assert foreseen >= 5  # of 20 (a random guess of three: under one)
 
 
 def test_proposals_end_when_every_candidate_is_measured_or_excluded():
@@ -163,3 +183,32 @@ def test_a_local_worker_takes_prefetches_beside_its_measurement():
     configs, _ = candidates()
     prefetches.put(([(PROBLEM, configs[0])], [(PROBLEM, configs[1])]))
     assert received.get(timeout=30) == ([(PROBLEM, configs[0])], [(PROBLEM, configs[1])])
+
+
+def test_a_worker_keeps_its_problem_while_its_study_is_not_far_ahead():
+    """Another problem costs a worker new inputs and a reference; studies still advance
+    together (a sweep with --timeout gets a result for every shape)."""
+    from tuner import driver as driver_module
+
+    class Run:
+        def __init__(self, problem: str, measured: int) -> None:
+            self.problem, self.n_measured, self.device, self.inflight = problem, measured, "GPU", {}
+
+        def search_finished(self, now, deadline) -> bool:
+            return False
+
+        def ask(self):
+            return self.problem  # stands in for the config
+
+    worker = type("Worker", (), {"slot": 0, "device": "GPU"})()
+    held, other = Run("held", 0), Run("other", 0)
+    driver = driver_module.Driver.__new__(driver_module.Driver)
+    driver.runs, driver.held_problem = [other, held], {0: "held"}
+    assert driver._ask_any(worker, 0.0, None).config == "held"
+    held.n_measured = driver_module.STICKY_TRIALS - 1
+    assert driver._ask_any(worker, 0.0, None).config == "held"
+    held.n_measured = driver_module.STICKY_TRIALS
+    assert driver._ask_any(worker, 0.0, None).config == "other"
+    driver.held_problem = {}
+    other.inflight = {"a config": None}
+    assert driver._ask_any(worker, 0.0, None).config == "held"  # fewest in flight

@@ -105,11 +105,14 @@ class CompileAhead:
         self._target_known.set()
 
     def prefetch(self, upcoming: list[tuple[Problem, LaunchConfig]],
-                 speculative: list[tuple[Problem, LaunchConfig]] = ()) -> None:
-        """Queues ``upcoming`` to compile now and ``speculative`` for when a process is free."""
+                 speculative: list[tuple[Problem, LaunchConfig]] = (),
+                 likely: list[tuple[Problem, LaunchConfig]] = ()) -> None:
+        """Queues ``upcoming`` to compile now, and for when a process is free ``likely`` ones
+        first (ahead of every speculative one queued so far), then ``speculative`` ones."""
         with self._lock:
             self._upcoming.extend(upcoming)
             self._speculative.extend(speculative)
+            self._speculative.extendleft(reversed(likely))
         self._wake.set()
 
     def wait(self, problem: Problem, key: str) -> float | None:

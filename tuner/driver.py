@@ -28,6 +28,10 @@ from .study import Settings, Stage, StudyRun
 
 # A trial whose worker died is re-run elsewhere this many times before it fails.
 MAX_ATTEMPTS = 2
+# A worker stays on its problem while that study is fewer than this many trials ahead of the
+# least advanced study of the GPU model: studies advance together, and a worker builds a
+# problem's inputs once per this many trials, not every trial.
+STICKY_TRIALS = 8
 
 
 @dataclasses.dataclass
@@ -82,6 +86,8 @@ class Driver:
         # keeps the GPUs fed without asking the sampler far ahead of what it has learnt.
         self.prefetch = min(1, pool.compile_processes)
         self._speculated: set[tuple[int, str]] = set()
+        # The problem each worker slot last measured: its inputs are ready there.
+        self.held_problem: dict[int, Problem] = {}
         self.runs: list[StudyRun] = []
         # Seconds each worker slot spent on jobs, and the loop's own wall time: GPU busy fractions.
         self.busy_seconds: dict[int, float] = {}
@@ -223,10 +229,12 @@ class Driver:
                 if job is None:
                     break
                 queue.append(job)
-                worker.prefetch([(job.run.problem, job.config)], self._speculative_for(job))
+                worker.prefetch([(job.run.problem, job.config)], self._speculative_for(job),
+                                [(job.run.problem, config) for config in job.run.likely_next()])
 
     def _ask(self, worker: Any, now: float, deadline: float | None) -> TrialJob | None:
-        """A new trial for the worker's GPU model, from the study with the fewest in flight."""
+        """A new trial for the worker's GPU model: of the problem it holds while that study is
+        not far ahead of the others, else from the study with the fewest in flight."""
         started = time.perf_counter()
         try:
             return self._ask_any(worker, now, deadline)
@@ -234,9 +242,17 @@ class Driver:
             self.phase_seconds["driver: asking"] += time.perf_counter() - started
 
     def _ask_any(self, worker: Any, now: float, deadline: float | None) -> TrialJob | None:
-        searching = sorted((run for run in self.runs if run.device == worker.device
-                            and not run.search_finished(now, deadline)),
-                           key=lambda run: (len(run.inflight), run.n_measured))
+        searching = [run for run in self.runs if run.device == worker.device
+                     and not run.search_finished(now, deadline)]
+        if not searching:
+            return None
+        # The worker's current problem first (another one costs it new inputs and a reference)
+        # while that study is less than STICKY_TRIALS ahead of the least advanced one.
+        holds = self.held_problem.get(worker.slot)
+        least = min(run.n_measured for run in searching)
+        searching.sort(key=lambda run: (
+            not (run.problem == holds and run.n_measured < least + STICKY_TRIALS),
+            len(run.inflight), run.n_measured))
         for run in searching:
             config = run.ask()
             if config is not None:
@@ -252,6 +268,7 @@ class Driver:
 
     def _submit(self, job: Job) -> None:
         problem = job.run.problem
+        self.held_problem[job.worker.slot] = problem
         job.started = time.monotonic()
         if isinstance(job, ConfirmJob):
             future = job.worker.call("confirm", problem, job.run.confirm_candidates(),

@@ -29,6 +29,9 @@ STARTUP_TRIALS = 8
 # Candidates drawn from l(x) each proposal; the one with the largest l(x)/g(x) is proposed
 # (Optuna's TPE: 24).
 EI_CANDIDATES = 24
+# Runner-ups kept from each proposal: the configs the next proposals most likely pick, which
+# workers compile ahead.
+RUNNER_UPS = 3
 # Kernel width in ranks of an ordered knob, and the weight a category kernel leaves to the
 # other categories.
 BANDWIDTH_RANKS = 1.0
@@ -41,7 +44,11 @@ def good_count(measured: int) -> int:
 
 
 class CandidateTPE:
-    """Proposes the valid config that TPE expects to improve most, from a fixed candidate list."""
+    """Proposes the valid config that TPE expects to improve most, from a fixed candidate list.
+
+    After each proposal, :attr:`runner_ups` holds the candidates that came closest (the next
+    proposals' likeliest picks; empty while proposals are random).
+    """
 
     def __init__(self, candidates: Sequence[LaunchConfig], choices: Mapping[str, Sequence],
                  seed: int = 0) -> None:
@@ -55,6 +62,7 @@ class CandidateTPE:
         self.policies = np.array([policies.index(config.eviction_policy)
                                   for config in self.candidates])
         self.other_policy_weight = OTHER_CATEGORY_WEIGHT / max(1, len(policies) - 1)
+        self.runner_ups: list[LaunchConfig] = []
 
     def _components(self, centres: list[int]) -> np.ndarray:
         """``[x, j]``: the density at candidate x of the component centred on ``centres[j]``,
@@ -71,6 +79,7 @@ class CandidateTPE:
         ``excluded`` (in flight here or elsewhere); None when none is left."""
         open_positions = [position for position, config in enumerate(self.candidates)
                           if config.key() not in measured and config.key() not in excluded]
+        self.runner_ups = []
         if not open_positions:
             return None
         known = [(value, self.index[key]) for key, value in measured.items() if key in self.index]
@@ -86,7 +95,10 @@ class CandidateTPE:
         drawn = self._draw(open_positions, below)
         ratios = {position: math.log(below[spot]) - math.log(above[spot])
                   for spot, position in drawn}
-        return self.candidates[max(ratios, key=ratios.get)]
+        ranked_positions = sorted(ratios, key=ratios.get, reverse=True)
+        self.runner_ups = [self.candidates[position]
+                           for position in ranked_positions[1:1 + RUNNER_UPS]]
+        return self.candidates[ranked_positions[0]]
 
     def _density(self, centres: list[int]) -> np.ndarray:
         """The mixture of the components at ``centres`` and a uniform prior (weight of one)."""

@@ -248,6 +248,13 @@ class StudyRun:
             self.inflight[key] = config
             return config
 
+    def likely_next(self) -> list[LaunchConfig]:
+        """Configs the next asks will likely propose (the sampler's runner-ups of the last
+        one), neither measured nor running: worth compiling now."""
+        busy = set(self.inflight) | self.others
+        return [config for config in self.proposer.runner_ups
+                if config.key() not in self.measured and config.key() not in busy]
+
     def _next_queued(self, busy: set[str]) -> LaunchConfig | None:
         while self.queued:
             config = self.queued.popleft()

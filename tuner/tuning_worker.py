@@ -91,12 +91,13 @@ class TuningWorker:
             self._warming.join()
 
     def prefetch(self, upcoming: list[tuple[Problem, LaunchConfig]],
-                 speculative: list[tuple[Problem, LaunchConfig]] = ()) -> None:
-        """Compiles ``upcoming`` (the configs this worker measures next) now, and
-        ``speculative`` ones whenever a compile process is free. Safe to call while
-        :meth:`measure` runs."""
+                 speculative: list[tuple[Problem, LaunchConfig]] = (),
+                 likely: list[tuple[Problem, LaunchConfig]] = ()) -> None:
+        """Compiles ``upcoming`` (the configs this worker measures next) now, and whenever a
+        compile process is free ``likely`` ones (the sampler's runner-ups), then
+        ``speculative`` ones. Safe to call while :meth:`measure` runs."""
         if self._compiles is not None:
-            self._compiles.prefetch(upcoming, speculative)
+            self._compiles.prefetch(upcoming, speculative, likely)
 
     def info(self) -> dict[str, Any]:
         """Device name (from the CUDA driver), compute capability, the properties the default

@@ -212,25 +212,3 @@ def test_a_worker_keeps_its_problem_while_its_study_is_not_far_ahead():
     driver.held_problem = {}
     other.inflight = {"a config": None}
     assert driver._ask_any(worker, 0.0, None).config == "held"  # fewest in flight
-
-
-def test_a_worker_whose_trials_wait_for_compiles_gets_a_second_trial_asked_ahead():
-    from tuner import driver as driver_module
-
-    class Worker:
-        slot, device = 0, "GPU"
-        prefetched: list = []
-
-        def prefetch(self, upcoming, speculative, likely) -> None:
-            self.prefetched.extend(upcoming)
-
-    run = type("Run", (), {"problem": "p", "likely_next": lambda self: []})()
-    worker = Worker()
-    for waited, depth in ((0.0, 1), (driver_module.DEEPER_PREFETCH_WAIT_S * 2, 2)):
-        driver = driver_module.Driver.__new__(driver_module.Driver)
-        driver.inflight = {"future": type("Job", (), {"worker": worker})()}
-        driver.ahead, driver.prefetch, driver.compile_wait = {}, 1, {0: waited}
-        driver._ask = lambda worker, now, deadline: driver_module.TrialJob(run, worker, now, "c")
-        driver._speculative_for = lambda job: []
-        driver._ask_ahead(None)
-        assert len(driver.ahead[0]) == depth

@@ -28,10 +28,6 @@ from .study import Settings, Stage, StudyRun
 
 # A trial whose worker died is re-run elsewhere this many times before it fails.
 MAX_ATTEMPTS = 2
-# A worker whose trials wait this long for their compiles (a moving average, this weight on the
-# latest) gets a second trial asked ahead, so that each compile starts two trials early.
-DEEPER_PREFETCH_WAIT_S = 0.03
-WAIT_AVERAGE_WEIGHT = 0.2
 # A worker stays on its problem while that study is fewer than this many trials ahead of the
 # least advanced study of the GPU model: studies advance together, and a worker builds a
 # problem's inputs once per this many trials, not every trial.
@@ -85,13 +81,10 @@ class Driver:
         # Trials asked ahead for each worker slot: the worker compiles them while it times.
         self.ahead: dict[int, collections.deque[TrialJob]] = {}
         # One trial asked ahead per worker, so it compiles while the current one is timed and
-        # starts the moment that one's result arrives (before the driver tells it); a second
-        # while the worker's trials wait for their compiles (configs that compile for longer
-        # than a trial takes). The workers' other compile processes compile the studies'
-        # configs speculatively, which keeps the GPUs fed without asking the sampler far ahead
-        # of what it has learnt.
+        # starts the moment that one's result arrives (before the driver tells it); the
+        # workers' other compile processes compile the studies' configs speculatively, which
+        # keeps the GPUs fed without asking the sampler far ahead of what it has learnt.
         self.prefetch = min(1, pool.compile_processes)
-        self.compile_wait: dict[int, float] = {}  # per worker slot: seconds, moving average
         self._speculated: set[tuple[int, str]] = set()
         # The problem each worker slot last measured: its inputs are ready there.
         self.held_problem: dict[int, Problem] = {}
@@ -231,9 +224,7 @@ class Driver:
         now = time.monotonic()
         for slot, worker in busy.items():
             queue = self.ahead.setdefault(slot, collections.deque())
-            waits = self.compile_wait.get(slot, 0.0) > DEEPER_PREFETCH_WAIT_S
-            depth = self.prefetch + (waits and self.prefetch > 0)
-            while len(queue) < depth:
+            while len(queue) < self.prefetch:
                 job = self._ask(worker, now, deadline)
                 if job is None:
                     break
@@ -347,10 +338,6 @@ class Driver:
         self.phase_seconds.update({f"worker: {name}": seconds
                                    for name, seconds in measurement.phases.items()})
         self.phase_trials.update(f"worker: {name}" for name in measurement.phases)
-        waited = measurement.phases.get("waiting for its compile", 0.0)
-        slot = job.worker.slot
-        self.compile_wait[slot] = (1 - WAIT_AVERAGE_WEIGHT) * self.compile_wait.get(slot, waited) \
-            + WAIT_AVERAGE_WEIGHT * waited
         started = time.perf_counter()
         job.run.tell(job.config, measurement, job.worker.info.get("node", ""))
         self.phase_seconds["driver: telling"] += time.perf_counter() - started

@@ -4,9 +4,10 @@ and how many configs a second the compile processes turn out.
 
     python benchmarks/check_compile_target.py [--processes 1,4,14] [--configs 48]
 
-Each process count runs in a process of its own from an empty Triton cache: the compile processes compile the first
-``--configs`` valid configs of add_layernorm 128x64 float32, then this process runs each config
-once and counts Triton's cache hits (every one should be a hit). Prints one line per count.
+Each process count runs in a process of its own from an empty Triton cache: the compile
+processes compile the first ``--configs`` valid configs of add_layernorm 128x64 float32, then
+this process runs each config once and counts Triton's cache hits (every one should be a hit).
+Prints one line per count.
 """
 
 from __future__ import annotations

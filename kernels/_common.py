@@ -190,3 +190,49 @@ def gelu(v, APPROX_TANH: tl.constexpr):
     else:
         y = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
     return y
+
+
+@triton.jit
+def gelu_grad(v, APPROX_TANH: tl.constexpr):
+    """d GELU(v) / dv in float32, exact (erf) or of the tanh approximation."""
+    if APPROX_TANH:
+        z = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        s = tl.sigmoid(2.0 * z)  # GELU = v * s
+        grad = s + v * 2.0 * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * v * v)
+    else:
+        grad = 0.5 * (1.0 + tl.math.erf(v * 0.7071067811865476)) \
+            + v * 0.3989422804014327 * tl.exp(-0.5 * v * v)
+    return grad
+
+
+@triton.jit
+def row_sum(x, AXIS: tl.constexpr, AXIS2: tl.constexpr):
+    """Sum of x over ``AXIS`` and then, when ``AXIS2 >= 0``, over ``AXIS2`` of the result."""
+    total = tl.sum(x, axis=AXIS)
+    if AXIS2 >= 0:
+        total = tl.sum(total, axis=AXIS2)
+    return total
+
+
+@triton.jit
+def unreduce(v, AXIS: tl.constexpr, AXIS2: tl.constexpr):
+    """The inverse of :func:`row_sum`'s shape change: size-1 axes back where it summed."""
+    if AXIS2 >= 0:
+        v = tl.expand_dims(v, AXIS2)
+    return tl.expand_dims(v, AXIS)
+
+
+@triton.jit
+def normalized_rows(x, mask, shift, width, eps, AXIS: tl.constexpr, AXIS2: tl.constexpr):
+    """LayerNorm (no affine) of the rows of one loaded tile, in float32, zero where masked,
+    and the rows' mean (of ``x + shift``) and rstd.
+
+    A row's ``width`` elements lie along ``AXIS`` (and ``AXIS2`` when ``>= 0``, numbered after
+    ``AXIS`` is summed away): the statistics are taken over those axes, every other axis
+    indexes independent rows.
+    """
+    x = tl.where(mask, x.to(tl.float32) + shift, 0.0)
+    mean = row_sum(x, AXIS, AXIS2) / width
+    centered = tl.where(mask, x - unreduce(mean, AXIS, AXIS2), 0.0)
+    rstd = tl.rsqrt(row_sum(centered * centered, AXIS, AXIS2) / width + eps)
+    return centered * unreduce(rstd, AXIS, AXIS2), mean, rstd

@@ -40,14 +40,15 @@ def default_compile_processes(workers_on_host: int) -> int:
 class TuningWorker:
     """Measures configs on the one GPU it was given (or on the CPU under the interpreter).
 
-    Inputs and references are built once per problem and kept for the next trial of it.
-    With ``compile_processes`` > 0, configs are compiled ahead in that many processes (for this
-    GPU without touching it, into the shared Triton cache) while the GPU checks and times others: first the configs the
-    driver says come next (:meth:`prefetch`, which the pools let the driver call while a
-    measurement runs), then, whenever a process is free, the study's other valid configs
-    (speculatively: a space holds a few hundred, a host compiles dozens a second), so that
-    compilation leaves the GPU's critical path without the driver asking far ahead of what it
-    has learnt. Trials are timed quickly; the confirm stage re-times the best few properly.
+    Inputs and references are built once per problem and kept for the next trial of it. With
+    ``compile_processes`` > 0, configs are compiled ahead in that many processes (for this GPU
+    without touching it, into the shared Triton cache) while the GPU checks and times others:
+    first the configs the driver says come next (:meth:`prefetch`, which the pools let the
+    driver call while a measurement runs), then, whenever a process is free, the sampler's
+    runner-ups and the study's other valid configs (speculatively: a space holds a few hundred,
+    a host compiles dozens a second), so that compilation leaves the GPU's critical path without the driver asking far
+    ahead of what it has learnt. Trials are timed quickly; the confirm stage re-times the best
+    few properly.
     """
 
     def __init__(self, seed: int = 0, compile_processes: int = 0) -> None:

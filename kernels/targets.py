@@ -15,13 +15,14 @@ from triton.runtime.driver import driver
 
 __all__ = ["GPUTarget", "compile_only_for", "current_target"]
 
-_installed: GPUTarget | None = None  # the target this process compiles for, once it only compiles
+# The target this process compiles for, once it only compiles.
+_installed: GPUTarget | None = None
 
 
 class _TargetOnlyDriver:
     """The three answers Triton's JIT asks of the active driver before compiling (device,
-    stream, target), for a fixed target. Anything else (loading or launching a kernel) is an
-    error that says why."""
+    stream, target), for a fixed target. Anything else (loading or launching a kernel) fails
+    with an error that says why."""
 
     def __init__(self, target: GPUTarget) -> None:
         self.target = target
@@ -37,8 +38,9 @@ class _TargetOnlyDriver:
         return self.target
 
     def __getattr__(self, name: str):
-        raise RuntimeError(f"this process only compiles, for {self.target}: it cannot "
-                           f"{name!r} (no kernel may be loaded or launched here)")
+        # An AttributeError, so that hasattr() and getattr(..., default) still answer.
+        raise AttributeError(f"this process only compiles, for {self.target}: its driver has "
+                             f"no {name!r} (no kernel may be loaded or launched here)")
 
 
 def compile_only_for(target: GPUTarget) -> None:

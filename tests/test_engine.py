@@ -212,3 +212,14 @@ def test_a_worker_keeps_its_problem_while_its_study_is_not_far_ahead():
     driver.held_problem = {}
     other.inflight = {"a config": None}
     assert driver._ask_any(worker, 0.0, None).config == "held"  # fewest in flight
+
+
+def test_a_worker_prepares_the_first_problem_while_it_starts():
+    """The study's first trial (its default config) then finds inputs, reference and the
+    compiled kernel ready; a first problem that is not valid only costs the warm-up."""
+    from tuner.tuning_worker import TuningWorker
+
+    worker = TuningWorker(first_problem=("add_layernorm", "48x80", "bfloat16"))
+    worker._warm_up()  # a GPU worker runs it in a thread from its start
+    assert list(worker._benches) == [SPEC.problem("48x80", "bfloat16")]
+    TuningWorker(first_problem=("add_layernorm", "48x80", "float8"))._warm_up()

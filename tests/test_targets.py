@@ -36,7 +36,7 @@ try:  # the launcher itself, past the wrappers' check that x is on a GPU
     ADD_LAYERNORM.launch(x, torch.empty_like(x), None, None, None, 0.5, 1000, 200, 1e-5,
                          LaunchConfig(block_rows=2, block_w=256, num_warps=2))
     error = None
-except RuntimeError as caught:
+except AttributeError as caught:
     error = str(caught)
 print(json.dumps({"hits": compiled, "error": error}))
 """

@@ -33,7 +33,8 @@ _RECLAIMED_SEMAPHORES_WARNING = "ignore:resource_tracker:UserWarning"
 
 
 def _start_worker(gpu: str | None, seed: int, compile_processes: int,
-                  env_vars: dict[str, str], prefetches: multiprocessing.Queue) -> None:
+                  first_problem: tuple[str, str, str] | None, env_vars: dict[str, str],
+                  prefetches: multiprocessing.Queue) -> None:
     """Initialiser of a worker process: pins the GPU before CUDA starts, builds the worker and
     a thread that passes the driver's prefetches to it while it measures."""
     global _worker
@@ -41,7 +42,7 @@ def _start_worker(gpu: str | None, seed: int, compile_processes: int,
     os.environ.update(env_vars)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    _worker = TuningWorker(seed, compile_processes)
+    _worker = TuningWorker(seed, compile_processes, first_problem)
     threading.Thread(target=_serve_prefetches, args=(_worker, prefetches), daemon=True,
                      name="tuner-prefetch").start()
 
@@ -163,7 +164,8 @@ class LocalPool(Pool):
         prefetches = context.Queue()
         executor = concurrent.futures.ProcessPoolExecutor(
             1, mp_context=context, initializer=_start_worker,
-            initargs=(gpu, self.options.seed, self.compile_processes, env_vars, prefetches))
+            initargs=(gpu, self.options.seed, self.compile_processes, self.options.first_problem,
+                      env_vars, prefetches))
         return executor, gpu, prefetches, executor.submit(_invoke, "info", ())
 
     def start(self, timeout: float = 600.0) -> list[LocalWorker]:

@@ -34,6 +34,9 @@ class PoolOptions:
     # Per worker, compiling upcoming configs; None: the host's cores shared by its GPUs; 0: inline.
     compile_processes: int | None = None
     env_vars: dict[str, str] = dataclasses.field(default_factory=dict)  # for the worker processes
+    # (kernel, shape, dtype) of the first problem: a worker builds its inputs and compiles its
+    # default config while it starts (the first trial measures the default).
+    first_problem: tuple[str, str, str] | None = None
 
 
 class Pool:

@@ -30,7 +30,9 @@ def pool_options(args: argparse.Namespace) -> PoolOptions:
     return PoolOptions(workers=args.workers, interpret=args.interpret,
                        accelerator_type=getattr(args, "accelerator_type", None),
                        resource=getattr(args, "resource", None), seed=getattr(args, "seed", 0),
-                       compile_processes=args.compile_processes)
+                       compile_processes=args.compile_processes,
+                       first_problem=(args.kernel, args.shape, args.dtype)
+                       if getattr(args, "shape", None) else None)  # search's one problem
 
 
 class Timeline:

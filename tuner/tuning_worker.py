@@ -51,7 +51,8 @@ class TuningWorker:
     few properly.
     """
 
-    def __init__(self, seed: int = 0, compile_processes: int = 0) -> None:
+    def __init__(self, seed: int = 0, compile_processes: int = 0,
+                 first_problem: tuple[str, str, str] | None = None) -> None:
         # The compile processes start first: their fork server imports torch beside this
         # process (TRITON_INTERPRET read as kernels.interpreter_enabled reads it).
         interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -62,6 +63,7 @@ class TuningWorker:
         # The pool makes the GPU given to this worker device 0 (CUDA_VISIBLE_DEVICES).
         self.device = torch.device("cpu") if interpret else torch.device("cuda", 0)
         self.seed = seed
+        self.first_problem = first_problem
         self._benches: dict[Problem, Any] = {}
         self._copy_gbps: float | None = None
         self._warming = threading.Thread(target=self._warm_up, daemon=True, name="tuner-warm-up")
@@ -70,8 +72,9 @@ class TuningWorker:
 
     def _warm_up(self) -> None:
         """What the first trial would otherwise wait for, done while the driver starts: the
-        CUDA context, the compile processes (told the GPU's target), the copy bandwidth and
-        Triton's compiler here (one small compile)."""
+        CUDA context, the compile processes (told the GPU's target), the copy bandwidth, the
+        first problem's inputs and reference, and its default config compiled (the study's
+        first trial; without a first problem, a small one warms up Triton's compiler)."""
         from kernels.targets import current_target
 
         from .problems import get_kernel
@@ -80,8 +83,14 @@ class TuningWorker:
             if self._compiles is not None:
                 self._compiles.start(current_target())
             self.copy_gbps()
-            spec = get_kernel("add_layernorm")
-            problem = spec.problem(WARM_UP_SHAPE, "float32")
+            if self.first_problem is not None:
+                kernel, shape, dtype = self.first_problem
+                spec = get_kernel(kernel)
+                problem = spec.problem(shape, dtype)
+                self._bench(problem)
+            else:
+                spec = get_kernel("add_layernorm")
+                problem = spec.problem(WARM_UP_SHAPE, "float32")
             spec.compile(problem, spec.heuristic(problem))
         except Exception:  # the first trial meets the same error and reports it
             pass

@@ -132,7 +132,8 @@ class WorkerPool(Pool):
 
             options.update(actor_options(name))
         actor_class = ray.remote(concurrency_groups={PREFETCH_GROUP: 1})(TuningWorker)
-        return actor_class.options(**options).remote(self.options.seed, self.compile_processes)
+        return actor_class.options(**options).remote(self.options.seed, self.compile_processes,
+                                                     self.options.first_problem)
 
     def replace(self, worker: Worker) -> Worker | None:
         """Kills ``worker`` and starts another in its place; None if none can start."""

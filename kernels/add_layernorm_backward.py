@@ -279,8 +279,8 @@ class AddLayerNormBackward(RowsDescriptor[AddLayerNormBackwardCall]):
                sum_tensor: torch.Tensor | None, sum_value: float, rows: int, width: int,
                config: LaunchConfig, compute: tuple[bool, bool], atomic: bool,
                programs: int | None = None, warmup: bool = False) -> torch.Tensor | None:
-        """Launches the backward kernel on its persistent grid (``programs`` programs, default one
-        wave) and returns the float32 ``[rows, columns]`` column sums it added out (dweight's
+        """Launches the backward kernel on its persistent grid (``programs`` programs, at most
+        one a row tile; default one wave) and returns the float32 ``[rows, columns]`` column sums it added out (dweight's
         columns first, then dbias's; None when neither is computed). With ``warmup``, only
         compiles the kernel."""
         kernel = _add_layernorm_backward_kernel
@@ -313,6 +313,8 @@ class AddLayerNormBackward(RowsDescriptor[AddLayerNormBackwardCall]):
         if programs is None:
             programs = program_count(row_tiles, config.block_rows,
                                      resident_programs(kernel, stand_ins, meta, x))
+        # More programs than tiles would only idle, and walk tiles past INDEX_64's bound.
+        programs = max(1, min(programs, row_tiles))
         columns = (compute[0] + compute[1]) * width
         # The chunked loop adds chunk by chunk into the program's own row: it starts from zeros.
         partials = partial_sums(programs, columns, atomic, config.block_w < width, x.device) \

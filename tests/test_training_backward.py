@@ -183,10 +183,10 @@ def test_any_program_count_gives_the_same_gradients(monkeypatch, reduction):
     config = LaunchConfig(block_rows=2, block_w=32, num_warps=1)
     x, dy, weight, sum_weight, mean, rstd = inputs(37, 32, torch.float32, seed=3)
     want = float64_gradients(x, dy, weight, sum_weight)
-    for programs in (1, 5, 19):  # 19 tiles of 2 rows: one each
+    for programs in (1, 5, 19, 40):  # 19 tiles of 2 rows: one each, or at most one each
         grads = add_layernorm_backward(dy, x, weight, mean, rstd, sum_weight, config=config,
                                        reduction=reduction, programs=programs)
-        assert launches[-1][0] == (programs,)
+        assert launches[-1][0] == (min(programs, 19),)
         for got, expected in zip(grads[:3], want):
             assert relative_error(got, expected) <= TOLERANCE[torch.float32]
 

@@ -1,7 +1,9 @@
-"""tuner.timing: the copies a timing rotates through, and the interpreter's fallback."""
+"""tuner.timing: the copies a timing rotates through, and the fallbacks (the interpreter, calls
+that cannot be captured in a CUDA graph)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tuner import get_kernel
@@ -33,3 +35,24 @@ def test_cpu_timing_is_one_copy_and_wall_clock():
     assert time_calls_ms([lambda: calls.append(1)], torch.device("cpu")) >= 0
     assert len(calls) == 3
     assert bench.time(spec.heuristic(bench.problem)) > 0
+
+
+def test_calls_that_cannot_be_captured_are_timed_without_a_graph(monkeypatch):
+    """Only a failed capture falls back (with a warning); any other error is the trial's."""
+    from tuner import timing
+
+    def capture_fails(calls, device, quick):
+        raise timing.CaptureError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(timing, "graph_time_ms", capture_fails)
+    monkeypatch.setattr(timing, "do_bench_ms", lambda fn, quick=False: 1.25)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    with pytest.warns(RuntimeWarning, match="without a CUDA graph"):
+        assert timing.time_calls_ms([lambda: None], torch.device("cuda")) == 1.25
+
+    def broken(calls, device, quick):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(timing, "graph_time_ms", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        timing.time_calls_ms([lambda: None], torch.device("cuda"))

@@ -86,13 +86,17 @@ def do_bench_ms(fn: Callable[[], Any], quick: bool = False) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+class CaptureError(RuntimeError):
+    """Calls that run could not be captured in a CUDA graph."""
+
+
 def graph_time_ms(calls: Sequence[Callable[[], Any]], device: torch.device,
                   quick: bool = False) -> float:
     """Median milliseconds of one call, from CUDA-graph replays of many launches that cycle
     through ``calls`` (each call on its own copy of the inputs).
 
-    The calls must already run (compiled, checked). Raises RuntimeError if they cannot be
-    captured in a graph (e.g. they synchronise with the host).
+    The calls must already run (compiled, checked). Raises :class:`CaptureError` if they
+    cannot be captured in a graph (e.g. they synchronise with the host).
     """
     replay_ms, replays = QUICK if quick else CAREFUL
     if quick:
@@ -113,9 +117,12 @@ def graph_time_ms(calls: Sequence[Callable[[], Any]], device: torch.device,
     launches = max(len(calls), min(MAX_LAUNCHES, math.ceil(replay_ms / estimate_ms)))
     launches = math.ceil(launches / len(calls)) * len(calls)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for index in range(launches):
-            calls[index % len(calls)]()
+    try:
+        with torch.cuda.graph(graph, stream=stream):
+            for index in range(launches):
+                calls[index % len(calls)]()
+    except Exception as error:  # the calls ran above: only capturing them failed
+        raise CaptureError(f"{type(error).__name__}: {error}") from error
     samples = []
     with torch.cuda.stream(stream):
         graph.replay()  # the first replay uploads the graph
@@ -150,9 +157,7 @@ def time_calls_ms(calls: Sequence[Callable[[], Any]], device: torch.device,
         return wall_time_ms(calls[0])
     try:
         return graph_time_ms(calls, device, quick)
-    except RuntimeError as error:
-        if "capture" not in str(error).lower() and "graph" not in str(error).lower():
-            raise
+    except CaptureError as error:
         warnings.warn(f"timing without a CUDA graph (the call cannot be captured: {error})",
                       RuntimeWarning, stacklevel=2)
         torch.cuda.synchronize(device)

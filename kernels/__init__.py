@@ -54,6 +54,7 @@ from .table import (
     table_paths,
     user_table_path,
 )
+from .targets import compile_only_for, current_target
 
 #: Every built-in kernel's descriptor, by name.
 DESCRIPTORS: dict[str, KernelDescriptor] = {descriptor.name: descriptor for descriptor in (
@@ -91,6 +92,8 @@ __all__ = [
     "TableError",
     "TableKey",
     "TableWarning",
+    "compile_only_for",
+    "current_target",
     "device_name",
     "fused_add_layernorm",
     "fused_add_layernorm_pool_gelu",

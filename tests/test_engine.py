@@ -137,6 +137,26 @@ def test_compile_ahead_compiles_what_is_prefetched_and_nothing_after_close():
     assert compiles.wait(PROBLEM, configs[6].key()) is None
 
 
+def test_compiles_go_on_after_a_compile_crashes_its_process():
+    """A compiler crash on one config fails the compiles then running (their trials compile
+    inline) but not compiling ahead for the rest of the run."""
+    from faults import compile_or_crash
+
+    configs, _ = candidates()
+    crashing = next(config for config in configs if config.num_warps == 32)
+    fine = [config for config in configs if config.num_warps != 32]
+    compiles = CompileAhead(2, compile_or_crash)
+    compiles.start(GPUTarget("cuda", 89, 32))
+    try:
+        assert compiled_soon(compiles, fine[0]) is not None
+        compiles.prefetch([(PROBLEM, crashing)])
+        time.sleep(2.0)
+        assert compiles.wait(PROBLEM, crashing.key()) is None  # its process died
+        assert compiled_soon(compiles, fine[1]) is not None
+    finally:
+        compiles.close()
+
+
 def test_a_driver_takes_its_workers_gpu_properties_for_the_defaults(monkeypatch):
     """The heuristic seeds of a study are those of the workers' GPU model, which the driver's
     own host may not have (a Ray head node without GPUs)."""

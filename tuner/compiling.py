@@ -13,7 +13,8 @@ import multiprocessing
 import os
 import threading
 import time
-from typing import TYPE_CHECKING
+from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from kernels import LaunchConfig
@@ -80,14 +81,17 @@ class CompileAhead:
     server that imported torch and the kernels once, instead of each importing them at the same
     moment on a host where the worker itself is starting. One feeder thread submits every
     compile, so neither :meth:`prefetch` nor :meth:`wait` ever blocks on a process starting.
+    A compile that crashes its process fails the compiles then running, and new processes take
+    over. ``compile_function(problem, config, target)`` is what a process runs for a config.
     """
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, compile_function: Callable[..., float] = _precompile
+                 ) -> None:
         self.processes = processes
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(PRELOAD)
-        self._executor = concurrent.futures.ProcessPoolExecutor(
-            processes, mp_context=context, initializer=_start_compile_process)
+        self._compile = compile_function  # (problem, config, target) -> seconds, in a process
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(PRELOAD)
+        self._executor = self._new_executor()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
@@ -151,7 +155,7 @@ class CompileAhead:
             self._wake.wait(FEED_POLL_S)
             self._wake.clear()
             for problem, config in self._take():
-                future = self._submit(_precompile, problem, config, self._target)
+                future = self._submit(self._compile, problem, config, self._target)
                 if future is None:
                     return
                 future.add_done_callback(lambda _: self._wake.set())
@@ -174,10 +178,21 @@ class CompileAhead:
                     pending += 1
         return taken
 
+    def _new_executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        return concurrent.futures.ProcessPoolExecutor(
+            self.processes, mp_context=self._context, initializer=_start_compile_process)
+
     def _submit(self, function, *args) -> concurrent.futures.Future | None:
-        if self._closed:
-            return None
-        try:
-            return self._executor.submit(function, *args)
-        except RuntimeError:  # shut down meanwhile
-            return None
+        for _ in range(2):
+            if self._closed:
+                return None
+            try:
+                return self._executor.submit(function, *args)
+            except BrokenProcessPool:
+                # A compile crashed its process (a compiler bug on some config): the compiles
+                # then running fail (their trials compile inline), and new processes go on.
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = self._new_executor()
+            except RuntimeError:  # shut down meanwhile
+                return None
+        return None

@@ -46,9 +46,9 @@ class TuningWorker:
     first the configs the driver says come next (:meth:`prefetch`, which the pools let the
     driver call while a measurement runs), then, whenever a process is free, the sampler's
     runner-ups and the study's other valid configs (speculatively: a space holds a few hundred,
-    a host compiles dozens a second), so that compilation leaves the GPU's critical path without the driver asking far
-    ahead of what it has learnt. Trials are timed quickly; the confirm stage re-times the best
-    few properly.
+    a host compiles dozens a second), so that compilation leaves the GPU's critical path
+    without the driver asking far ahead of what it has learnt. Trials are timed quickly; the
+    confirm stage re-times the best few properly.
     """
 
     def __init__(self, seed: int = 0, compile_processes: int = 0,

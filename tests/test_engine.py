@@ -103,15 +103,15 @@ def test_default_compile_processes_share_a_host(monkeypatch):
     assert [default_compile_processes(n) for n in (1, 4, 8, 16)] == [14, 2, 1, 1]
 
 
-def compiled_soon(compiles: CompileAhead, config, speculative: bool = False) -> float | None:
-    """Asks for ``config`` until its compile has run (a compile not started yet when waited
-    for is cancelled: the worker would compile inline); the compile's seconds, or None."""
+def compiled_soon(compiles: CompileAhead, config, how: str = "upcoming") -> float | None:
+    """Asks for ``config`` (``how``: as upcoming, speculative or a runner-up) until its compile
+    has run (a compile not started yet when waited for is cancelled: the worker would compile
+    inline); the compile's seconds, or None."""
     deadline = time.monotonic() + 120  # the fork server imports torch before any process starts
     while time.monotonic() < deadline:
-        if speculative:
-            compiles.prefetch([], [(PROBLEM, config)])
-        else:
-            compiles.prefetch([(PROBLEM, config)])
+        item = [(PROBLEM, config)]
+        compiles.prefetch(*{"upcoming": (item,), "speculative": ([], item),
+                            "runner-up": ([], [], item)}[how])
         time.sleep(0.5)
         seconds = compiles.wait(PROBLEM, config.key())
         if seconds is not None:
@@ -128,7 +128,10 @@ def test_compile_ahead_compiles_what_is_prefetched_and_nothing_after_close():
     try:
         assert compiled_soon(compiles, configs[0]) is not None  # an upcoming config
         assert compiles.wait(PROBLEM, configs[0].key()) is None  # waited for once
-        assert compiled_soon(compiles, configs[1], speculative=True) is not None
+        assert compiled_soon(compiles, configs[1], "speculative") is not None
+        assert compiled_soon(compiles, configs[2], "runner-up") is not None
+        assert [compiles.reason(PROBLEM, config.key()) for config in configs[:4]] == [
+            "upcoming", "speculative", "runner-up", None]
         assert compiles.wait(PROBLEM, configs[5].key()) is None  # never asked for
     finally:
         compiles.close()

@@ -98,6 +98,9 @@ class CompileAhead:
         self._upcoming: collections.deque[tuple[Problem, LaunchConfig]] = collections.deque()
         self._speculative: collections.deque[tuple[Problem, LaunchConfig]] = collections.deque()
         self._compiling: dict[tuple[Problem, str], concurrent.futures.Future] = {}
+        # Why each config was compiled: "upcoming", "runner-up" or "speculative" (for --verbose).
+        self._reasons: dict[tuple[Problem, str], str] = {}
+        self._runner_ups: set[tuple[Problem, str]] = set()
         self._target: GPUTarget | None = None
         self._target_known = threading.Event()
         threading.Thread(target=self._feed, daemon=True, name="tuner-compile-feeder").start()
@@ -117,6 +120,7 @@ class CompileAhead:
             self._upcoming.extend(upcoming)
             self._speculative.extend(speculative)
             self._speculative.extendleft(reversed(likely))
+            self._runner_ups.update((problem, config.key()) for problem, config in likely)
         self._wake.set()
 
     def wait(self, problem: Problem, key: str) -> float | None:
@@ -132,6 +136,11 @@ class CompileAhead:
             return future.result(timeout=600)
         except Exception:  # the measurement compiles again and reports the error
             return None
+
+    def reason(self, problem: Problem, key: str) -> str | None:
+        """Why this config was compiled ahead: ``"upcoming"``, ``"runner-up"`` or
+        ``"speculative"``; None if it never was."""
+        return self._reasons.get((problem, key))
 
     def close(self) -> None:
         """Kills the compile processes now (killed with their parent, they would linger)."""
@@ -154,27 +163,32 @@ class CompileAhead:
         while not self._closed:
             self._wake.wait(FEED_POLL_S)
             self._wake.clear()
-            for problem, config in self._take():
+            for problem, config, reason in self._take():
                 future = self._submit(self._compile, problem, config, self._target)
                 if future is None:
                     return
                 future.add_done_callback(lambda _: self._wake.set())
                 with self._lock:
                     self._compiling[(problem, config.key())] = future
+                    self._reasons[(problem, config.key())] = reason
 
-    def _take(self) -> list[tuple[Problem, LaunchConfig]]:
+    def _take(self) -> list[tuple[Problem, LaunchConfig, str]]:
         """What to submit now: every upcoming config, and speculative ones up to one per idle
         process but one (no deeper: an upcoming config must not queue behind speculative
         ones)."""
         with self._lock:
-            taken = [item for item in self._upcoming
-                     if (item[0], item[1].key()) not in self._compiling]
+            chosen = [item for item in self._upcoming
+                      if (item[0], item[1].key()) not in self._compiling]
             self._upcoming.clear()
+            taken = [(problem, config, "upcoming") for problem, config in chosen]
             pending = len(taken) + sum(not future.done() for future in self._compiling.values())
             while self._speculative and pending < max(1, self.processes - 1):
-                item = self._speculative.popleft()
-                if (item[0], item[1].key()) not in self._compiling and item not in taken:
-                    taken.append(item)
+                problem, config = self._speculative.popleft()
+                key = (problem, config.key())
+                if key not in self._compiling and (problem, config) not in chosen:
+                    reason = "runner-up" if key in self._runner_ups else "speculative"
+                    taken.append((problem, config, reason))
+                    chosen.append((problem, config))
                     pending += 1
         return taken
 

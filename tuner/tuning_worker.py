@@ -166,8 +166,11 @@ class TuningWorker:
             return Measurement(config.key(), error=f"setup failed: {error}", fatal=is_fatal(error))
         set_up = time.perf_counter()
         result = bench.measure(config, copy_gbps, quick=True)
-        result.phases.update({"waiting for its compile": ready - waited,
-                              "inputs and reference": set_up - ready})
+        # Whose compile the trial waited for (the driver's upcoming config, a runner-up of the
+        # sampler, a speculative one), so that --verbose shows which kind came in time.
+        reason = None if compiled_s is None else self._compiles.reason(problem, config.key())
+        waiting = f"waiting for its compile ({reason})" if reason else "waiting for its compile"
+        result.phases.update({waiting: ready - waited, "inputs and reference": set_up - ready})
         inline = compiled_s is None and self._compiles is not None
         if inline and "first launch and check" in result.phases:
             # Not compiled ahead (asked too late, or its compile had not started): inline.

@@ -60,6 +60,9 @@ def main() -> None:
                   r["loop_s"], r["loop_trials_per_s"],
                   f"{(r['loop_trials_per_s'] or 0) / r['gpus']:.1f}",
                   f"{min(r['busy']):.0%}" if r["busy"] else "-"] for r in records])
+    for record in records:  # where each run's trials spent their time (--verbose)
+        phases = [line for line in record["stderr"].splitlines() if line.startswith("per trial")]
+        print(f"{record['what']}, {record['gpus']} GPU(s): {phases[-1] if phases else '-'}")
 
 
 if __name__ == "__main__":

@@ -245,4 +245,6 @@ def test_a_worker_prepares_the_first_problem_while_it_starts():
     worker = TuningWorker(first_problem=("add_layernorm", "48x80", "bfloat16"))
     worker._warm_up()  # a GPU worker runs it in a thread from its start
     assert list(worker._benches) == [SPEC.problem("48x80", "bfloat16")]
-    TuningWorker(first_problem=("add_layernorm", "48x80", "float8"))._warm_up()
+    invalid = TuningWorker(first_problem=("add_layernorm", "48x80", "float8"))
+    invalid._warm_up()  # the driver reports the bad dtype; the warm-up only skips the problem
+    assert invalid._benches == {}

@@ -22,6 +22,13 @@ from typing import Any
 SERVE_FILE = Path(tempfile.gettempdir()) / f"tuner-serve-{os.getuid()}.json"
 
 
+def interpreter_requested() -> bool:
+    """TRITON_INTERPRET=1 in this process's environment, read as kernels.interpreter_enabled
+    reads it (importing kernels would import torch, which the driver and a starting worker
+    put off)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 @dataclasses.dataclass
 class PoolOptions:
     """Where workers go: how many, and which GPUs they may take."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UsageError
-from .pools import NoGPUError, PoolOptions
+from .pools import NoGPUError, PoolOptions, interpreter_requested
 
 
 def use_ray(args: argparse.Namespace) -> bool:
@@ -66,9 +66,8 @@ def run(args: argparse.Namespace, started: float, problems: Callable[[], list],
     """
     clock = Timeline(started)
     info = (lambda *_: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
-    # With TRITON_INTERPRET=1 every kernel runs in the interpreter, GPU or not (the variable is
-    # read here as kernels.interpreter_enabled does: importing kernels would import torch).
-    args.interpret = args.interpret or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    # With TRITON_INTERPRET=1 every kernel runs in the interpreter, GPU or not.
+    args.interpret = args.interpret or interpreter_requested()
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
     pool = storage = None

@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .compiling import CompileAhead
+from .pools import interpreter_requested
 
 # A small problem whose compile warms up Triton's compiler in a new worker.
 WARM_UP_SHAPE = "64x64"
@@ -54,8 +55,8 @@ class TuningWorker:
     def __init__(self, seed: int = 0, compile_processes: int = 0,
                  first_problem: tuple[str, str, str] | None = None) -> None:
         # The compile processes start first: their fork server imports torch beside this
-        # process (TRITON_INTERPRET read as kernels.interpreter_enabled reads it).
-        interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        # process.
+        interpret = interpreter_requested()
         processes = 0 if interpret else compile_processes
         self._compiles = CompileAhead(processes) if processes else None
         import torch

@@ -2,9 +2,10 @@
 
 On a GPU host: host microseconds per call, measured as the time to enqueue batches of calls
 (the GPU drained between batches, so a full launch queue never blocks the host), of
-``fused_add_layernorm`` on a small tensor, of the same kernel launched raw through Triton with
-the same config (what any Triton kernel pays), and of ``F.layer_norm`` for scale. The wrapper's
-own overhead is the first minus the second. Without a GPU (``TRITON_INTERPRET=1``, CPU
+``fused_add_layernorm`` on a small tensor, of its launcher alone (``ADD_LAYERNORM.launch``:
+the compiled kernel launched again without Triton's binding, ``kernels/launch.py``), of the
+same kernel through Triton's own ``kernel[grid](...)`` (what any Triton kernel pays), and of
+``F.layer_norm`` for scale. Without a GPU (``TRITON_INTERPRET=1``, CPU
 tensors) the launch is stubbed out and only validation plus the cached lookup is timed.
 
     python benchmarks/bench_overhead.py [--profile]    # --profile: where the wrapper's time goes
@@ -49,6 +50,24 @@ def per_call_us(fn, synchronize) -> float:
     return samples[len(samples) // 2]
 
 
+def raw_launch(x, out, weight, bias, sum_weight, rows, width, config):
+    """The kernel, grid, arguments and constexprs of ADD_LAYERNORM.launch, for Triton's own
+    launch path (``kernel[grid](*args, **meta)``: binding and specialising every call)."""
+    captured = {}
+
+    def capture(kernel, grid, args, meta, key):
+        captured.update(kernel=kernel, grid=grid, args=args, meta=meta())
+
+    launch = add_layernorm.launch
+    add_layernorm.launch = capture
+    try:
+        add_layernorm.ADD_LAYERNORM.launch(x, out, weight, bias, sum_weight, 0.0, rows, width,
+                                           1e-5, config)
+    finally:
+        add_layernorm.launch = launch
+    return captured["kernel"], captured["grid"], captured["args"], captured["meta"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +82,7 @@ def main() -> None:
     x = torch.randn(rows, width, device=device)
     weight, bias = torch.randn(width, device=device), torch.randn(width, device=device)
     sum_weight = torch.tensor(1.0, device=device)
-    out = torch.empty_like(x)
+    out, scratch = torch.empty_like(x), torch.zeros_like(x)
     config, source = add_layernorm.select_config(rows, width, x.dtype)
     calls = {
         "fused_add_layernorm": lambda: add_layernorm.fused_add_layernorm(
@@ -71,20 +90,26 @@ def main() -> None:
         "fused_add_layernorm(out=...)": lambda: add_layernorm.fused_add_layernorm(
             x, sum_weight, width, weight, bias, out=out),
         "F.layer_norm(x + s)": lambda: F.layer_norm(x + sum_weight, (width,), weight, bias),
+        "one PyTorch kernel, scratch.add_(1) (a launch's floor)": lambda: scratch.add_(1),
     }
     if cuda:
-        calls["raw Triton launch, same config"] = lambda: add_layernorm.ADD_LAYERNORM.launch(
-            x, out, weight, bias, sum_weight, 0.0, rows, width, 1e-5, config)
+        calls["the launcher alone (ADD_LAYERNORM.launch)"] = \
+            lambda: add_layernorm.ADD_LAYERNORM.launch(x, out, weight, bias, sum_weight, 0.0,
+                                                       rows, width, 1e-5, config)
+        kernel, grid, launch_args, meta = raw_launch(x, out, weight, bias, sum_weight, rows, width, config)
+        calls["Triton's own launch, kernel[grid](...), same config"] = \
+            lambda: kernel[grid](*launch_args, **meta)
     results = {name: per_call_us(fn, synchronize) for name, fn in calls.items()}
     if cuda:
-        results["wrapper overhead (out=...) over raw launch"] = (
-            results["fused_add_layernorm(out=...)"] - results["raw Triton launch, same config"])
+        results["wrapper (out=...) over its launcher"] = (
+            results["fused_add_layernorm(out=...)"]
+            - results["the launcher alone (ADD_LAYERNORM.launch)"])
     write_json("bench_overhead.json", {"versions": versions(), "config": config.key(),
                                        "source": source, "us_per_call": results})
     if args.profile:
         profile = cProfile.Profile()
         profile.runcall(per_call_us, calls["fused_add_layernorm(out=...)"], synchronize)
-        pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
     print(f"{versions()['device']}, torch {torch.__version__}; config {config.key()} ({source})")
     print_table(["call", "host us per call"], [[name, f"{us:.2f}"] for name, us in results.items()])
 

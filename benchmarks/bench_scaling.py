@@ -6,6 +6,7 @@
 - one study (48 trials of a 64-wide problem) on 1 and 4 GPUs: its trials per second per GPU.
 
     python benchmarks/bench_scaling.py --gpus 1,2,4
+    python benchmarks/bench_scaling.py --gpus 4 --runs sweep --compile-processes 14,7,3
 Each run's `--verbose` line gives the dispatch loop's trials/s and each worker's busy fraction.
 Results: $OUT/bench_scaling.json.
 """
@@ -23,8 +24,11 @@ from heldout import SEED, heldout_shapes
 LOOP = re.compile(r"(\d+) trials in ([\d.]+) s of dispatch loop \(([\d.]+)/s\); each worker busy (.*)")
 
 
-def run(command: list[str], gpus: int, what: str) -> dict:
+def run(command: list[str], gpus: int, what: str, compile_processes: int | None = None) -> dict:
     env, scratch = fresh_env()
+    if compile_processes is not None:
+        command = [*command, "--compile-processes", str(compile_processes)]
+        what = f"{what}, {compile_processes} compile processes a worker"
     result = timed([sys.executable, "-m", "tuner", *command, "--workers", str(gpus), "--verbose",
                     "--quiet", "--storage", f"sqlite:///{scratch}/tuner.db",
                     *(["--out", f"{scratch}/tables"] if command[0] == "sweep" else
@@ -45,18 +49,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", default="1,2,4")
+    parser.add_argument("--runs", default="sweep,study", help="sweep, study or both")
+    parser.add_argument("--compile-processes", default=None,
+                        help="comma-separated compile processes a worker, each run in turn "
+                             "(default: the tuner's own choice)")
     args = parser.parse_args()
     counts = [int(n) for n in args.gpus.split(",")]
+    runs = args.runs.split(",")
+    processes = [int(n) for n in args.compile_processes.split(",")] \
+        if args.compile_processes else [None]
     shapes = ",".join(f"{rows}x{width}" for rows, width, _ in heldout_shapes(SEED + 1, 8))
     sweep = ["sweep", "--shapes", shapes, "--dtypes", "float32,bfloat16", "--trials", "32"]
     study = ["search", "--shape", "4194304x64", "--dtype", "bfloat16", "--trials", "48"]
-    records = [run(sweep, gpus, "sweep 16x32") for gpus in counts]
-    records += [run(study, gpus, "one study 48") for gpus in (counts[0], counts[-1])]
+    records = [run(sweep, gpus, "sweep 16x32", count) for count in processes for gpus in counts
+               if "sweep" in runs]
+    records += [run(study, gpus, "one study 48", count) for count in processes
+                for gpus in sorted({counts[0], counts[-1]}) if "study" in runs]
     write_json("bench_scaling.json", {"shapes": shapes, "runs": records})
-    base = {what: next(r for r in records if r["what"] == what) for what in ("sweep 16x32", "one study 48")}
+    base = {}  # each kind of run against its first (fewest GPUs, first process count)
+    for record in records:
+        base.setdefault(record["what"].split(",")[0], record)
     print_table(["run", "GPUs", "wall s", "wall speed-up", "loop s", "loop trials/s",
                  "per GPU", "min busy"],
-                [[r["what"], r["gpus"], f"{r['wall_s']:.1f}", f"{base[r['what']]['wall_s'] / r['wall_s']:.2f}x",
+                [[r["what"], r["gpus"], f"{r['wall_s']:.1f}",
+                  f"{base[r['what'].split(',')[0]]['wall_s'] / r['wall_s']:.2f}x",
                   r["loop_s"], r["loop_trials_per_s"],
                   f"{(r['loop_trials_per_s'] or 0) / r['gpus']:.1f}",
                   f"{min(r['busy']):.0%}" if r["busy"] else "-"] for r in records])

@@ -68,7 +68,7 @@ def split_sum_weight(sum_weight: float | torch.Tensor,
 
 
 def check_eps(eps: object) -> None:
-    if not isinstance(eps, Real) or isinstance(eps, bool):
+    if type(eps) is not float and (not isinstance(eps, Real) or isinstance(eps, bool)):
         raise TypeError(f"eps must be a number, got {type(eps).__name__}")
 
 

@@ -23,6 +23,7 @@ import triton.language as tl
 from ._common import (
     affine,
     check_device,
+    check_eps,
     check_no_out_with_autograd,
     check_param,
     check_tensor,
@@ -44,6 +45,8 @@ from .config import LaunchConfig
 from .defaults import add_layernorm_default, device_properties
 from .descriptor import RowsCall, RowsDescriptor
 from .device import device_name, interpreter_enabled
+from .launch import launch
+from .table import on_reload
 
 
 @triton.jit
@@ -187,23 +190,34 @@ class AddLayerNorm(RowsDescriptor[AddLayerNormCall]):
         """Launches the kernel on ``rows x width`` (or, with ``warmup``, only compiles it);
         ``stats``, float32 ``(mean, rstd)`` of ``rows`` elements each, receive the row
         statistics."""
-        grid = (triton.cdiv(rows, config.block_rows),)
+        # Plain ints: triton.cdiv unwraps constexprs on every call.
+        grid = ((rows + config.block_rows - 1) // config.block_rows,)
         mean, rstd = stats if stats is not None else (x, x)
         args = (x, out,
                 weight if weight is not None else x,
                 bias if bias is not None else x,
                 sum_tensor if sum_tensor is not None else x,
-                sum_value, mean, rstd, rows, width, eps)
-        meta = dict(BLOCK_ROWS=config.block_rows, BLOCK_W=config.block_w,
-                    SINGLE_PASS=config.block_w >= width, HAS_WEIGHT=weight is not None,
-                    HAS_BIAS=bias is not None, SUM_FROM_PTR=sum_tensor is not None,
-                    STORE_STATS=stats is not None,
-                    EVICTION_POLICY=config.eviction_policy,
-                    INDEX_64=needs_64bit_offsets(grid[0] * config.block_rows, width,
-                                                 config.block_w),
-                    WIDTH_MULTIPLE=width_multiple(width),
-                    num_warps=config.num_warps, num_stages=config.num_stages)
-        launch_or_compile(_add_layernorm_kernel, grid, args, meta, warmup)
+                float(sum_value), mean, rstd, rows, width, float(eps))  # fp32 in the kernel
+
+        def meta() -> dict:
+            return dict(BLOCK_ROWS=config.block_rows, BLOCK_W=config.block_w,
+                        SINGLE_PASS=config.block_w >= width, HAS_WEIGHT=weight is not None,
+                        HAS_BIAS=bias is not None, SUM_FROM_PTR=sum_tensor is not None,
+                        STORE_STATS=stats is not None,
+                        EVICTION_POLICY=config.eviction_policy,
+                        INDEX_64=needs_64bit_offsets(grid[0] * config.block_rows, width,
+                                                     config.block_w),
+                        WIDTH_MULTIPLE=width_multiple(width),
+                        num_warps=config.num_warps, num_stages=config.num_stages)
+
+        if warmup:
+            launch_or_compile(_add_layernorm_kernel, grid, args, meta(), warmup)
+            return
+        # Everything Triton specialises on besides the tensors' alignment (launch.launch).
+        key = (rows, width, config, x.dtype, out.dtype, mean.dtype,
+               None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+               None if sum_tensor is None else sum_tensor.dtype)
+        launch(_add_layernorm_kernel, grid, args, meta, key)
 
 
 ADD_LAYERNORM = AddLayerNorm()
@@ -241,6 +255,34 @@ class _AddLayerNormFunction(torch.autograd.Function):
         return grads.dx, dsum, None, grads.dweight, grads.dbias, None, None
 
 
+# Configs chosen for CUDA calls, by device index and everything the table key and the tuner
+# see: the tables, the default and the autotuner are consulted once per such call signature
+# (until reload_tables()), so a repeated call costs one dict lookup.
+_chosen: dict[tuple, LaunchConfig] = {}
+on_reload(_chosen.clear)
+
+
+def _choose_config(x: torch.Tensor, rows: int, width: int, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, sum_tensor: torch.Tensor | None, sum_value: float,
+                   eps: float) -> LaunchConfig:
+    """The table's config for the call, else the default (tuned first with TUNER_AUTOTUNE=1)."""
+    index = x.get_device()  # -1 on the CPU (the interpreter: never cached)
+    key = (index, rows, width, x.dtype, weight is not None, bias is not None,
+           sum_weight_dtype(sum_tensor))
+    config = _chosen.get(key)
+    if config is not None:
+        return config
+    call = AddLayerNormCall(*key[1:])
+    config, source = ADD_LAYERNORM.select(call, device_name(x.device))
+    if source != "table" and autotune_enabled():
+        # Not kept here: the tuned config lands in the table, found exactly next time.
+        return tune_add_layernorm(ADD_LAYERNORM, call, x, sum_tensor, sum_value, weight, bias,
+                                  eps, config)
+    if index >= 0:
+        _chosen[key] = config
+    return config
+
+
 def fused_add_layernorm(
     x: torch.Tensor,
     sum_weight: float | torch.Tensor,
@@ -275,6 +317,7 @@ def fused_add_layernorm(
     check_param("weight", weight, x, normalized_shape)
     check_param("bias", bias, x, normalized_shape)
     sum_tensor, sum_value = split_sum_weight(sum_weight, x)
+    check_eps(eps)
     check_device(x)
 
     width = math.prod(normalized_shape)
@@ -291,12 +334,7 @@ def fused_add_layernorm(
         return F.layer_norm(x + sum_weight, normalized_shape, weight, bias, eps) if track else out
     rows = x.numel() // width
     if config is None:
-        call = AddLayerNormCall(rows, width, x.dtype, weight is not None, bias is not None,
-                                sum_weight_dtype(sum_tensor))
-        config, source = ADD_LAYERNORM.select(call, device_name(x.device))
-        if source != "table" and autotune_enabled():
-            config = tune_add_layernorm(ADD_LAYERNORM, call, x, sum_tensor, sum_value, weight,
-                                        bias, eps, config)
+        config = _choose_config(x, rows, width, weight, bias, sum_tensor, sum_value, eps)
     elif not isinstance(config, LaunchConfig):
         raise TypeError(f"config must be a LaunchConfig or None, got {type(config).__name__}")
     x = x.contiguous()

@@ -300,7 +300,19 @@ def nearest_configs(kernel: str, device: str, dtype: str, width: int, rows: int,
     return configs[:count]
 
 
+# What else remembers lookups (the wrappers' chosen configs), forgotten with the tables.
+_reload_callbacks: list[Callable[[], None]] = []
+
+
+def on_reload(callback: Callable[[], None]) -> None:
+    """Calls ``callback`` whenever :func:`reload_tables` runs (a cache of lookups clears)."""
+    _reload_callbacks.append(callback)
+
+
 def reload_tables() -> None:
-    """Forgets the cached tables and lookups, so the next lookup reads the files again."""
+    """Forgets the cached tables and lookups, so the next lookup reads the files again (and
+    the runtime reads TUNER_AUTOTUNE and TUNER_MISS_LOG again for every call signature)."""
     _index.cache_clear()
     _cached_lookup.cache_clear()
+    for callback in _reload_callbacks:
+        callback()

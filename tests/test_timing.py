@@ -56,3 +56,52 @@ def test_calls_that_cannot_be_captured_are_timed_without_a_graph(monkeypatch):
     monkeypatch.setattr(timing, "graph_time_ms", broken)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         timing.time_calls_ms([lambda: None], torch.device("cuda"))
+
+
+def test_interleaved_timing_captures_each_candidate_once_and_alternates(monkeypatch):
+    """The confirm stage's timing: one capture per candidate, replays taking turns round by
+    round, a candidate that cannot be captured timed without a graph each round."""
+    from tuner import timing
+
+    captured, replayed, benched = [], [], []
+
+    class FakeTimer:
+        def __init__(self, calls, device, quick=False):
+            self.name = calls[0]()
+            if self.name == "uncapturable":
+                raise timing.CaptureError("operation not permitted when stream is capturing")
+            captured.append(self.name)
+
+        def samples_ms(self, replays):
+            replayed.append((self.name, replays))
+            return [{"fast": 1.0, "slow": 3.0}[self.name] + 0.1 * index for index in range(replays)]
+
+        def close(self):
+            pass
+
+    def do_bench(fn, quick=False):
+        benched.append(fn())
+        return 2.0
+
+    monkeypatch.setattr(timing, "GraphTimer", FakeTimer)
+    monkeypatch.setattr(timing, "do_bench_ms", do_bench)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    candidates = {name: [lambda name=name: name] for name in ("fast", "slow", "uncapturable")}
+    with pytest.warns(RuntimeWarning, match="without a CUDA graph"):
+        medians = timing.time_interleaved_ms(candidates, torch.device("cuda"), rounds=3)
+    per_round = -(-timing.CAREFUL[1] // 3)
+    assert captured == ["fast", "slow"]
+    assert replayed == [("fast", per_round), ("slow", per_round)] * 3
+    assert benched == ["uncapturable"] * 3
+    middle = 0.1 * (per_round // 2)  # each round's samples are alike: the median is the middle one
+    assert medians == pytest.approx({"fast": 1.0 + middle, "slow": 3.0 + middle, "uncapturable": 2.0})
+
+
+def test_interleaved_timing_on_the_cpu_is_wall_clock_per_round():
+    from tuner.timing import time_interleaved_ms
+
+    calls = {"a": [], "b": []}
+    medians = time_interleaved_ms({name: [lambda name=name: calls[name].append(1)]
+                                   for name in calls}, torch.device("cpu"), rounds=2)
+    assert set(medians) == {"a", "b"} and all(value >= 0 for value in medians.values())
+    assert len(calls["a"]) == len(calls["b"]) == 2 * 3  # wall_time_ms runs three each round

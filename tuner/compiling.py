@@ -115,10 +115,11 @@ class CompileAhead:
                  speculative: list[tuple[Problem, LaunchConfig]] = (),
                  likely: list[tuple[Problem, LaunchConfig]] = ()) -> None:
         """Queues ``upcoming`` to compile now, and for when a process is free ``likely`` ones
-        first (ahead of every speculative one queued so far), then ``speculative`` ones."""
+        first, then ``speculative`` ones, both ahead of every speculative one queued so far (a
+        worker's newest study is the one it measures now)."""
         with self._lock:
             self._upcoming.extend(upcoming)
-            self._speculative.extend(speculative)
+            self._speculative.extendleft(reversed(speculative))
             self._speculative.extendleft(reversed(likely))
             self._runner_ups.update((problem, config.key()) for problem, config in likely)
         self._wake.set()

@@ -280,16 +280,21 @@ class Driver:
         self.inflight[future] = job
 
     def _speculative_for(self, job: TrialJob) -> list[tuple[Problem, LaunchConfig]]:
-        """Once per worker and study: the worker's share of the study's likely configs, to
-        compile whenever its compile processes are free (shares split the device's workers)."""
+        """Once per worker and study: the study's likely configs, to compile whenever the
+        worker's compile processes are free. The device's workers split them in shares, each
+        its own share first (peers measuring the study meanwhile compile theirs), then the
+        others' (compiled already, they are found in the cache at once; and a peer that never
+        takes the study never compiles its share)."""
         marker = (job.worker.slot, job.run.study.study_name)
         if not self.pool.compile_processes or marker in self._speculated:
             return []
         self._speculated.add(marker)
         peers = sorted(worker.slot for worker in self.pool.workers if worker.device == job.run.device)
         index = peers.index(job.worker.slot) if job.worker.slot in peers else 0
-        share = job.run.likely_configs()[index::max(1, len(peers))]
-        return [(job.run.problem, config) for config in share]
+        likely, shares = job.run.likely_configs(), max(1, len(peers))
+        ordered = [config for offset in range(shares)
+                   for config in likely[(index + offset) % shares::shares]]
+        return [(job.run.problem, config) for config in ordered]
 
     def _replace_worker(self, worker: Any) -> None:
         """A fresh worker takes the GPU; trials queued for the old one go to whichever is free."""

@@ -12,7 +12,15 @@ import torch
 from kernels import LaunchConfig
 
 from .problems import KernelSpec, Problem
-from .timing import clone_tensors, copies_needed, do_bench_ms, tensor_bytes, time_calls_ms, wall_time_ms
+from .timing import (
+    clone_tensors,
+    copies_needed,
+    do_bench_ms,
+    tensor_bytes,
+    time_calls_ms,
+    time_interleaved_ms,
+    wall_time_ms,
+)
 
 # Errors after which the CUDA context is unusable: the worker must be replaced.
 FATAL_CUDA_ERRORS = ("illegal memory access", "unspecified launch failure", "misaligned address",
@@ -118,6 +126,15 @@ class ProblemBench:
         (:mod:`tuner.timing`); ``quick`` for a screening trial."""
         return time_calls_ms([lambda inputs=inputs, out=out: self.spec.run(inputs, config, out=out)
                               for inputs, out in self._copies()], self.device, quick)
+
+    def time_interleaved(self, configs: list[LaunchConfig], rounds: int) -> dict[str, float]:
+        """Median milliseconds of each config by its key, timed carefully and interleaved over
+        ``rounds`` rounds (:func:`tuner.timing.time_interleaved_ms`)."""
+        return time_interleaved_ms(
+            {config.key(): [lambda inputs=inputs, out=out, config=config:
+                            self.spec.run(inputs, config, out=out)
+                            for inputs, out in self._copies()] for config in configs},
+            self.device, rounds)
 
     def time_eager(self) -> float:
         return time_calls_ms([lambda inputs=inputs: self.spec.eager(inputs)

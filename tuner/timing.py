@@ -16,7 +16,7 @@ import math
 import statistics
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -90,52 +90,74 @@ class CaptureError(RuntimeError):
     """Calls that run could not be captured in a CUDA graph."""
 
 
-def graph_time_ms(calls: Sequence[Callable[[], Any]], device: torch.device,
-                  quick: bool = False) -> float:
-    """Median milliseconds of one call, from CUDA-graph replays of many launches that cycle
-    through ``calls`` (each call on its own copy of the inputs).
+class GraphTimer:
+    """Calls captured once in a CUDA graph of many launches cycling through them (each call on
+    its own copy of the inputs), replayed on demand: the capture costs the host a Python launch
+    per launch, a replay almost nothing.
 
     The calls must already run (compiled, checked). Raises :class:`CaptureError` if they
     cannot be captured in a graph (e.g. they synchronise with the host).
     """
-    replay_ms, replays = QUICK if quick else CAREFUL
-    if quick:
-        calls = calls[:QUICK_COPIES]
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):  # lazily initialised state is created outside capture
-        calls[0]()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        sample = calls[:8]
-        start.record()
-        for call in sample:
-            call()
-        end.record()
-    end.synchronize()
-    # An over-estimate (it includes the host's launch gaps): fewer launches, never too many.
-    estimate_ms = max(start.elapsed_time(end) / len(sample), 1e-4)
-    launches = max(len(calls), min(MAX_LAUNCHES, math.ceil(replay_ms / estimate_ms)))
-    launches = math.ceil(launches / len(calls)) * len(calls)
-    graph = torch.cuda.CUDAGraph()
+
+    def __init__(self, calls: Sequence[Callable[[], Any]], device: torch.device,
+                 quick: bool = False) -> None:
+        replay_ms = (QUICK if quick else CAREFUL)[0]
+        if quick:
+            calls = calls[:QUICK_COPIES]
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self.stream):  # lazily initialised state is created outside capture
+            calls[0]()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            sample = calls[:8]
+            start.record()
+            for call in sample:
+                call()
+            end.record()
+        end.synchronize()
+        # An over-estimate (it includes the host's launch gaps): fewer launches, never too many.
+        estimate_ms = max(start.elapsed_time(end) / len(sample), 1e-4)
+        launches = max(len(calls), min(MAX_LAUNCHES, math.ceil(replay_ms / estimate_ms)))
+        self.launches = math.ceil(launches / len(calls)) * len(calls)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph, stream=self.stream):
+                for index in range(self.launches):
+                    calls[index % len(calls)]()
+        except Exception as error:  # the calls ran above: only capturing them failed
+            raise CaptureError(f"{type(error).__name__}: {error}") from error
+        with torch.cuda.stream(self.stream):
+            self.graph.replay()  # the first replay uploads the graph
+
+    def samples_ms(self, replays: int) -> list[float]:
+        """Milliseconds of one call, from each of ``replays`` replays."""
+        samples = []
+        with torch.cuda.stream(self.stream):
+            for _ in range(replays):
+                before = torch.cuda.Event(enable_timing=True)
+                after = torch.cuda.Event(enable_timing=True)
+                torch.cuda._sleep(SLEEP_CYCLES)
+                before.record()
+                self.graph.replay()
+                after.record()
+                samples.append((before, after))
+        torch.cuda.synchronize(self.device)
+        return [before.elapsed_time(after) / self.launches for before, after in samples]
+
+    def close(self) -> None:
+        """Frees the graph."""
+        del self.graph
+
+
+def graph_time_ms(calls: Sequence[Callable[[], Any]], device: torch.device,
+                  quick: bool = False) -> float:
+    """Median milliseconds of one call, from CUDA-graph replays (:class:`GraphTimer`)."""
+    timer = GraphTimer(calls, device, quick)
     try:
-        with torch.cuda.graph(graph, stream=stream):
-            for index in range(launches):
-                calls[index % len(calls)]()
-    except Exception as error:  # the calls ran above: only capturing them failed
-        raise CaptureError(f"{type(error).__name__}: {error}") from error
-    samples = []
-    with torch.cuda.stream(stream):
-        graph.replay()  # the first replay uploads the graph
-        for _ in range(replays):
-            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(SLEEP_CYCLES)
-            before.record()
-            graph.replay()
-            after.record()
-            samples.append((before, after))
-    torch.cuda.synchronize(device)
-    del graph
-    return statistics.median(before.elapsed_time(after) for before, after in samples) / launches
+        return statistics.median(timer.samples_ms((QUICK if quick else CAREFUL)[1]))
+    finally:
+        timer.close()
 
 
 def wall_time_ms(fn: Callable[[], Any], runs: int = 3) -> float:
@@ -162,3 +184,41 @@ def time_calls_ms(calls: Sequence[Callable[[], Any]], device: torch.device,
                       RuntimeWarning, stacklevel=2)
         torch.cuda.synchronize(device)
         return do_bench_ms(calls[0], quick)
+
+
+def time_interleaved_ms(candidates: Mapping[str, Sequence[Callable[[], Any]]],
+                        device: torch.device, rounds: int) -> dict[str, float]:
+    """Median milliseconds of one call of each candidate's ``calls``, timed carefully and
+    interleaved over ``rounds`` rounds, so that drift in clocks or temperature affects every
+    candidate alike. Each candidate is captured once (:class:`GraphTimer`) and replayed a share
+    of a careful timing's replays per round; one whose calls cannot be captured is timed with
+    ``do_bench`` each round (with a warning); wall clock under the interpreter."""
+    rounds = max(1, rounds)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    if device.type != "cuda":
+        for _ in range(rounds):
+            for name, calls in candidates.items():
+                samples[name].append(wall_time_ms(calls[0]))
+        return {name: statistics.median(values) for name, values in samples.items()}
+    timers: dict[str, GraphTimer | None] = {}
+    try:
+        for name, calls in candidates.items():
+            try:
+                timers[name] = GraphTimer(calls, device)
+            except CaptureError as error:
+                warnings.warn(f"timing without a CUDA graph (the call cannot be captured: "
+                              f"{error})", RuntimeWarning, stacklevel=2)
+                torch.cuda.synchronize(device)
+                timers[name] = None
+        per_round = max(1, math.ceil(CAREFUL[1] / rounds))
+        for _ in range(rounds):
+            for name, timer in timers.items():
+                if timer is None:
+                    samples[name].append(do_bench_ms(candidates[name][0]))
+                else:
+                    samples[name].extend(timer.samples_ms(per_round))
+    finally:
+        for timer in timers.values():
+            if timer is not None:
+                timer.close()
+    return {name: statistics.median(values) for name, values in samples.items()}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import statistics
 import sys
 import threading
 import time
@@ -183,27 +182,23 @@ class TuningWorker:
 
     def confirm(self, problem: Problem, configs: list[LaunchConfig],
                 rounds: int = 5) -> Confirmation:
-        """Re-times configs interleaved over several rounds (and torch eager once).
+        """Re-times configs carefully, interleaved over several rounds (and torch eager once).
 
         Gives each config's median over rounds, so drift in clocks or temperature affects
-        every config alike.
+        every config alike; each config is captured for timing once, then replayed each round.
         """
         from .measure import Confirmation
 
         self._ready()
         bench = self._bench(problem)
-        samples: dict[str, list[float]] = {config.key(): [] for config in configs}
         for config in configs:
             bench.check(config)
-        for _ in range(rounds):
-            for config in configs:
-                samples[config.key()].append(bench.time(config))
+        medians = bench.time_interleaved(configs, rounds)
         try:
             eager_ms = bench.time_eager()
         except Exception:  # PyTorch itself may lack the op (e.g. bfloat16 avg_pool3d on CPU)
             eager_ms = None
-        return Confirmation({key: statistics.median(values) for key, values in samples.items()},
-                            eager_ms, bench.n_bytes, self.copy_gbps())
+        return Confirmation(medians, eager_ms, bench.n_bytes, self.copy_gbps())
 
     def close(self) -> None:
         """Ends the compile processes now: killed with their parent, they would linger."""

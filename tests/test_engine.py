@@ -179,7 +179,7 @@ def test_a_driver_takes_its_workers_gpu_properties_for_the_defaults(monkeypatch)
     monkeypatch.setattr(defaults, "_REGISTERED", {})
     defaults.device_properties.cache_clear()
     assert defaults.device_properties("Tiny GPU").sm_count != 2  # unknown here
-    Driver(Pool(), "sqlite://", Settings(), lambda device: None)._learn_devices()
+    Driver(Pool(), "sqlite://", Settings(), lambda device: None)._learn_devices(Pool.workers)
     assert dataclasses.asdict(defaults.device_properties("Tiny GPU")) == {
         **few_sms, "capability": tuple(few_sms["capability"])}
     defaults.device_properties.cache_clear()

@@ -104,6 +104,53 @@ def test_a_local_worker_killed_mid_trial_is_replaced_and_its_trial_rerun(tmp_pat
     assert result.trials == 3
 
 
+def test_local_workers_join_as_they_come_up_with_studies_for_a_new_gpu_model(tmp_path, monkeypatch):
+    """With ``first_only`` the pool starts measuring on its first worker; a worker that comes
+    up later joins the run, and one of a GPU model nobody had gets its own studies."""
+    import concurrent.futures
+    import threading
+
+    pool = LocalPool(PoolOptions(workers=2, interpret=True))
+    spawn, late, spawned = pool._spawn, concurrent.futures.Future(), []
+
+    def second_comes_up_late(gpu):
+        executor, gpu, prefetches, info = spawn(gpu)
+        spawned.append(gpu)
+        if len(spawned) == 2:  # the second worker: up only once the first measured
+
+            def report(real=info) -> None:
+                late.set_result({**real.result(), "device": "Late GPU"})
+
+            threading.Thread(target=lambda: (first_result.wait(120), report()), daemon=True).start()
+            info = late
+        return executor, gpu, prefetches, info
+
+    first_result = threading.Event()
+    tell = Driver._handle
+
+    def handle(self, future, job):
+        tell(self, future, job)
+        first_result.set()
+
+    monkeypatch.setattr(pool, "_spawn", second_comes_up_late)
+    monkeypatch.setattr(Driver, "_handle", handle)
+    try:
+        pool.launch()
+        assert [worker.device for worker in pool.start(first_only=True)] == ["interpreter"]
+        assert pool.starting == 1
+        driver = Driver(pool, optuna.storages.InMemoryStorage(),
+                        Settings(trials=4, confirm_top=1, confirm_rounds=1),
+                        lambda device: tmp_path / f"{device}.json",
+                        progress=Progress(stream=io.StringIO()))
+        results = driver.run([PROBLEM])
+        assert pool.starting == 0 and len(pool.workers) == 2
+        assert sorted(result.device for result in results) == ["Late GPU", "interpreter"]
+        assert all(result.trials == 4 for result in results)
+        assert {job_slot for job_slot in driver.busy_seconds} == {w.slot for w in pool.workers}
+    finally:
+        pool.shutdown()
+
+
 def test_local_pool_refuses_cluster_only_options_and_missing_gpus(monkeypatch):
     with pytest.raises(ValueError, match="--address"):
         LocalPool(PoolOptions(resource="rtx4090"))

@@ -89,6 +89,9 @@ class Driver:
         # The problem each worker slot last measured: its inputs are ready there.
         self.held_problem: dict[int, Problem] = {}
         self.runs: list[StudyRun] = []
+        self._problems: list[Problem] = []  # run()'s, for the studies of workers joining later
+        self._only_on: Mapping[Problem, Collection[str]] | None = None
+        self._spaces: dict[str, SearchSpace] = {}
         # Seconds each worker slot spent on jobs, and the loop's own wall time: GPU busy fractions.
         self.busy_seconds: dict[int, float] = {}
         self.wall_seconds = 0.0
@@ -118,15 +121,10 @@ class Driver:
         the trials in flight are dropped (they are proposed again on resume) and every finished
         trial stays stored.
         """
-        self._learn_devices()
-        spaces = {problem.kernel: self._space_for(problem.kernel) for problem in problems}
-        self.runs = [StudyRun(get_kernel(problem.kernel), problem, device, spaces[problem.kernel],
-                              self.storage, self.settings)
-                     for device in sorted(self.pool.devices()) for problem in problems
-                     if only_on is None or device in only_on.get(problem, ())]
-        for run in self.runs:
-            if run.result is not None:
-                self._export(run.result)
+        self._problems, self._only_on = problems, only_on
+        self._spaces = {problem.kernel: self._space_for(problem.kernel) for problem in problems}
+        self.runs = []
+        self._admit(self.pool.workers)
         started = time.monotonic()
         deadline = None if self.settings.timeout is None else started + self.settings.timeout
         try:
@@ -139,11 +137,26 @@ class Driver:
         self.progress.update(self.runs, 0, len(self.pool.workers), force=True)
         return [run.result for run in self.runs if run.result is not None]
 
-    def _learn_devices(self) -> None:
+    def _admit(self, workers: list[Any]) -> None:
+        """Takes on workers (those the pool started with, then those that joined it later):
+        their GPU models' properties, and a study of every problem on each new GPU model."""
+        devices = {run.device for run in self.runs}
+        self._learn_devices(workers)
+        for device in sorted({worker.device for worker in workers} - devices):
+            new = [StudyRun(get_kernel(problem.kernel), problem, device,
+                            self._spaces[problem.kernel], self.storage, self.settings)
+                   for problem in self._problems
+                   if self._only_on is None or device in self._only_on.get(problem, ())]
+            self.runs.extend(new)
+            for run in new:
+                if run.result is not None:
+                    self._export(run.result)
+
+    def _learn_devices(self, workers: list[Any]) -> None:
         """Describes each worker's GPU model to the kernels' defaults, so that the heuristic
         configs this process seeds studies with are those of the workers' GPUs (wherever they
         are), found without starting CUDA here."""
-        for worker in self.pool.workers:
+        for worker in workers:
             properties = worker.info.get("properties")
             if properties:
                 register_device_properties(worker.device, DeviceProperties(
@@ -153,13 +166,17 @@ class Driver:
     def _loop(self, deadline: float | None) -> None:
         idle_rounds = 0
         while True:
+            self._admit(self.pool.joined())
             busy = {job.worker.slot for job in self.inflight.values()}
             for worker in list(self.pool.workers):
                 if worker.slot not in busy:
                     self._dispatch(worker, deadline)
             if not self.inflight:
                 if all(run.done for run in self.runs):
-                    return
+                    if not self.pool.starting:
+                        return
+                    time.sleep(0.05)  # a worker yet to come up may be of another GPU model
+                    continue
                 waiting = [run for run in self.runs if run.waiting]
                 if waiting:  # other drivers on the storage are measuring the last configs
                     time.sleep(0.5)

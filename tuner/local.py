@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -168,22 +169,61 @@ class LocalPool(Pool):
                       env_vars, prefetches))
         return executor, gpu, prefetches, executor.submit(_invoke, "info", ())
 
-    def start(self, timeout: float = 600.0) -> list[LocalWorker]:
-        """Starts the workers (if ``launch`` has not) and waits until each reported its device."""
+    def start(self, timeout: float = 600.0, first_only: bool = False) -> list[LocalWorker]:
+        """Starts the workers (if ``launch`` has not) and waits until each reported its device;
+        with ``first_only``, until one did, the others joining as they come up (:meth:`joined`:
+        workers starting together on one host come up a second or more apart, and the first
+        need not wait for the last)."""
         if not self._pending and not self.workers:
             self.launch()
-        for executor, gpu, prefetches, info in self._pending:
-            try:
-                self.workers.append(LocalWorker(executor, info.result(timeout), next(self._slots),
-                                                gpu, prefetches))
-            except concurrent.futures.TimeoutError:
+        while self._pending and (not self.workers or not first_only):
+            done, _ = concurrent.futures.wait([info for *_, info in self._pending], timeout,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            if not done:
                 self.shutdown()
-                executor.shutdown(wait=False, cancel_futures=True)
-                raise NoGPUError(f"a worker did not start within {timeout:g} s") from None
-            except BrokenProcessPool as error:
-                raise NoGPUError(f"a worker process died while starting: {error}") from None
-        self._pending = []
+                raise NoGPUError(f"a worker did not start within {timeout:g} s")
+            _, errors = self._collect()
+            if errors and not first_only:
+                self.shutdown()
+                raise NoGPUError(f"a worker process died while starting: {errors[0]}")
+            if errors and not self._pending and not self.workers:
+                raise NoGPUError(f"every worker process died while starting: {errors[0]}")
         return self.workers
+
+    @property
+    def starting(self) -> int:
+        return len(self._pending)
+
+    def joined(self) -> list[LocalWorker]:
+        return self._collect()[0]
+
+    def _collect(self) -> tuple[list[LocalWorker], list[BaseException]]:
+        """Moves the workers that came up from pending to :attr:`workers`: those, and the
+        errors of those that died starting (their GPUs stay idle, with a warning)."""
+        joined, errors, pending = [], [], []
+        for executor, gpu, prefetches, info in self._pending:
+            if not info.done():
+                pending.append((executor, gpu, prefetches, info))
+                continue
+            try:
+                worker = LocalWorker(executor, info.result(), next(self._slots), gpu, prefetches)
+            except Exception as error:  # BrokenProcessPool
+                executor.shutdown(wait=False, cancel_futures=True)
+                errors.append(error)
+                warnings.warn(f"the worker for GPU {gpu} died while starting: {error}",
+                              RuntimeWarning, stacklevel=3)
+                continue
+            self.workers.append(worker)
+            joined.append(worker)
+        self._pending = pending
+        return joined, errors
+
+    def shutdown(self) -> None:
+        """Ends every worker; those still starting end once started (or with this process)."""
+        for executor, *_ in self._pending:
+            executor.shutdown(wait=False, cancel_futures=True)
+        self._pending = []
+        super().shutdown()
 
     def replace(self, worker: LocalWorker) -> LocalWorker | None:
         """Kills ``worker`` and starts another on its GPU; None if none can start."""

@@ -58,6 +58,14 @@ class Pool:
             groups.setdefault(worker.device, []).append(worker)
         return groups
 
+    #: workers still starting, to join later (:meth:`joined`)
+    starting: int = 0
+
+    def joined(self) -> list[Any]:
+        """Workers that came up since the pool started (or since the last call), now in
+        :attr:`workers`: a pool may start before all its workers are ready. None here."""
+        return []
+
     def shutdown(self) -> None:
         """Ends every worker and its compile processes now (nothing in them to save)."""
         closing = [worker.call("close") for worker in self.workers]

@@ -107,12 +107,10 @@ def run(args: argparse.Namespace, started: float, problems: Callable[[], list],
         clock.mark("storage open")
         if pool is None:
             pool = ray_pool(args)
-        workers = pool.start()
+            workers = pool.start()
+        else:  # local workers: the first one up starts measuring, the others join
+            workers = pool.start(first_only=True)
         clock.mark("workers ready")
-        if not use_ray(args):  # same host: the workers' monotonic clocks are this one's
-            answered = [worker.info["answered_monotonic"] for worker in workers]
-            clock.mark("first worker up", min(answered))
-            clock.mark("last worker up", max(answered))
         devices = sorted({worker.device for worker in workers})
         memory: dict[str, int] = {}
         for worker in workers:
@@ -144,6 +142,10 @@ def run(args: argparse.Namespace, started: float, problems: Callable[[], list],
                  "worker busy " + ", ".join(f"{fraction:.0%}" for _, fraction in sorted(busy.items())),
                  file=sys.stderr)  # beside the start-up breakdown, apart from the results
             print(driver.phase_report(), file=sys.stderr)
+        if not use_ray(args):  # same host: the workers' monotonic clocks are this one's
+            answered = [worker.info["answered_monotonic"] for worker in pool.workers]
+            clock.mark("first worker up", min(answered))
+            clock.mark("last worker up", max(answered))
         clock.mark("first trial sent", driver.first_dispatch)
         clock.mark("first result", driver.first_result)
         clock.mark("done")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 
 from kernels.targets import GPUTarget
@@ -248,3 +249,97 @@ def test_a_worker_prepares_the_first_problem_while_it_starts():
     invalid = TuningWorker(first_problem=("add_layernorm", "48x80", "float8"))
     invalid._warm_up()  # the driver reports the bad dtype; the warm-up only skips the problem
     assert invalid._benches == {}
+
+
+class _Lost(RuntimeError):
+    """What a dead in-process worker's calls raise (a pool's ``lost_errors``)."""
+
+
+# The Triton interpreter is not thread-safe: in-process workers take turns.
+_INTERPRETER = threading.Lock()
+
+
+class _ThreadWorker:
+    """A TuningWorker run by one thread, so that calls queue behind each other as in a worker
+    process; it dies measuring ``poison`` (every call queued on it then fails as lost)."""
+
+    def __init__(self, slot: int, poison: str, log: list) -> None:
+        import concurrent.futures
+
+        from tuner.tuning_worker import TuningWorker
+
+        self.slot, self.poison, self.log, self.dead = slot, poison, log, False
+        self.executor = concurrent.futures.ThreadPoolExecutor(1)
+        self.worker = TuningWorker()
+        self.info = self.worker.info()
+        self.device = self.info["device"]
+        self.in_flight = 0
+
+    def call(self, method, *args):
+        self.in_flight += 1
+        self.log.append(("queued", self.slot, self.in_flight))
+
+        def run():
+            try:
+                if self.dead:
+                    raise _Lost("worker died")
+                if method == "measure" and args[1].key() == self.poison:
+                    self.dead = True
+                    raise _Lost("worker died")
+                with _INTERPRETER:
+                    return getattr(self.worker, method)(*args)
+            finally:
+                self.in_flight -= 1
+
+        return self.executor.submit(run)
+
+    def prefetch(self, *args) -> None:
+        pass
+
+    def kill(self) -> None:
+        self.dead = True
+
+
+def test_trials_queued_on_a_worker_start_without_the_driver_and_survive_its_death(tmp_path):
+    """With compiling ahead, a worker holds its next trial while it measures one (it starts
+    it without waiting for the driver). When a config kills the worker, that config alone is
+    blamed (failed after its attempts); the trial queued behind it is sent again, unblamed."""
+    import io
+    import itertools
+
+    import optuna
+
+    from tuner import Driver, Progress, Settings
+    from tuner.pools import Pool
+
+    problem = SPEC.problem("16x32", "float32")
+    poison = SPEC.heuristic(problem).key()  # the first trial of the study
+    log: list = []
+
+    class ThreadPool(Pool):
+        compile_processes = 1
+        lost_errors = (_Lost,)
+
+        def __init__(self) -> None:
+            self.slots = itertools.count()
+            self.workers = [_ThreadWorker(next(self.slots), poison, log) for _ in range(2)]
+            self.replaced = 0
+
+        def replace(self, worker):
+            worker.kill()
+            self.workers.remove(worker)
+            self.replaced += 1
+            self.workers.append(_ThreadWorker(next(self.slots), poison, log))
+            return self.workers[-1]
+
+    pool = ThreadPool()
+    storage = optuna.storages.InMemoryStorage()
+    [result] = Driver(pool, storage, Settings(trials=6, confirm_top=1, confirm_rounds=1),
+                      lambda device: tmp_path / "table.json",
+                      progress=Progress(stream=io.StringIO())).run([problem])
+    assert max(depth for _, _, depth in log) == 2  # a trial waited on its worker, not the driver
+    trials = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0],
+                               storage=storage).trials
+    errors = {t.user_attrs["config"]: t.user_attrs["error"] for t in trials if "error" in t.user_attrs}
+    assert list(errors) == [poison] and "after 2 attempts" in errors[poison]
+    assert pool.replaced == 2 and result.trials == 6

@@ -128,8 +128,8 @@ def test_local_workers_join_as_they_come_up_with_studies_for_a_new_gpu_model(tmp
     first_result = threading.Event()
     tell = Driver._handle
 
-    def handle(self, future, job):
-        tell(self, future, job)
+    def handle(self, *args):
+        tell(self, *args)
         first_result.set()
 
     monkeypatch.setattr(pool, "_spawn", second_comes_up_late)

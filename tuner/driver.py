@@ -77,11 +77,12 @@ class Driver:
         self.space = space
         self.progress = progress or Progress()
         self.inflight: dict[concurrent.futures.Future, Job] = {}
+        # Each worker slot's jobs in flight, in the order it runs them (the first is running).
+        self.queued: dict[int, collections.deque[concurrent.futures.Future]] = {}
         self.retries: list[Job] = []
-        # Trials asked ahead for each worker slot: the worker compiles them while it times.
-        self.ahead: dict[int, collections.deque[TrialJob]] = {}
-        # One trial asked ahead per worker, so it compiles while the current one is timed and
-        # starts the moment that one's result arrives (before the driver tells it); the
+        # One trial asked ahead per worker and sent to it at once: it compiles while the
+        # current one is timed, and the worker starts it the moment the current one ends,
+        # without waiting for the driver (busy telling and asking for other workers); the
         # workers' other compile processes compile the studies' configs speculatively, which
         # keeps the GPUs fed without asking the sampler far ahead of what it has learnt.
         self.prefetch = min(1, pool.compile_processes)
@@ -192,12 +193,9 @@ class Driver:
             idle_rounds = 0
             ready, _ = concurrent.futures.wait(list(self.inflight), timeout=0.5,
                                                return_when=concurrent.futures.FIRST_COMPLETED)
-            finished = [(future, self.inflight.pop(future)) for future in ready]
-            for future, job in finished:  # the GPU goes on with its next trial while these are told
-                if _worker_healthy(future):
-                    self._start_queued(job.worker, deadline)
-            for future, job in finished:
-                self._handle(future, job)
+            for future in ready:  # each worker went on with its next trial already
+                if future in self.inflight:  # else sent again: its worker was replaced
+                    self._handle(future, *self._finished(future))
             self._ask_ahead(deadline)
             self._check_timeouts()
             self.progress.update(self.runs, len(self.inflight), len(self.pool.workers))
@@ -208,8 +206,6 @@ class Driver:
                 del self.retries[index]
                 self._submit(dataclasses.replace(job, worker=worker))
                 return
-        if self._start_queued(worker, deadline):
-            return
         now = time.monotonic()
         job = self._ask(worker, now, deadline)
         if job is not None:
@@ -226,28 +222,19 @@ class Driver:
                 self._submit(ConfirmJob(run, worker, now))
                 return
 
-    def _start_queued(self, worker: Any, deadline: float | None) -> bool:
-        """Sends the worker the trial asked ahead for it, if any; whether it did."""
-        self._drop_stopped(time.monotonic(), deadline)
-        queue = self.ahead.get(worker.slot)
-        if not queue or worker not in self.pool.workers:
-            return False
-        self._submit(queue.popleft())
-        return True
-
     def _ask_ahead(self, deadline: float | None) -> None:
-        """Tops up each busy worker's trials asked ahead, and has it compile them now."""
+        """Tops up each busy worker's trials asked ahead: has it compile them now, and sends
+        them, to run after those it has."""
         busy = {job.worker.slot: job.worker for job in self.inflight.values()}
         now = time.monotonic()
         for slot, worker in busy.items():
-            queue = self.ahead.setdefault(slot, collections.deque())
-            while len(queue) < self.prefetch:
+            while len(self.queued.get(slot, ())) < 1 + self.prefetch:
                 job = self._ask(worker, now, deadline)
                 if job is None:
                     break
-                queue.append(job)
                 worker.prefetch([(job.run.problem, job.config)], self._speculative_for(job),
                                 [(job.run.problem, config) for config in job.run.likely_next()])
+                self._submit(job)
 
     def _ask(self, worker: Any, now: float, deadline: float | None) -> TrialJob | None:
         """A new trial for the worker's GPU model: of the problem it holds while that study is
@@ -276,17 +263,10 @@ class Driver:
                 return TrialJob(run, worker, now, config)
         return None
 
-    def _drop_stopped(self, now: float, deadline: float | None) -> None:
-        """Queued trials of studies that ran out of time or patience are not measured."""
-        for queue in self.ahead.values():
-            for job in [job for job in queue if job.run.stopped(now, deadline)]:
-                queue.remove(job)
-                job.run.abandon(job.config, "skipped: the search stopped")
-
     def _submit(self, job: Job) -> None:
         problem = job.run.problem
         self.held_problem[job.worker.slot] = problem
-        job.started = time.monotonic()
+        job.started = time.monotonic()  # once queued behind another job: when that one ends
         if isinstance(job, ConfirmJob):
             future = job.worker.call("confirm", problem, job.run.confirm_candidates(),
                                      self.settings.confirm_rounds)
@@ -295,6 +275,19 @@ class Driver:
             if self.first_dispatch is None:
                 self.first_dispatch = job.started
         self.inflight[future] = job
+        self.queued.setdefault(job.worker.slot, collections.deque()).append(future)
+
+    def _finished(self, future: concurrent.futures.Future) -> tuple[Job, bool]:
+        """Takes a finished job out of flight: the job, and whether its worker was running it
+        (not only holding it queued); the next one its worker queued is running now."""
+        job = self.inflight.pop(future)
+        queue = self.queued.get(job.worker.slot, collections.deque())
+        running = bool(queue) and queue[0] is future
+        if future in queue:
+            queue.remove(future)
+        if queue:
+            self.inflight[queue[0]].started = time.monotonic()
+        return job, running
 
     def _speculative_for(self, job: TrialJob) -> list[tuple[Problem, LaunchConfig]]:
         """Once per worker and study: the study's likely configs, to compile whenever the
@@ -314,8 +307,12 @@ class Driver:
         return [(job.run.problem, config) for config in ordered]
 
     def _replace_worker(self, worker: Any) -> None:
-        """A fresh worker takes the GPU; trials queued for the old one go to whichever is free."""
-        self.retries.extend(self.ahead.pop(worker.slot, ()))
+        """A fresh worker takes the GPU; the jobs queued on the old one behind the one at fault
+        are sent again, to whichever worker is free, as if never sent."""
+        for future in self.queued.pop(worker.slot, ()):
+            job = self.inflight.pop(future, None)
+            if job is not None:
+                self.retries.append(job)
         if worker in self.pool.workers:
             self.pool.replace(worker)
 
@@ -336,13 +333,17 @@ class Driver:
         """Per worker slot, the share of the run's wall time it spent on jobs."""
         return {slot: busy / max(self.wall_seconds, 1e-9) for slot, busy in self.busy_seconds.items()}
 
-    def _handle(self, future: concurrent.futures.Future, job: Job) -> None:
-        self.busy_seconds[job.worker.slot] = (self.busy_seconds.get(job.worker.slot, 0.0)
-                                              + time.monotonic() - job.started)
+    def _handle(self, future: concurrent.futures.Future, job: Job, running: bool = True) -> None:
+        if running:
+            self.busy_seconds[job.worker.slot] = (self.busy_seconds.get(job.worker.slot, 0.0)
+                                                  + time.monotonic() - job.started)
         try:
             result = future.result()
         except self.pool.lost_errors as error:
-            self._worker_lost(job, f"worker died: {type(error).__name__}")
+            if running:
+                self._worker_lost(job, f"worker died: {type(error).__name__}")
+            else:  # queued behind the job that lost the worker: not its fault
+                self.retries.append(job)
             return
         except Exception as error:  # the confirm stage raised: re-run it elsewhere
             if isinstance(job, ConfirmJob):
@@ -382,10 +383,11 @@ class Driver:
 
     def _check_timeouts(self) -> None:
         now = time.monotonic()
+        running = {queue[0] for queue in self.queued.values() if queue}
         for future, job in list(self.inflight.items()):
-            if now - job.started <= self.settings.trial_timeout:
+            if future not in running or now - job.started <= self.settings.trial_timeout:
                 continue
-            del self.inflight[future]
+            self._finished(future)
             self._replace_worker(job.worker)
             reason = f"timed out after {self.settings.trial_timeout:g} s"
             if isinstance(job, ConfirmJob):
@@ -394,24 +396,15 @@ class Driver:
                 job.run.tell(job.config, Measurement(job.config.key(), error=reason), "")
 
     def _abandon_inflight(self) -> None:
-        queued = [job for queue in self.ahead.values() for job in queue]
-        for job in list(self.inflight.values()) + self.retries + queued:
+        for job in list(self.inflight.values()) + self.retries:
             if isinstance(job, TrialJob):
                 try:
                     job.run.abandon(job.config, "interrupted")
                 except Exception:
                     pass
         self.inflight.clear()
+        self.queued.clear()
         self.retries.clear()
-        self.ahead.clear()
 
     def _export(self, result: StudyResult) -> None:
         merge_entries(self.table_for_device(result.device), [entry_from_result(result)])
-
-
-def _worker_healthy(future: concurrent.futures.Future) -> bool:
-    """Whether the worker that answered ``future`` can take its next trial at once (it did not
-    die, raise, or lose its CUDA context)."""
-    if future.cancelled() or future.exception() is not None:
-        return False
-    return not getattr(future.result(), "fatal", False)

@@ -28,13 +28,13 @@ MAX_LAUNCHES = 4096
 class _Launch:
     """One compiled kernel bound to a grid and its constexpr arguments."""
 
-    __slots__ = ("compiled", "launcher", "function", "metadata", "current_stream", "grid",
-                 "constexprs", "tensor_positions")
+    __slots__ = ("kernel", "compiled", "launcher", "function", "metadata", "current_stream",
+                 "grid", "constexprs", "tensor_positions")
 
-    def __init__(self, compiled: Any, grid: tuple[int, ...], constexprs: tuple,
+    def __init__(self, kernel: Any, compiled: Any, grid: tuple[int, ...], constexprs: tuple,
                  tensor_positions: tuple[int, ...]) -> None:
         compiled[grid]  # loads the module onto the current device (Triton's _init_handles)
-        self.compiled = compiled
+        self.kernel, self.compiled = kernel, compiled
         self.launcher, self.function = compiled.run, compiled.function
         self.metadata = compiled.packed_metadata
         self.current_stream = driver.active.get_current_stream
@@ -52,7 +52,8 @@ class _Launch:
                       knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound)
 
 
-# (kernel, device index, key) -> its launch, or None where the fast path does not apply
+# (id of the kernel, device index, key) -> its launch, or None where the fast path does not
+# apply. By id: hashing a JITFunction hashes its source each time.
 _launches: dict[tuple, _Launch | None] = {}
 
 
@@ -71,7 +72,7 @@ def _new_launch(kernel: Any, grid: tuple[int, ...], args: Sequence[Any],
     try:
         constexprs = tuple(meta[name] for name in kernel.arg_names[len(args):])
         compiled = kernel.warmup(*args, grid=grid, **meta)  # found in Triton's cache
-        return _Launch(compiled, grid, constexprs, positions)
+        return _Launch(kernel, compiled, grid, constexprs, positions)
     except (AttributeError, KeyError, TypeError):  # a Triton whose internals differ
         return None
 
@@ -87,14 +88,15 @@ def launch(kernel: Any, grid: tuple[int, ...], args: Sequence[Any],
         kernel[grid](*args, **meta())
         return
     device = torch.cuda.current_device()
-    cache_key = (kernel, device, key)
+    cache_key = (id(kernel), device, key)
     found = _launches.get(cache_key, _launches)
-    if found is not _launches and found is not None and _aligned(args, found.tensor_positions):
+    if found is not _launches and found is not None and found.kernel is kernel \
+            and _aligned(args, found.tensor_positions):
         found(args, device)
         return
     options = meta()
     kernel[grid](*args, **options)  # compiles on the first call
-    if found is _launches:
+    if found is _launches or (found is not None and found.kernel is not kernel):
         positions = tuple(index for index, arg in enumerate(args) if isinstance(arg, torch.Tensor))
         if _aligned(args, positions):  # else the next call tries again
             if len(_launches) >= MAX_LAUNCHES:

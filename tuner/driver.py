@@ -193,7 +193,11 @@ class Driver:
             idle_rounds = 0
             ready, _ = concurrent.futures.wait(list(self.inflight), timeout=0.5,
                                                return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in ready:  # each worker went on with its next trial already
+            # Each worker went on with its next trial already. A worker's jobs are handled in
+            # the order it ran them (one that lost the worker is blamed, those behind it not).
+            position = {future: index for queue in self.queued.values()
+                        for index, future in enumerate(queue)}
+            for future in sorted(ready, key=lambda future: position.get(future, 0)):
                 if future in self.inflight:  # else sent again: its worker was replaced
                     self._handle(future, *self._finished(future))
             self._ask_ahead(deadline)
@@ -285,7 +289,7 @@ class Driver:
         running = bool(queue) and queue[0] is future
         if future in queue:
             queue.remove(future)
-        if queue:
+        if queue and queue[0] in self.inflight:
             self.inflight[queue[0]].started = time.monotonic()
         return job, running
 

@@ -101,5 +101,5 @@ def launch(kernel: Any, grid: tuple[int, ...], args: Sequence[Any],
         if _aligned(args, positions):  # else the next call tries again
             if len(_launches) >= MAX_LAUNCHES:
                 for stale in list(_launches)[:MAX_LAUNCHES // 2]:
-                    del _launches[stale]
+                    _launches.pop(stale, None)  # another thread may have taken it
             _launches[cache_key] = _new_launch(kernel, grid, args, options, positions)

@@ -9,7 +9,8 @@ with it hand their arguments straight to the compiled kernel's launcher, as Trit
 after its lookup.
 
 Only while every tensor argument is 16-byte aligned (Triton specialises pointers on that) and
-the kernel has no pre-run hooks; anything else, and the interpreter, goes through Triton.
+the kernel has no pre-run hooks; anything else, the interpreter and torch.compile's tracing go
+through Triton.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def launch(kernel: Any, grid: tuple[int, ...], args: Sequence[Any],
     alignment: the tensors' dtypes, which are given, and every integer argument's value (float
     arguments are always fp32). ``args`` are the kernel's leading, non-constexpr parameters,
     ``args[0]`` a tensor; ``meta()`` gives its constexprs and options by name."""
-    if not args[0].is_cuda:  # the interpreter's CPU tensors
+    # The interpreter's CPU tensors, and torch.compile's tracing (which knows Triton's launch,
+    # not a compiled kernel's launcher), take Triton's own path.
+    if not args[0].is_cuda or torch.compiler.is_compiling():
         kernel[grid](*args, **meta())
         return
     device = torch.cuda.current_device()

@@ -19,6 +19,7 @@ import optuna
 from kernels import LaunchConfig, TableEntry, merge_entries
 from kernels.defaults import DeviceProperties, register_device_properties
 
+from .jobs import ConfirmJob, Job, TrialJob
 from .measure import Confirmation, Measurement
 from .problems import Problem, get_kernel
 from .progress import Progress
@@ -32,28 +33,6 @@ MAX_ATTEMPTS = 2
 # least advanced study of the GPU model: studies advance together, and a worker builds a
 # problem's inputs once per this many trials, not every trial.
 STICKY_TRIALS = 8
-
-
-@dataclasses.dataclass
-class Job:
-    """Work in flight on one worker for one study."""
-
-    run: StudyRun
-    worker: Any  # a worker of the pool: tuner.workers.Worker or tuner.local.LocalWorker
-    started: float
-    attempts: int = dataclasses.field(default=1, kw_only=True)
-
-
-@dataclasses.dataclass
-class TrialJob(Job):
-    """The measurement of one proposed config."""
-
-    config: LaunchConfig
-
-
-@dataclasses.dataclass
-class ConfirmJob(Job):
-    """A study's confirm stage: its best few configs re-timed, interleaved."""
 
 
 def entry_from_result(result: StudyResult) -> TableEntry:

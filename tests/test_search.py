@@ -291,6 +291,29 @@ def test_studyrun_seeds_heuristic_first_and_stops_at_budget():
     assert run.confirm_candidates()[0] == SPEC.heuristic(PROBLEM)
 
 
+def test_a_default_config_that_failed_is_not_re_timed_and_the_study_still_has_a_winner():
+    """A default config that crashes (or is wrong) fails its own trial only: the confirm stage
+    leaves it out, and the result says the heuristic failed instead of losing the study."""
+    from tuner.report import print_summary
+
+    run = StudyRun(SPEC, PROBLEM, "interpreter", load_space(SPEC.space_file),
+                   optuna.storages.InMemoryStorage(), Settings(trials=3))
+    heuristic = run.ask()
+    assert heuristic == SPEC.heuristic(PROBLEM)
+    run.tell(heuristic, Measurement(heuristic.key(), error="illegal memory access"), "test")
+    for ms in (6.0, 5.0):
+        config = run.ask()
+        run.tell(config, Measurement(config.key(), ms=ms), "test")
+    candidates = run.confirm_candidates()
+    assert heuristic not in candidates and len(candidates) == 2
+    result = run.finish(Confirmation({config.key(): 5.0 for config in candidates}, eager_ms=1.0,
+                                     n_bytes=1000, copy_gbps=100.0), {})
+    assert result.heuristic_ms is None and result.speedup_vs_heuristic is None
+    summary = io.StringIO()
+    print_summary([result], summary)
+    assert "failed" in summary.getvalue()
+
+
 @pytest.mark.parametrize("shape,dtype", [("4194304x16", "bfloat16"), ("4194304x16", "float16")])
 def test_studyrun_heuristic_outside_the_space_is_not_seeded(shape, dtype):
     """The heuristic's knob values may lie outside the space's choices (block_rows 256 for narrow

@@ -33,7 +33,7 @@ def print_summary(results: list[StudyResult], stream: TextIO) -> None:
     rows = [(
         result.device, result.problem.kernel, result.problem.shape_text, result.problem.dtype,
         result.config.key(), f"{result.ms:.4g}", f"{result.gbps:.0f}", f"{result.pct_of_copy:.0f}%",
-        f"{result.speedup_vs_heuristic:.2f}x",
+        "failed" if result.speedup_vs_heuristic is None else f"{result.speedup_vs_heuristic:.2f}x",
         "-" if result.speedup_vs_eager is None else f"{result.speedup_vs_eager:.2f}x",
         str(result.trials) + (" (resumed)" if result.resumed else ""))
         for result in results]
@@ -171,7 +171,8 @@ def study_markdown(data: StudyData, images: dict[str, str]) -> str:
         config = LaunchConfig.from_dict(result["config"]).key()
         rows.append(("confirmed winner (re-timed)",
                      f"`{config}`: {_ms(result['ms'])} ms, {_number(result['gbps'])} GB/s, "
-                     f"{result['heuristic_ms'] / result['ms']:.2f}x the heuristic"
+                     + (f"{result['heuristic_ms'] / result['ms']:.2f}x the heuristic"
+                        if result.get("heuristic_ms") else "the heuristic failed")
                      + (f", {eager / result['ms']:.3g}x PyTorch eager" if eager else "")))
         rows.append(("measured with", f"torch {result.get('torch') or '?'}, triton "
                                       f"{result.get('triton') or '?'}, compute capability "

@@ -22,7 +22,7 @@ class StudyResult:
     gbps: float
     pct_of_copy: float
     trials: int
-    heuristic_ms: float
+    heuristic_ms: float | None  # None where the default config failed its trial (crashed, wrong)
     eager_ms: float | None  # None where PyTorch eager cannot run the problem
     compute_capability: str = ""
     torch: str = ""
@@ -31,8 +31,8 @@ class StudyResult:
     resumed: bool = False
 
     @property
-    def speedup_vs_heuristic(self) -> float:
-        return self.heuristic_ms / self.ms
+    def speedup_vs_heuristic(self) -> float | None:
+        return None if self.heuristic_ms is None else self.heuristic_ms / self.ms
 
     @property
     def speedup_vs_eager(self) -> float | None:

@@ -340,11 +340,13 @@ class StudyRun:
         self.stage = Stage.CONFIRM
 
     def confirm_candidates(self) -> list[LaunchConfig]:
-        """The best few measured configs plus the heuristic, for interleaved re-timing."""
+        """The best few measured configs plus the heuristic (unless its own trial failed: it
+        crashed or gave wrong results), for interleaved re-timing."""
         ranked = sorted((value, key) for key, value in self.measured.items() if value is not None)
         configs = [self.valid[key] for _, key in ranked[:self.settings.confirm_top]]
         heuristic = self.spec.heuristic(self.problem, self.device)
-        if heuristic not in configs:
+        failed = heuristic.key() in self.measured and self.measured[heuristic.key()] is None
+        if heuristic not in configs and not failed:
             configs.append(heuristic)
         return configs
 
@@ -359,7 +361,7 @@ class StudyRun:
         self.result = StudyResult(
             problem=self.problem, device=self.device, config=winner, ms=ms, gbps=gbps,
             pct_of_copy=100 * gbps / confirmed.copy_gbps, trials=self.n_measured,
-            heuristic_ms=medians[heuristic.key()], eager_ms=confirmed.eager_ms,
+            heuristic_ms=medians.get(heuristic.key()), eager_ms=confirmed.eager_ms,
             compute_capability=info.get("compute_capability", ""), torch=info.get("torch", ""),
             triton=info.get("triton", ""), date=datetime.date.today().isoformat())
         self.study.set_user_attr("result", self.result.to_json())

@@ -259,6 +259,7 @@ class _AddLayerNormFunction(torch.autograd.Function):
 # see: the tables, the default and the autotuner are consulted once per such call signature
 # (until reload_tables()), so a repeated call costs one dict lookup.
 _chosen: dict[tuple, LaunchConfig] = {}
+MAX_CHOSEN = 4096
 on_reload(_chosen.clear)
 
 
@@ -279,6 +280,8 @@ def _choose_config(x: torch.Tensor, rows: int, width: int, weight: torch.Tensor 
         return tune_add_layernorm(ADD_LAYERNORM, call, x, sum_tensor, sum_value, weight, bias,
                                   eps, config)
     if index >= 0:
+        if len(_chosen) >= MAX_CHOSEN:  # many row counts (varying batches): start afresh
+            _chosen.clear()
         _chosen[key] = config
     return config
 

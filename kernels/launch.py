@@ -56,6 +56,7 @@ class _Launch:
 # (id of the kernel, device index, key) -> its launch, or None where the fast path does not
 # apply. By id: hashing a JITFunction hashes its source each time.
 _launches: dict[tuple, _Launch | None] = {}
+_UNSEEN = object()  # a key not in _launches yet
 
 
 def _aligned(args: Sequence[Any], positions: tuple[int, ...]) -> bool:
@@ -92,14 +93,16 @@ def launch(kernel: Any, grid: tuple[int, ...], args: Sequence[Any],
         return
     device = torch.cuda.current_device()
     cache_key = (id(kernel), device, key)
-    found = _launches.get(cache_key, _launches)
-    if found is not _launches and found is not None and found.kernel is kernel \
-            and _aligned(args, found.tensor_positions):
-        found(args, device)
-        return
+    found = _launches.get(cache_key, _UNSEEN)
+    if isinstance(found, _Launch):
+        if found.kernel is not kernel:  # another kernel that had this id before
+            found = _UNSEEN
+        elif _aligned(args, found.tensor_positions):
+            found(args, device)
+            return
     options = meta()
     kernel[grid](*args, **options)  # compiles on the first call
-    if found is _launches or (found is not None and found.kernel is not kernel):
+    if found is _UNSEEN:
         positions = tuple(index for index, arg in enumerate(args) if isinstance(arg, torch.Tensor))
         if _aligned(args, positions):  # else the next call tries again
             if len(_launches) >= MAX_LAUNCHES:

@@ -170,6 +170,13 @@ def wall_time_ms(fn: Callable[[], Any], runs: int = 3) -> float:
     return statistics.median(samples)
 
 
+def _without_graph(error: CaptureError, device: torch.device) -> None:
+    """Warns that calls are timed without a CUDA graph, and lets the failed capture settle."""
+    warnings.warn(f"timing without a CUDA graph (the call cannot be captured: {error})",
+                  RuntimeWarning, stacklevel=3)
+    torch.cuda.synchronize(device)
+
+
 def time_calls_ms(calls: Sequence[Callable[[], Any]], device: torch.device,
                   quick: bool = False) -> float:
     """Median milliseconds of one call: :func:`graph_time_ms` on a GPU, falling back to
@@ -180,9 +187,7 @@ def time_calls_ms(calls: Sequence[Callable[[], Any]], device: torch.device,
     try:
         return graph_time_ms(calls, device, quick)
     except CaptureError as error:
-        warnings.warn(f"timing without a CUDA graph (the call cannot be captured: {error})",
-                      RuntimeWarning, stacklevel=2)
-        torch.cuda.synchronize(device)
+        _without_graph(error, device)
         return do_bench_ms(calls[0], quick)
 
 
@@ -206,9 +211,7 @@ def time_interleaved_ms(candidates: Mapping[str, Sequence[Callable[[], Any]]],
             try:
                 timers[name] = GraphTimer(calls, device)
             except CaptureError as error:
-                warnings.warn(f"timing without a CUDA graph (the call cannot be captured: "
-                              f"{error})", RuntimeWarning, stacklevel=2)
-                torch.cuda.synchronize(device)
+                _without_graph(error, device)
                 timers[name] = None
         per_round = max(1, math.ceil(CAREFUL[1] / rounds))
         for _ in range(rounds):

@@ -137,10 +137,15 @@ class ClaimBook:
             self.storage.record_heartbeat(trial_id)
             _HEARTBEATS.add(self.storage, trial_id)
         self.held.add(trial_id)
-        number = self.storage.get_trial_number_from_id(trial_id)
-        for trial in self.storage.get_all_trials(self.study_id, deepcopy=False):
-            if trial.number < number and trial.user_attrs.get("config") == key and (
-                    is_measurement(trial) or self.is_live_claim(trial)):
+        # Trials come numbered in order, this claim among them (the only RUNNING trial of
+        # this book with this config): what precedes it is what it competes with.
+        trials = self.storage.get_all_trials(self.study_id, deepcopy=False)
+        for trial in sorted(trials, key=lambda trial: trial.number):
+            if trial.user_attrs.get("config") != key:
+                continue
+            if trial.state == TrialState.RUNNING and trial.user_attrs.get("claim") == self.owner:
+                break
+            if is_measurement(trial) or self.is_live_claim(trial):
                 self.release(trial_id, "lost: an earlier claim of the same config")
                 return None
         return trial_id
@@ -151,7 +156,8 @@ class ClaimBook:
         self.held.discard(trial_id)
         try:
             for name, value in frozen.user_attrs.items():
-                self.storage.set_trial_user_attr(trial_id, name, value)
+                if name != "config":  # the claim holds it (each write is a transaction)
+                    self.storage.set_trial_user_attr(trial_id, name, value)
             self.storage.set_trial_state_values(
                 trial_id, frozen.state, None if frozen.value is None else [frozen.value])
         except optuna.exceptions.UpdateFinishedTrialError:

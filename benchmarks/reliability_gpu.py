@@ -99,6 +99,7 @@ def inject(tmp: Path) -> dict:
             "completed": sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials),
             "workers_replaced_at_least": replaced, "table_written": (tmp / "table.json").exists(),
             "winner_is_safe": bool(results) and results[0].config.num_warps != 1,
+            "confirm_error": study.user_attrs.get("confirm_error"),
             "errors": sorted({t.user_attrs["error"][:300] for t in trials
                               if "error" in t.user_attrs})[:3]}
 

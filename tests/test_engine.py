@@ -343,3 +343,76 @@ def test_trials_queued_on_a_worker_start_without_the_driver_and_survive_its_deat
     errors = {t.user_attrs["config"]: t.user_attrs["error"] for t in trials if "error" in t.user_attrs}
     assert list(errors) == [poison] and "after 2 attempts" in errors[poison]
     assert pool.replaced == 2 and result.trials == 6
+
+
+def test_a_confirm_stage_that_crashes_on_an_untried_heuristic_is_rerun_without_it(tmp_path):
+    """The heuristic may lie outside the search space, so no trial runs it before the confirm
+    stage does. If it kills the CUDA context there, the worker is replaced and the confirm stage
+    re-run without it: the study keeps its winner, and says the heuristic failed."""
+    import concurrent.futures
+    import io
+    import itertools
+
+    import optuna
+
+    from tuner import Confirmation, Driver, Measurement, Progress, Settings
+    from tuner.pools import Pool
+
+    problem = SPEC.problem("4194304x16", "bfloat16")
+    heuristic = SPEC.heuristic(problem, "interpreter").key()
+    confirmed: list[list[str]] = []
+
+    class Worker:
+        info = {"device": "interpreter", "node": "test"}
+        device = "interpreter"
+
+        def __init__(self, slot: int) -> None:
+            self.slot = slot
+
+        def call(self, method, *args):
+            future = concurrent.futures.Future()
+            try:
+                future.set_result(getattr(self, method)(*args))
+            except Exception as error:
+                future.set_exception(error)
+            return future
+
+        def measure(self, problem, config):
+            return Measurement(config.key(), ms=1.0 + config.num_warps / 100)
+
+        def confirm(self, problem, configs, rounds):
+            confirmed.append([config.key() for config in configs])
+            if heuristic in confirmed[-1]:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return Confirmation({key: 1.0 for key in confirmed[-1]}, None, 1000, 100.0)
+
+        def prefetch(self, *args):
+            pass
+
+        def kill(self):
+            pass
+
+    class FakePool(Pool):
+        compile_processes = 0
+        lost_errors = ()
+
+        def __init__(self) -> None:
+            self.slots = itertools.count()
+            self.workers = [Worker(next(self.slots))]
+            self.replaced = 0
+
+        def replace(self, worker):
+            self.workers.remove(worker)
+            self.replaced += 1
+            self.workers.append(Worker(next(self.slots)))
+            return self.workers[-1]
+
+    pool = FakePool()
+    [result] = Driver(pool, optuna.storages.InMemoryStorage(),
+                      Settings(trials=3, confirm_top=2, confirm_rounds=1),
+                      lambda device: tmp_path / "table.json",
+                      progress=Progress(stream=io.StringIO())).run([problem])
+    assert len(confirmed) == 2 and heuristic in confirmed[0] and heuristic not in confirmed[1]
+    assert pool.replaced == 1
+    assert result.config.key() != heuristic and result.heuristic_ms is None
+    assert (tmp_path / "table.json").exists()

@@ -19,6 +19,7 @@ import optuna
 from kernels import LaunchConfig, TableEntry, merge_entries
 from kernels.defaults import DeviceProperties, register_device_properties
 
+from .errors import is_fatal
 from .jobs import ConfirmJob, Job, TrialJob
 from .measure import Confirmation, Measurement
 from .problems import Problem, get_kernel
@@ -330,6 +331,8 @@ class Driver:
             return
         except Exception as error:  # the confirm stage raised: re-run it elsewhere
             if isinstance(job, ConfirmJob):
+                if is_fatal(error):  # the worker's CUDA context is gone with it
+                    self._replace_worker(job.worker)
                 self._retry_or_fail(job, f"{type(error).__name__}: {error}")
             else:
                 self._worker_lost(job, f"{type(error).__name__}: {error}")
@@ -356,7 +359,9 @@ class Driver:
         self._retry_or_fail(job, reason)
 
     def _retry_or_fail(self, job: Job, reason: str) -> None:
-        if job.attempts < MAX_ATTEMPTS:
+        if isinstance(job, ConfirmJob) and job.run.drop_untried_candidates():
+            self.retries.append(job)  # without the configs no trial had run: not its attempt
+        elif job.attempts < MAX_ATTEMPTS:
             self.retries.append(dataclasses.replace(job, attempts=job.attempts + 1))
         elif isinstance(job, ConfirmJob):
             job.run.finish_without_confirm(f"confirm stage failed: {reason}")

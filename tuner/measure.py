@@ -11,6 +11,7 @@ import torch
 
 from kernels import LaunchConfig
 
+from .errors import is_fatal
 from .problems import KernelSpec, Problem
 from .timing import (
     clone_tensors,
@@ -22,9 +23,6 @@ from .timing import (
     wall_time_ms,
 )
 
-# Errors after which the CUDA context is unusable: the worker must be replaced.
-FATAL_CUDA_ERRORS = ("illegal memory access", "unspecified launch failure", "misaligned address",
-                     "illegal instruction", "CUDA error: an illegal", "device-side assert")
 # Above this many elements the reference is computed in float32 to bound its memory.
 FLOAT64_REFERENCE_LIMIT = 1 << 24
 # Elements compared at a time by ProblemBench.check.
@@ -64,12 +62,6 @@ class Confirmation:
     def gbps(self, ms: float) -> float:
         """Bandwidth of a config that took ``ms``."""
         return self.n_bytes / ms / 1e6
-
-
-def is_fatal(error: BaseException) -> bool:
-    """True when the error leaves the CUDA context unusable."""
-    text = str(error)
-    return any(marker in text for marker in FATAL_CUDA_ERRORS)
 
 
 def time_ms(fn, device: torch.device, quick: bool = False) -> float:

@@ -94,6 +94,8 @@ class StudyRun:
         self.best: tuple[float, str] | None = None
         self.since_improvement = 0
         self.inflight: dict[str, LaunchConfig] = {}
+        # Configs left out of the confirm stage after it failed with them untried (tuner.driver).
+        self.unconfirmable: set[str] = set()
         self.claimed: dict[str, int] = {}  # config key -> trial id of this run's claim
         self.others: set[str] = set()  # configs other live drivers claimed and are measuring
         self._loaded: set[int] = set()  # numbers of finished trials already learned from
@@ -341,14 +343,22 @@ class StudyRun:
 
     def confirm_candidates(self) -> list[LaunchConfig]:
         """The best few measured configs plus the heuristic (unless its own trial failed: it
-        crashed or gave wrong results), for interleaved re-timing."""
+        crashed or gave wrong results; or it was left out after failing untried), for
+        interleaved re-timing."""
         ranked = sorted((value, key) for key, value in self.measured.items() if value is not None)
         configs = [self.valid[key] for _, key in ranked[:self.settings.confirm_top]]
         heuristic = self.spec.heuristic(self.problem, self.device)
         failed = heuristic.key() in self.measured and self.measured[heuristic.key()] is None
-        if heuristic not in configs and not failed:
+        if heuristic not in configs and not failed and heuristic.key() not in self.unconfirmable:
             configs.append(heuristic)
         return configs
+
+    def drop_untried_candidates(self) -> bool:
+        """After the confirm stage failed: leaves out of it the candidates no trial has run (a
+        heuristic outside the search space), the likely culprits; False when there are none."""
+        untried = {config.key() for config in self.confirm_candidates()} - set(self.measured)
+        self.unconfirmable |= untried
+        return bool(untried)
 
     def finish(self, confirmed: Confirmation, info: dict[str, Any]) -> StudyResult:
         """Takes the confirm stage's medians: the fastest config wins."""

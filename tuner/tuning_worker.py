@@ -153,7 +153,8 @@ class TuningWorker:
 
     def measure(self, problem: Problem, config: LaunchConfig) -> Measurement:
         """Compile, check and time one config; failures come back in the result."""
-        from .measure import Measurement, is_fatal
+        from .errors import is_fatal
+        from .measure import Measurement
 
         self._ready()
         waited = time.perf_counter()

@@ -32,6 +32,7 @@ from heldout import SEED, heldout_shapes  # noqa: E402
 from tuner import (Confirmation, Driver, Measurement, Progress, Settings,  # noqa: E402
                    StudyRun, get_kernel, load_space)
 from tuner.pools import Pool  # noqa: E402
+from tuner.storage import open_storage  # noqa: E402
 
 SIMULATED = "simulated"
 
@@ -103,7 +104,7 @@ def sweep(workers: int, trial_s: float, folder: str) -> list:
     problems = [spec.problem(f"{rows}x{width}", dtype)
                 for rows, width, _ in heldout_shapes(SEED + 1, 8)
                 for dtype in ("float32", "bfloat16")]
-    storage = f"sqlite:///{folder}/sweep{workers}.db"
+    storage = open_storage(f"sqlite:///{folder}/sweep{workers}.db")  # once, as the CLI does
     driver = Driver(SimulatedPool(workers, trial_s), storage, Settings(trials=32),
                     lambda device: f"{folder}/table{workers}.json",
                     progress=Progress(stream=io.StringIO()))

@@ -339,6 +339,8 @@ class Driver:
             return
         if isinstance(job, ConfirmJob):
             confirmation: Confirmation = result
+            self.phase_seconds.update({f"worker: {name}": seconds
+                                       for name, seconds in confirmation.phases.items()})
             self._export(job.run.finish(confirmation, job.worker.info))
             return
         measurement: Measurement = result

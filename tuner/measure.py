@@ -58,6 +58,8 @@ class Confirmation:
     eager_ms: float | None
     n_bytes: int
     copy_gbps: float
+    # Seconds the worker spent on each part of the stage (``--verbose`` sums them up).
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def gbps(self, ms: float) -> float:
         """Bandwidth of a config that took ``ms``."""

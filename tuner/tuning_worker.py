@@ -66,6 +66,9 @@ class TuningWorker:
         self.first_problem = first_problem
         self._benches: dict[Problem, Any] = {}
         self._copy_gbps: float | None = None
+        # When this worker's last trial or confirm stage ended: the gap to the next one is time
+        # its GPU waited for the driver (reported with the next trial).
+        self._last_end: float | None = None
         self._warming = threading.Thread(target=self._warm_up, daemon=True, name="tuner-warm-up")
         if self.device.type == "cuda":
             self._warming.start()
@@ -153,11 +156,19 @@ class TuningWorker:
 
     def measure(self, problem: Problem, config: LaunchConfig) -> Measurement:
         """Compile, check and time one config; failures come back in the result."""
+        self._ready()
+        waited = time.perf_counter()
+        idle = None if self._last_end is None else waited - self._last_end
+        try:
+            return self._measure(problem, config, waited, idle)
+        finally:
+            self._last_end = time.perf_counter()
+
+    def _measure(self, problem: Problem, config: LaunchConfig, waited: float,
+                 idle: float | None) -> Measurement:
         from .errors import is_fatal
         from .measure import Measurement
 
-        self._ready()
-        waited = time.perf_counter()
         compiled_s = None if self._compiles is None else self._compiles.wait(problem, config.key())
         ready = time.perf_counter()
         try:
@@ -172,6 +183,8 @@ class TuningWorker:
         reason = None if compiled_s is None else self._compiles.reason(problem, config.key())
         waiting = f"waiting for its compile ({reason})" if reason else "waiting for its compile"
         result.phases.update({waiting: ready - waited, "inputs and reference": set_up - ready})
+        if idle is not None:
+            result.phases["idle before it, waiting for the driver"] = idle
         inline = compiled_s is None and self._compiles is not None
         if inline and "first launch and check" in result.phases:
             # Not compiled ahead (asked too late, or its compile had not started): inline.
@@ -191,15 +204,24 @@ class TuningWorker:
         from .measure import Confirmation
 
         self._ready()
-        bench = self._bench(problem)
-        for config in configs:
-            bench.check(config)
-        medians = bench.time_interleaved(configs, rounds)
         try:
-            eager_ms = bench.time_eager()
-        except Exception:  # PyTorch itself may lack the op (e.g. bfloat16 avg_pool3d on CPU)
-            eager_ms = None
-        return Confirmation(medians, eager_ms, bench.n_bytes, self.copy_gbps())
+            started = time.perf_counter()
+            bench = self._bench(problem)
+            for config in configs:
+                bench.check(config)
+            checked = time.perf_counter()
+            medians = bench.time_interleaved(configs, rounds)
+            timed = time.perf_counter()
+            try:
+                eager_ms = bench.time_eager()
+            except Exception:  # PyTorch itself may lack the op (e.g. bfloat16 avg_pool3d on CPU)
+                eager_ms = None
+            phases = {"confirm: inputs and checks": checked - started,
+                      "confirm: interleaved timing": timed - checked,
+                      "confirm: torch eager": time.perf_counter() - timed}
+            return Confirmation(medians, eager_ms, bench.n_bytes, self.copy_gbps(), phases)
+        finally:
+            self._last_end = time.perf_counter()
 
     def close(self) -> None:
         """Ends the compile processes now: killed with their parent, they would linger."""

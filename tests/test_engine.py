@@ -345,74 +345,106 @@ def test_trials_queued_on_a_worker_start_without_the_driver_and_survive_its_deat
     assert pool.replaced == 2 and result.trials == 6
 
 
+class _InstantWorker:
+    """A worker that answers at once: a config's time from its warps; the confirm stage raises
+    a fatal CUDA error with ``crash_confirm_on`` among its configs; prefetches are recorded."""
+
+    info = {"device": "interpreter", "node": "test"}
+    device = "interpreter"
+
+    def __init__(self, slot: int, crash_confirm_on: str = "") -> None:
+        self.slot, self.crash_confirm_on = slot, crash_confirm_on
+        self.confirmed: list[list[str]] = []
+        self.prefetched: list[tuple] = []
+
+    def call(self, method, *args):
+        import concurrent.futures
+
+        future = concurrent.futures.Future()
+        try:
+            future.set_result(getattr(self, method)(*args))
+        except Exception as error:
+            future.set_exception(error)
+        return future
+
+    def measure(self, problem, config):
+        from tuner import Measurement
+
+        return Measurement(config.key(), ms=1.0 + config.num_warps / 100)
+
+    def confirm(self, problem, configs, rounds):
+        from tuner import Confirmation
+
+        self.confirmed.append([config.key() for config in configs])
+        if self.crash_confirm_on in self.confirmed[-1]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return Confirmation({key: 1.0 for key in self.confirmed[-1]}, None, 1000, 100.0)
+
+    def prefetch(self, *args):
+        self.prefetched.append(args)
+
+    def kill(self):
+        pass
+
+
+def _instant_pool(compile_processes: int, crash_confirm_on: str = ""):
+    import itertools
+
+    from tuner.pools import Pool
+
+    class InstantPool(Pool):
+        lost_errors = ()
+
+        def __init__(self) -> None:
+            self.compile_processes = compile_processes
+            self.slots = itertools.count()
+            self.workers = [_InstantWorker(next(self.slots), crash_confirm_on)]
+            self.retired: list[_InstantWorker] = []
+
+        def replace(self, worker):
+            self.workers.remove(worker)
+            self.retired.append(worker)
+            self.workers.append(_InstantWorker(next(self.slots), crash_confirm_on))
+            return self.workers[-1]
+
+    return InstantPool()
+
+
+def _run_driver(pool, problems, tmp_path, **settings):
+    import io
+
+    import optuna
+
+    from tuner import Driver, Progress, Settings
+
+    return Driver(pool, optuna.storages.InMemoryStorage(), Settings(**settings),
+                  lambda device: tmp_path / "table.json",
+                  progress=Progress(stream=io.StringIO())).run(problems)
+
+
 def test_a_confirm_stage_that_crashes_on_an_untried_heuristic_is_rerun_without_it(tmp_path):
     """The heuristic may lie outside the search space, so no trial runs it before the confirm
     stage does. If it kills the CUDA context there, the worker is replaced and the confirm stage
     re-run without it: the study keeps its winner, and says the heuristic failed."""
-    import concurrent.futures
-    import io
-    import itertools
-
-    import optuna
-
-    from tuner import Confirmation, Driver, Measurement, Progress, Settings
-    from tuner.pools import Pool
-
     problem = SPEC.problem("4194304x16", "bfloat16")
     heuristic = SPEC.heuristic(problem, "interpreter").key()
-    confirmed: list[list[str]] = []
-
-    class Worker:
-        info = {"device": "interpreter", "node": "test"}
-        device = "interpreter"
-
-        def __init__(self, slot: int) -> None:
-            self.slot = slot
-
-        def call(self, method, *args):
-            future = concurrent.futures.Future()
-            try:
-                future.set_result(getattr(self, method)(*args))
-            except Exception as error:
-                future.set_exception(error)
-            return future
-
-        def measure(self, problem, config):
-            return Measurement(config.key(), ms=1.0 + config.num_warps / 100)
-
-        def confirm(self, problem, configs, rounds):
-            confirmed.append([config.key() for config in configs])
-            if heuristic in confirmed[-1]:
-                raise RuntimeError("CUDA error: an illegal memory access was encountered")
-            return Confirmation({key: 1.0 for key in confirmed[-1]}, None, 1000, 100.0)
-
-        def prefetch(self, *args):
-            pass
-
-        def kill(self):
-            pass
-
-    class FakePool(Pool):
-        compile_processes = 0
-        lost_errors = ()
-
-        def __init__(self) -> None:
-            self.slots = itertools.count()
-            self.workers = [Worker(next(self.slots))]
-            self.replaced = 0
-
-        def replace(self, worker):
-            self.workers.remove(worker)
-            self.replaced += 1
-            self.workers.append(Worker(next(self.slots)))
-            return self.workers[-1]
-
-    pool = FakePool()
-    [result] = Driver(pool, optuna.storages.InMemoryStorage(),
-                      Settings(trials=3, confirm_top=2, confirm_rounds=1),
-                      lambda device: tmp_path / "table.json",
-                      progress=Progress(stream=io.StringIO())).run([problem])
-    assert len(confirmed) == 2 and heuristic in confirmed[0] and heuristic not in confirmed[1]
-    assert pool.replaced == 1
+    pool = _instant_pool(0, crash_confirm_on=heuristic)
+    [result] = _run_driver(pool, [problem], tmp_path, trials=3, confirm_top=2, confirm_rounds=1)
+    [crashed], [rerun] = pool.retired[0].confirmed, pool.workers[0].confirmed
+    assert heuristic in crashed and heuristic not in rerun and len(pool.retired) == 1
     assert result.config.key() != heuristic and result.heuristic_ms is None
     assert (tmp_path / "table.json").exists()
+
+
+def test_a_workers_first_compiles_include_every_studys_first_config(tmp_path):
+    """Each study's first trial is its heuristic: the worker's compile processes get every
+    study's seeds with its first speculative list, right after one round of its own."""
+    problems = [SPEC.problem(shape, "float32") for shape in ("4096x64", "512x1000", "64x3000")]
+    pool = _instant_pool(compile_processes=2)
+    _run_driver(pool, problems, tmp_path, trials=3, confirm_top=1, confirm_rounds=1)
+    speculative = [item for _, items, _ in pool.workers[0].prefetched for item in items]
+    first_study = speculative[0][0]
+    heuristics = {(problem, SPEC.heuristic(problem, "interpreter").key())
+                  for problem in problems if problem != first_study}
+    assert heuristics <= {(problem, config.key()) for problem, config in speculative[:2 + 2]}
+    assert all(problem == first_study for problem, _ in speculative[:2])

@@ -314,6 +314,20 @@ def test_a_default_config_that_failed_is_not_re_timed_and_the_study_still_has_a_
     assert "failed" in summary.getvalue()
 
 
+def test_studyrun_foresees_its_local_search_for_the_compile_processes():
+    """Past half its budget a study proposes the unmeasured neighbours of its best configs: those
+    are the configs it says come next (compiled ahead), in the order it proposes them."""
+    run = StudyRun(SPEC, PROBLEM, "interpreter", load_space(SPEC.space_file),
+                   optuna.storages.InMemoryStorage(), Settings(trials=12))
+    for ms in (5.0, 4.0, 6.0, 3.0, 7.0, 8.0):
+        config = run.ask()
+        run.tell(config, Measurement(config.key(), ms=ms), "test")
+    foreseen = run.likely_next()
+    best = run.valid[run.best[1]]
+    assert foreseen[0] in run.neighbours(best)
+    assert [run.ask(), run.ask()] == foreseen[:2]
+
+
 @pytest.mark.parametrize("shape,dtype", [("4194304x16", "bfloat16"), ("4194304x16", "float16")])
 def test_studyrun_heuristic_outside_the_space_is_not_seeded(shape, dtype):
     """The heuristic's knob values may lie outside the space's choices (block_rows 256 for narrow

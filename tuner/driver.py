@@ -278,17 +278,26 @@ class Driver:
         worker's compile processes are free. The device's workers split them in shares, each
         its own share first (peers measuring the study meanwhile compile theirs), then the
         others' (compiled already, they are found in the cache at once; and a peer that never
-        takes the study never compiles its share)."""
+        takes the study never compiles its share). A worker's first list also holds every other
+        study's seeds, so that each study's first trial finds its config compiled."""
         marker = (job.worker.slot, job.run.study.study_name)
         if not self.pool.compile_processes or marker in self._speculated:
             return []
+        first = not any(slot == job.worker.slot for slot, _ in self._speculated)
         self._speculated.add(marker)
         peers = sorted(worker.slot for worker in self.pool.workers if worker.device == job.run.device)
         index = peers.index(job.worker.slot) if job.worker.slot in peers else 0
         likely, shares = job.run.likely_configs(), max(1, len(peers))
-        ordered = [config for offset in range(shares)
+        ordered = [(job.run.problem, config) for offset in range(shares)
                    for config in likely[(index + offset) % shares::shares]]
-        return [(job.run.problem, config) for config in ordered]
+        if first:
+            # The first config of each other study (which would otherwise compile as the
+            # worker reaches it), after one round of this study's.
+            seeds = [(run.problem, config) for run in self.runs
+                     if run is not job.run and run.device == job.run.device and not run.done
+                     for config in run.seeds()]
+            ordered[self.pool.compile_processes:self.pool.compile_processes] = seeds
+        return ordered
 
     def _replace_worker(self, worker: Any) -> None:
         """A fresh worker takes the GPU; the jobs queued on the old one behind the one at fault

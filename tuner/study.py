@@ -29,6 +29,8 @@ from .storage import open_storage
 LOCAL_SEARCH_AFTER = 0.5
 # Best configs whose neighbours the local search visits, best first.
 LOCAL_SEARCH_TOP = 3
+# The local search's next configs handed to the workers' compile processes with each trial.
+LOCAL_SEARCH_LOOKAHEAD = 4
 # Seconds between looks at what other drivers on the same storage measured and claimed.
 REFRESH_S = 1.0
 
@@ -254,7 +256,11 @@ class StudyRun:
         """Configs the next asks will likely propose (the sampler's runner-ups of the last
         one), neither measured nor running: worth compiling now."""
         busy = set(self.inflight) | self.others
-        return [config for config in self.proposer.runner_ups
+        likely = list(self.proposer.runner_ups)
+        if self.n_measured + len(self.inflight) >= LOCAL_SEARCH_AFTER * self._trial_budget():
+            # The local search is on (or about to be): it proposes these next, in this order.
+            likely = self._unmeasured_neighbours()[:LOCAL_SEARCH_LOOKAHEAD] + likely
+        return [config for config in dict.fromkeys(likely)
                 if config.key() not in self.measured and config.key() not in busy]
 
     def _next_queued(self, busy: set[str]) -> LaunchConfig | None:
@@ -290,23 +296,35 @@ class StudyRun:
                 found.append(self.valid[key])
         return found
 
+    def seeds(self) -> list[LaunchConfig]:
+        """The configs this study measures first (the heuristic, the table's nearest entries)."""
+        return [config for config in self.queued if config.key() not in self.measured]
+
     def likely_configs(self) -> list[LaunchConfig]:
-        """Unmeasured configs this study may well propose, likeliest first: the heuristic's
-        neighbours, then a random sample, three times the trial budget in all."""
+        """Unmeasured configs this study may well propose, likeliest first: its seeds, the
+        heuristic's neighbours, then a random sample, three times the trial budget in all."""
         heuristic = self.spec.heuristic(self.problem, self.device)
-        ordered = self.neighbours(heuristic) if heuristic.key() in self.valid else []
+        ordered = self.seeds()
+        if heuristic.key() in self.valid:
+            ordered += [config for config in self.neighbours(heuristic) if config not in ordered]
         rest = [config for config in self.valid.values() if config not in ordered]
         random.Random(self.settings.seed).shuffle(rest)
         return [config for config in ordered + rest
                 if config.key() not in self.measured][:3 * self._trial_budget()]
 
-    def _unmeasured_neighbour(self) -> LaunchConfig | None:
+    def _unmeasured_neighbours(self) -> list[LaunchConfig]:
+        """The local search's next configs, in order: the unmeasured neighbours of the best
+        few measured configs, best first."""
         ranked = sorted((value, key) for key, value in self.measured.items() if value is not None)
+        found: dict[LaunchConfig, None] = {}
         for _, key in ranked[:LOCAL_SEARCH_TOP]:
             for config in self.neighbours(self.valid[key]):
                 if config.key() not in self.measured and config.key() not in self.inflight:
-                    return config
-        return None
+                    found[config] = None
+        return list(found)
+
+    def _unmeasured_neighbour(self) -> LaunchConfig | None:
+        return next(iter(self._unmeasured_neighbours()), None)
 
     def tell(self, config: LaunchConfig, measurement: Measurement, worker: str) -> None:
         """Records a measurement in the storage (a failed config fails its trial and is never

@@ -34,6 +34,10 @@ MAX_ATTEMPTS = 2
 # least advanced study of the GPU model: studies advance together, and a worker builds a
 # problem's inputs once per this many trials, not every trial.
 STICKY_TRIALS = 8
+# Trials a worker holds queued behind the one it runs. Two, because telling a result and asking
+# the next trial takes the driver about as long as a fast trial (a worker holding one ran dry,
+# BENCHMARKS.md); the sampler's picks are no worse with them in flight (simulate_search.py).
+TRIALS_ASKED_AHEAD = 2
 
 
 def entry_from_result(result: StudyResult) -> TableEntry:
@@ -60,12 +64,11 @@ class Driver:
         # Each worker slot's jobs in flight, in the order it runs them (the first is running).
         self.queued: dict[int, collections.deque[concurrent.futures.Future]] = {}
         self.retries: list[Job] = []
-        # One trial asked ahead per worker and sent to it at once: it compiles while the
-        # current one is timed, and the worker starts it the moment the current one ends,
+        # Trials asked ahead per worker and sent to it at once: they compile while the current
+        # one is timed, and the worker starts the next the moment the current one ends,
         # without waiting for the driver (busy telling and asking for other workers); the
-        # workers' other compile processes compile the studies' configs speculatively, which
-        # keeps the GPUs fed without asking the sampler far ahead of what it has learnt.
-        self.prefetch = min(1, pool.compile_processes)
+        # workers' other compile processes compile the studies' configs speculatively.
+        self.prefetch = min(TRIALS_ASKED_AHEAD, pool.compile_processes)
         self._speculated: set[tuple[int, str]] = set()
         # The problem each worker slot last measured: its inputs are ready there.
         self.held_problem: dict[int, Problem] = {}

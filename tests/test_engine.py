@@ -4,14 +4,13 @@ compile-ahead processes of a worker and how many of them a host gets."""
 from __future__ import annotations
 
 import os
-import random
 import threading
 import time
 
 from kernels.targets import GPUTarget
-from tuner import get_kernel, load_space
+from tuner import get_kernel, load_space, sampler
 from tuner.compiling import CompileAhead
-from tuner.sampler import RUNNER_UPS, STARTUP_TRIALS, CandidateTPE
+from tuner.sampler import RUNNER_UPS, STARTUP_TRIALS, CandidateTPE, tiling
 from tuner.tuning_worker import default_compile_processes
 
 SPEC = get_kernel("add_layernorm")
@@ -85,16 +84,45 @@ def test_same_seed_same_proposals_and_failures_are_avoided():
     assert first != list(search(CandidateTPE(configs, choices, seed=8), 20))
 
 
-def test_the_estimator_beats_random_search_on_a_smooth_landscape():
+def trials_to_best_tiling(proposer: CandidateTPE, configs) -> int:
+    """How many proposals it takes to try the tiling of the landscape's best config."""
+    best = tiling(min(configs, key=landscape))
+    measured: dict[str, float | None] = {}
+    while True:
+        config = proposer.propose(measured, set())
+        measured[config.key()] = landscape(config)
+        if tiling(config) == best:
+            return len(measured)
+
+
+def test_the_estimator_finds_the_best_tiling_sooner_than_random_proposals(monkeypatch):
+    """Random proposals over 24 tilings take 12.5 on average; the estimator takes over after
+    STARTUP_TRIALS (the same random proposals) and finds it sooner."""
     configs, choices = candidates()
-    best = min(landscape(config) for config in configs)
-    trials = STARTUP_TRIALS + 16
-    tpe_hits = random_hits = 0
-    for seed in range(8):
-        tpe_hits += min(search(CandidateTPE(configs, choices, seed), trials).values()) == best
-        sample = random.Random(seed).sample(configs, trials)
-        random_hits += min(map(landscape, sample)) == best
-    assert tpe_hits >= 6 and tpe_hits > random_hits
+    seeds = range(40)
+    estimated = [trials_to_best_tiling(CandidateTPE(configs, choices, seed), configs)
+                 for seed in seeds]
+    monkeypatch.setattr(sampler, "STARTUP_TRIALS", len(configs))  # random proposals throughout
+    random_order = [trials_to_best_tiling(CandidateTPE(configs, choices, seed), configs)
+                    for seed in seeds]
+    assert sum(estimated) < 0.85 * sum(random_order)
+
+
+def test_proposals_try_every_tiling_at_one_stage_before_refining_one():
+    """A tiling's other policies, and then its other stage counts, wait until every tiling is
+    measured once."""
+    problem = SPEC.problem("4096x8192", "float32")
+    space = load_space(SPEC.space_file)
+    configs = space.candidates(SPEC.table_key(problem))
+    choices = space.choices(SPEC.table_key(problem))
+    tilings = {tiling(config) for config in configs}
+    at_one_stage = [config for config in configs if config.num_stages == 1]
+    assert len(tilings) < len(at_one_stage) < len(configs)
+    measured = search(CandidateTPE(configs, choices, seed=1), len(configs))
+    order = [next(c for c in configs if c.key() == key) for key in measured]
+    assert {tiling(config) for config in order[:len(tilings)]} == tilings
+    assert all(config.num_stages == 1 for config in order[:len(at_one_stage)])
+    assert all(config.num_stages > 1 for config in order[len(at_one_stage):])
 
 
 def test_default_compile_processes_share_a_host(monkeypatch):

@@ -19,7 +19,8 @@ from tuner.measure import Confirmation, Measurement, ProblemBench
 from tuner.problems import get_kernel
 from tuner.problems.add_layernorm import AddLayerNorm
 from tuner.space import load_space, parse_space
-from tuner.study import Settings, Stage, StudyRun, study_name
+from tuner.sampler import tiling
+from tuner.study import LOCAL_SEARCH_AFTER, Settings, Stage, StudyRun, study_name
 from tuner.workers import NoGPUError, PoolOptions, WorkerPool
 
 from tests.faults import inject
@@ -291,6 +292,37 @@ def test_studyrun_seeds_heuristic_first_and_stops_at_budget():
     assert run.confirm_candidates()[0] == SPEC.heuristic(PROBLEM)
 
 
+def test_local_search_changes_the_stages_only_after_every_other_move_around_the_best():
+    """Around the best three configs, moves of the tiling or the policy come first; a move of
+    the stages alone (they rarely change the time) only once none of those is open."""
+    run = StudyRun(SPEC, SPEC.problem("4096x8192", "float32"), "interpreter",
+                   load_space(SPEC.space_file), optuna.storages.InMemoryStorage(),
+                   Settings(trials=1000))
+    run.queued.clear()  # no seeds: the measurements below decide what is proposed
+    chunked = sorted((config for config in run.valid.values()
+                      if config.block_w < 8192 and config.num_stages == 1), key=LaunchConfig.key)
+    best = chunked[:3]
+    around = {neighbour.key(): config for config in best for neighbour in run.neighbours(config)}
+    stages_only = {key for key, config in around.items()
+                   if tiling(run.valid[key]) == tiling(config)
+                   and run.valid[key].eviction_policy == config.eviction_policy}
+    for rank, config in enumerate(best):
+        run.tell(config, Measurement(config.key(), ms=1.0 + rank), "test")
+    slow = [config for key, config in run.valid.items()
+            if key not in around and config not in best]
+    for config in slow[:round(LOCAL_SEARCH_AFTER * len(run.valid))]:
+        run.tell(config, Measurement(config.key(), ms=1e3), "test")
+    proposed = []
+    while open_moves := [key for key in around if key not in run.measured]:
+        config = run.ask()
+        assert config.key() in open_moves
+        if config.key() in stages_only:
+            assert set(open_moves) <= stages_only
+        proposed.append(config.key())
+        run.tell(config, Measurement(config.key(), ms=1e3), "test")
+    assert set(proposed) & stages_only and set(proposed) - stages_only
+
+
 def test_a_default_config_that_failed_is_not_re_timed_and_the_study_still_has_a_winner():
     """A default config that crashes (or is wrong) fails its own trial only: the confirm stage
     leaves it out, and the result says the heuristic failed instead of losing the study."""
@@ -315,11 +347,11 @@ def test_a_default_config_that_failed_is_not_re_timed_and_the_study_still_has_a_
 
 
 def test_studyrun_foresees_its_local_search_for_the_compile_processes():
-    """Past half its budget a study proposes the unmeasured neighbours of its best configs: those
+    """Late in its budget a study proposes the unmeasured neighbours of its best configs: those
     are the configs it says come next (compiled ahead), in the order it proposes them."""
     run = StudyRun(SPEC, PROBLEM, "interpreter", load_space(SPEC.space_file),
                    optuna.storages.InMemoryStorage(), Settings(trials=12))
-    for ms in (5.0, 4.0, 6.0, 3.0, 7.0, 8.0):
+    for ms in (5.0, 4.0, 6.0, 3.0, 7.0, 8.0, 9.0, 5.5):  # past LOCAL_SEARCH_AFTER of 12
         config = run.ask()
         run.tell(config, Measurement(config.key(), ms=ms), "test")
     foreseen = run.likely_next()

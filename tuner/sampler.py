@@ -6,10 +6,11 @@ driver's time (BENCHMARKS.md), on configs that are rejected or measured already.
 estimator (Bergstra et al.; Optuna's defaults for the split and the prior) is built over the
 valid configs themselves, so every proposal is a valid config not measured yet.
 
-Each knob enters as its rank among its values (4 warps is nearer 8 than 32); the eviction policy
-as a category. The density around a measured config is a product kernel normalised over the
-valid configs, so l(x) (the best measured) and g(x) (the rest, and the configs in flight, as
-Optuna's constant liar counts them) are distributions over the configs that can be proposed.
+Each ordered knob enters as its rank among its values (a block of 4 rows is nearer 8 than 32),
+the warps as the elements each thread handles (FEATURES), the eviction policy as a category.
+The density around a measured config is a product kernel normalised over the valid configs,
+so l(x) (the best measured) and g(x) (the rest, and the configs in flight, as Optuna's
+constant liar counts them) are distributions over the configs that can be proposed.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ import numpy as np
 
 from kernels import LaunchConfig
 
-# Knobs whose values are ordered (sizes and counts), as opposed to the eviction policy.
-ORDERED_KNOBS = ("block_rows", "block_w", "num_warps", "num_stages")
+# The ordered features of a config, each in steps of one rank (a doubling for the sizes). The
+# warps enter as the elements each thread handles (the tile over the threads): a kernel's time
+# follows the work per thread more than the warp count, so configs that split a larger tile
+# over more warps, or the same tile over its rows instead of its width, are near each other.
+FEATURES = ("block_rows", "block_w", "elements_per_thread", "num_stages")
 # Random configs proposed before the estimator takes over (Optuna's TPE: 10).
 STARTUP_TRIALS = 8
 # Candidates drawn from l(x) each proposal; the one with the largest l(x)/g(x) is proposed
@@ -36,6 +40,11 @@ RUNNER_UPS = 3
 # other categories.
 BANDWIDTH_RANKS = 1.0
 OTHER_CATEGORY_WEIGHT = 0.2
+# A knob the estimator leaves at its smallest value while such configs are open: the chunked
+# loop's pipelining stages change a config's time by under 2% in nearly every recorded grid,
+# while their other values make up two thirds of a chunked space. The local search
+# (tuner.study) tries them around the best configs; the estimator once no other config is open.
+REFINEMENT_KNOB = "num_stages"
 
 
 def good_count(measured: int) -> int:
@@ -43,8 +52,25 @@ def good_count(measured: int) -> int:
     return min(math.ceil(0.1 * measured), 25)
 
 
+def features(config: LaunchConfig, choices: Mapping[str, Sequence]) -> list[float]:
+    """``config``'s FEATURES: the ranks of its ordered knobs, log2 of its elements per thread."""
+    elements_per_thread = config.tile_elements / (32 * config.num_warps)
+    return [math.log2(elements_per_thread) if name == "elements_per_thread"
+            else float(sorted(choices[name]).index(getattr(config, name))) for name in FEATURES]
+
+
+def tiling(config: LaunchConfig) -> tuple[int, int, int]:
+    """The tile and the warps that share it: what a config's time depends on most."""
+    return config.block_rows, config.block_w, config.num_warps
+
+
 class CandidateTPE:
     """Proposes the valid config that TPE expects to improve most, from a fixed candidate list.
+
+    Proposals prefer, in turn, configs at the smallest REFINEMENT_KNOB value and configs whose
+    :func:`tiling` is neither measured nor in flight in any policy: before the policy of a
+    tiling is refined (by the estimator or the local search), the search covers more tilings,
+    among which the landscape has isolated optima.
 
     After each proposal, :attr:`runner_ups` holds the candidates that came closest (the next
     proposals' likeliest picks; empty while proposals are random).
@@ -53,15 +79,19 @@ class CandidateTPE:
     def __init__(self, candidates: Sequence[LaunchConfig], choices: Mapping[str, Sequence],
                  seed: int = 0) -> None:
         self.candidates = list(candidates)
-        self.index = {config.key(): position for position, config in enumerate(self.candidates)}
+        self.keys = [config.key() for config in self.candidates]  # built once: proposals are hot
+        self.index = {key: position for position, key in enumerate(self.keys)}
         self.rng = random.Random(seed)
-        # Each candidate's knobs as the kernels see them: ranks of the ordered ones, the policy.
-        self.ranks = np.array([[sorted(choices[name]).index(getattr(config, name))
-                                for name in ORDERED_KNOBS] for config in self.candidates], float)
+        # Each candidate's knobs as the kernels see them: its ordered features, the policy.
+        self.ranks = np.array([features(config, choices) for config in self.candidates])
         policies = list(choices["eviction_policy"])
         self.policies = np.array([policies.index(config.eviction_policy)
                                   for config in self.candidates])
         self.other_policy_weight = OTHER_CATEGORY_WEIGHT / max(1, len(policies) - 1)
+        self.tilings = [tiling(config) for config in self.candidates]
+        smallest = min(choices[REFINEMENT_KNOB])
+        self.refinements = [getattr(config, REFINEMENT_KNOB) > smallest
+                            for config in self.candidates]
         self.runner_ups: list[LaunchConfig] = []
 
     def _components(self, centres: list[int]) -> np.ndarray:
@@ -77,11 +107,12 @@ class CandidateTPE:
                 ) -> LaunchConfig | None:
         """A candidate not in ``measured`` (config key -> ms, None for a failure) nor in
         ``excluded`` (in flight here or elsewhere); None when none is left."""
-        open_positions = [position for position, config in enumerate(self.candidates)
-                          if config.key() not in measured and config.key() not in excluded]
+        open_positions = [position for position, key in enumerate(self.keys)
+                          if key not in measured and key not in excluded]
         self.runner_ups = []
         if not open_positions:
             return None
+        open_positions = self._preferred(open_positions, [*measured, *excluded])
         known = [(value, self.index[key]) for key, value in measured.items() if key in self.index]
         if len(known) < STARTUP_TRIALS:
             return self.candidates[self.rng.choice(open_positions)]
@@ -99,6 +130,14 @@ class CandidateTPE:
         self.runner_ups = [self.candidates[position]
                            for position in ranked_positions[1:1 + RUNNER_UPS]]
         return self.candidates[ranked_positions[0]]
+
+    def _preferred(self, open_positions: list[int], taken: list[str]) -> list[int]:
+        """The open positions proposals prefer (the class docstring says which), or all."""
+        open_positions = [position for position in open_positions
+                          if not self.refinements[position]] or open_positions
+        taken_tilings = {self.tilings[self.index[key]] for key in taken if key in self.index}
+        return [position for position in open_positions
+                if self.tilings[position] not in taken_tilings] or open_positions
 
     def _density(self, centres: list[int]) -> np.ndarray:
         """The mixture of the components at ``centres`` and a uniform prior (weight of one)."""

@@ -25,8 +25,10 @@ from .storage import open_storage
 
 # Once this share of a study's trials is measured, the unmeasured neighbours of its best
 # configs are proposed before TPE's picks: TPE finds the right region, the neighbours the
-# best point in it (few configs in a landscape are within 2% of the best).
-LOCAL_SEARCH_AFTER = 0.5
+# best point in it (few configs in a landscape are within 2% of the best). Past half: TPE's
+# picks each try a new tiling (tuner.sampler), which finds isolated optima a local search
+# from the best few cannot reach.
+LOCAL_SEARCH_AFTER = 0.6
 # Best configs whose neighbours the local search visits, best first.
 LOCAL_SEARCH_TOP = 3
 # The local search's next configs handed to the workers' compile processes with each trial.
@@ -282,11 +284,13 @@ class StudyRun:
 
         moves: list[dict[str, Any]] = []
         for direction in (-1, 1):
-            for name in ("block_rows", "block_w", "num_warps", "num_stages"):
+            for name in ("block_rows", "block_w", "num_warps"):
                 moves.append({name: step(name, direction)})
             for tile in ("block_rows", "block_w"):
                 moves.append({tile: step(tile, direction), "num_warps": step("num_warps", direction)})
         moves += [{"eviction_policy": policy} for policy in self.choices["eviction_policy"]]
+        # Stages last: they rarely change the time (tuner.sampler.REFINEMENT_KNOB).
+        moves += [{"num_stages": step("num_stages", direction)} for direction in (-1, 1)]
         found = []
         for move in moves:
             if None in move.values():
@@ -313,14 +317,18 @@ class StudyRun:
                 if config.key() not in self.measured][:3 * self._trial_budget()]
 
     def _unmeasured_neighbours(self) -> list[LaunchConfig]:
-        """The local search's next configs, in order: the unmeasured neighbours of the best
-        few measured configs, best first."""
+        """The local search's next configs, in order: the open neighbours of the best few
+        configs, best first; those that only change the stages after all the others."""
         ranked = sorted((value, key) for key, value in self.measured.items() if value is not None)
+        best = [self.valid[key] for _, key in ranked[:LOCAL_SEARCH_TOP]]
         found: dict[LaunchConfig, None] = {}
-        for _, key in ranked[:LOCAL_SEARCH_TOP]:
-            for config in self.neighbours(self.valid[key]):
-                if config.key() not in self.measured and config.key() not in self.inflight:
-                    found[config] = None
+        for stages_only in (False, True):
+            for config in best:
+                for neighbour in self.neighbours(config):
+                    if (neighbour.num_stages != config.num_stages) == stages_only \
+                            and neighbour.key() not in self.measured \
+                            and neighbour.key() not in self.inflight:
+                        found.setdefault(neighbour)
         return list(found)
 
     def _unmeasured_neighbour(self) -> LaunchConfig | None:

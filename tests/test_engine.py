@@ -55,7 +55,6 @@ def test_runner_ups_are_what_the_next_proposals_pick():
     proposer = CandidateTPE(configs, choices, seed=5)
     measured = search(proposer, STARTUP_TRIALS - 1)
     config = proposer.propose(measured, set())
-    assert proposer.runner_ups == []  # proposals are still random
     measured[config.key()] = landscape(config)
     foreseen = 0
     for _ in range(20):
@@ -66,6 +65,23 @@ def test_runner_ups_are_what_the_next_proposals_pick():
         measured[config.key()] = landscape(config)
         foreseen += proposer.propose(measured, set()) in runner_ups
     assert foreseen >= 5  # of 20 (a random guess of three: under one)
+
+
+def test_random_startup_picks_are_known_ahead():
+    """The estimator's first proposals are random but fixed by the seed: the study can hand
+    them to the compile processes before they are proposed, and does (its likely configs)."""
+    configs, choices = candidates()
+    proposer = CandidateTPE(configs, choices, seed=3)
+    foreseen = proposer.startup_picks(set())
+    assert len(foreseen) == STARTUP_TRIALS and len(set(foreseen)) == STARTUP_TRIALS
+    measured: dict = {}
+    for expected in foreseen:
+        config = proposer.propose(measured, set())
+        assert config == expected
+        assert proposer.runner_ups == foreseen[len(measured) + 1:len(measured) + 1 + RUNNER_UPS]
+        measured[config.key()] = landscape(config)
+    other = CandidateTPE(configs, choices, seed=4).startup_picks(set())
+    assert other != foreseen
 
 
 def test_proposals_end_when_every_candidate_is_measured_or_excluded():

@@ -73,7 +73,7 @@ class CandidateTPE:
     among which the landscape has isolated optima.
 
     After each proposal, :attr:`runner_ups` holds the candidates that came closest (the next
-    proposals' likeliest picks; empty while proposals are random).
+    proposals' likeliest picks; while proposals are random, the next random picks).
     """
 
     def __init__(self, candidates: Sequence[LaunchConfig], choices: Mapping[str, Sequence],
@@ -82,6 +82,10 @@ class CandidateTPE:
         self.keys = [config.key() for config in self.candidates]  # built once: proposals are hot
         self.index = {key: position for position, key in enumerate(self.keys)}
         self.rng = random.Random(seed)
+        # The order random proposals take candidates in: fixed, so the startup's picks are
+        # known ahead (:meth:`startup_picks`) and compiled before they are proposed.
+        self.startup_order = list(range(len(self.candidates)))
+        self.rng.shuffle(self.startup_order)
         # Each candidate's knobs as the kernels see them: its ordered features, the policy.
         self.ranks = np.array([features(config, choices) for config in self.candidates])
         policies = list(choices["eviction_policy"])
@@ -112,10 +116,13 @@ class CandidateTPE:
         self.runner_ups = []
         if not open_positions:
             return None
-        open_positions = self._preferred(open_positions, [*measured, *excluded])
         known = [(value, self.index[key]) for key, value in measured.items() if key in self.index]
         if len(known) < STARTUP_TRIALS:
-            return self.candidates[self.rng.choice(open_positions)]
+            picks = self.startup_picks([*measured, *excluded],
+                                       min(1 + RUNNER_UPS, STARTUP_TRIALS - len(known)))
+            self.runner_ups = picks[1:]
+            return picks[0]
+        open_positions = self._preferred(open_positions, [*measured, *excluded])
         ranked = sorted(known, key=lambda item: (item[0] is None, item[0] or 0.0))
         split = good_count(len(ranked))
         good = [position for _, position in ranked[:split]]
@@ -130,6 +137,24 @@ class CandidateTPE:
         self.runner_ups = [self.candidates[position]
                            for position in ranked_positions[1:1 + RUNNER_UPS]]
         return self.candidates[ranked_positions[0]]
+
+    def startup_picks(self, taken: Collection[str], count: int = STARTUP_TRIALS
+                      ) -> list[LaunchConfig]:
+        """The next ``count`` random proposals, in order, if nothing but ``taken`` (configs
+        measured or in flight) and these picks is taken meanwhile: each the first open
+        preferred candidate in :attr:`startup_order`."""
+        taken = set(taken)
+        picks: list[LaunchConfig] = []
+        for _ in range(count):
+            open_positions = [position for position, key in enumerate(self.keys)
+                              if key not in taken]
+            if not open_positions:
+                break
+            preferred = set(self._preferred(open_positions, list(taken)))
+            position = next(position for position in self.startup_order if position in preferred)
+            picks.append(self.candidates[position])
+            taken.add(self.keys[position])
+        return picks
 
     def _preferred(self, open_positions: list[int], taken: list[str]) -> list[int]:
         """The open positions proposals prefer (the class docstring says which), or all."""

@@ -306,9 +306,12 @@ class StudyRun:
 
     def likely_configs(self) -> list[LaunchConfig]:
         """Unmeasured configs this study may well propose, likeliest first: its seeds, the
-        heuristic's neighbours, then a random sample, three times the trial budget in all."""
+        sampler's random startup picks, the heuristic's neighbours, then a random sample,
+        three times the trial budget in all."""
         heuristic = self.spec.heuristic(self.problem, self.device)
         ordered = self.seeds()
+        taken = [*self.measured, *self.inflight, *(config.key() for config in ordered)]
+        ordered += self.proposer.startup_picks(taken)
         if heuristic.key() in self.valid:
             ordered += [config for config in self.neighbours(heuristic) if config not in ordered]
         rest = [config for config in self.valid.values() if config not in ordered]

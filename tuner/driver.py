@@ -38,6 +38,10 @@ STICKY_TRIALS = 8
 # the next trial takes the driver about as long as a fast trial (a worker holding one ran dry,
 # BENCHMARKS.md); the sampler's picks are no worse with them in flight (simulate_search.py).
 TRIALS_ASKED_AHEAD = 2
+# A study's likely configs a worker compiles speculatively, per compile process it has: with
+# fewer processes a worker (more GPUs on a host) they would hold up the compiles it waits for
+# (BENCHMARKS.md: on 2 GPUs of 32 cores, 32 a study beat 96; on one GPU, 96 beat 32).
+SPECULATIVE_PER_PROCESS = 3
 
 
 def entry_from_result(result: StudyResult) -> TableEntry:
@@ -290,7 +294,8 @@ class Driver:
         self._speculated.add(marker)
         peers = sorted(worker.slot for worker in self.pool.workers if worker.device == job.run.device)
         index = peers.index(job.worker.slot) if job.worker.slot in peers else 0
-        likely, shares = job.run.likely_configs(), max(1, len(peers))
+        likely = job.run.likely_configs()[:SPECULATIVE_PER_PROCESS * self.pool.compile_processes]
+        shares = max(1, len(peers))
         ordered = [(job.run.problem, config) for offset in range(shares)
                    for config in likely[(index + offset) % shares::shares]]
         if first:

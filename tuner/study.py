@@ -31,6 +31,8 @@ from .storage import open_storage
 LOCAL_SEARCH_AFTER = 0.6
 # Best configs whose neighbours the local search visits, best first.
 LOCAL_SEARCH_TOP = 3
+# Configs of a study its workers compile speculatively, per trial of its budget.
+SPECULATIVE_PER_TRIAL = 3
 # The local search's next configs handed to the workers' compile processes with each trial.
 LOCAL_SEARCH_LOOKAHEAD = 4
 # Seconds between looks at what other drivers on the same storage measured and claimed.
@@ -307,7 +309,7 @@ class StudyRun:
     def likely_configs(self) -> list[LaunchConfig]:
         """Unmeasured configs this study may well propose, likeliest first: its seeds, the
         sampler's random startup picks, the heuristic's neighbours, then a random sample,
-        three times the trial budget in all."""
+        SPECULATIVE_PER_TRIAL times the trial budget in all."""
         heuristic = self.spec.heuristic(self.problem, self.device)
         ordered = self.seeds()
         taken = [*self.measured, *self.inflight, *(config.key() for config in ordered)]
@@ -317,7 +319,7 @@ class StudyRun:
         rest = [config for config in self.valid.values() if config not in ordered]
         random.Random(self.settings.seed).shuffle(rest)
         return [config for config in ordered + rest
-                if config.key() not in self.measured][:3 * self._trial_budget()]
+                if config.key() not in self.measured][:SPECULATIVE_PER_TRIAL * self._trial_budget()]
 
     def _unmeasured_neighbours(self) -> list[LaunchConfig]:
         """The local search's next configs, in order: the open neighbours of the best few

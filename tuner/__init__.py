@@ -12,7 +12,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Driver": "driver", "entry_from_result": "driver",
+    "Driver": "driver", "entry_from_result": "result",
     "format_columns": "columns",
     "InputError": "errors",
     "export_storage": "export", "results_in_storage": "export", "show_table": "export",

@@ -16,16 +16,16 @@ from typing import Any, Callable, Collection, Mapping
 
 import optuna
 
-from kernels import LaunchConfig, TableEntry, merge_entries
+from kernels import LaunchConfig, merge_entries
 from kernels.defaults import DeviceProperties, register_device_properties
 
 from .errors import is_fatal
 from .jobs import ConfirmJob, Job, TrialJob
 from .measure import Confirmation, Measurement
 from .problems import Problem, get_kernel
-from .progress import Progress
+from .progress import Progress, format_phases
 from .space import SearchSpace, SpaceError, load_space
-from .result import StudyResult
+from .result import StudyResult, entry_from_result
 from .study import Settings, Stage, StudyRun
 
 # A trial whose worker died is re-run elsewhere this many times before it fails.
@@ -42,16 +42,6 @@ TRIALS_ASKED_AHEAD = 2
 # fewer processes a worker (more GPUs on a host) they would hold up the compiles it waits for
 # (BENCHMARKS.md: on 2 GPUs of 32 cores, 32 a study beat 96; on one GPU, 96 beat 32).
 SPECULATIVE_PER_PROCESS = 3
-
-
-def entry_from_result(result: StudyResult) -> TableEntry:
-    """The lookup-table entry of a study's winner."""
-    spec = get_kernel(result.problem.kernel)
-    return spec.descriptor.table_entry(
-        spec.call(result.problem), result.device, result.config, ms=result.ms, gbps=result.gbps,
-        pct_of_copy=result.pct_of_copy, trials=result.trials,
-        compute_capability=result.compute_capability, torch=result.torch,
-        triton=result.triton, date=result.date)
 
 
 class Driver:
@@ -320,15 +310,7 @@ class Driver:
     def phase_report(self) -> str:
         """Milliseconds per measured trial of each driver and worker phase (and how many
         trials had a phase that not all had)."""
-        trials = max(1, self.progress.measured)
-
-        def count(name: str) -> str:
-            having = self.phase_trials.get(name, trials)
-            return f" ({having} trials)" if having < trials else ""
-
-        return "per trial (ms): " + ", ".join(
-            f"{name} {1e3 * seconds / trials:.0f}{count(name)}"
-            for name, seconds in self.phase_seconds.items())
+        return format_phases(self.phase_seconds, self.phase_trials, self.progress.measured)
 
     def busy_fractions(self) -> dict[int, float]:
         """Per worker slot, the share of the run's wall time it spent on jobs."""

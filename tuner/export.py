@@ -43,7 +43,7 @@ def export_storage(storage: optuna.storages.BaseStorage | str, out: str | os.Pat
     returns the number of entries exported."""
     from kernels import merge_entries
 
-    from .driver import entry_from_result
+    from .result import entry_from_result
 
     entries = [entry_from_result(result) for result in results_in_storage(storage)
                if device is None or result.device == device]
@@ -157,7 +157,7 @@ def write_triton_configs(args: argparse.Namespace,
     returns the number of configs."""
     from kernels import load_table
 
-    from .driver import entry_from_result
+    from .result import entry_from_result
 
     if not args.kernel:
         raise InputError("--format triton-configs needs --kernel NAME (the kernel's name in the table)")

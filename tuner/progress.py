@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 import warnings
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Mapping, TextIO
 
 if TYPE_CHECKING:
     from .study import StudyRun
@@ -120,3 +120,16 @@ class Progress:
             postfix += f", best {ms:.4g} ms {key}"
         self._bar.set_postfix_str(postfix, refresh=False)
         self._bar.refresh()
+
+
+def format_phases(seconds: Mapping[str, float], trials_with: Mapping[str, int], trials: int) -> str:
+    """Milliseconds per measured trial of each phase (and how many of the ``trials`` had a
+    phase that not all had), as ``--verbose`` prints them."""
+    trials = max(1, trials)
+
+    def count(name: str) -> str:
+        having = trials_with.get(name, trials)
+        return f" ({having} trials)" if having < trials else ""
+
+    return "per trial (ms): " + ", ".join(
+        f"{name} {1e3 * spent / trials:.0f}{count(name)}" for name, spent in seconds.items())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from kernels import LaunchConfig
+from kernels import LaunchConfig, TableEntry
 
 from .problems import Problem
 
@@ -52,3 +52,15 @@ class StudyResult:
                           data["problem"]["dtype"])
         return cls(**{**data, "problem": problem, "config": LaunchConfig.from_dict(data["config"]),
                       "resumed": True})
+
+
+def entry_from_result(result: StudyResult) -> TableEntry:
+    """The lookup-table entry of a study's winner."""
+    from .problems import get_kernel
+
+    spec = get_kernel(result.problem.kernel)
+    return spec.descriptor.table_entry(
+        spec.call(result.problem), result.device, result.config, ms=result.ms, gbps=result.gbps,
+        pct_of_copy=result.pct_of_copy, trials=result.trials,
+        compute_capability=result.compute_capability, torch=result.torch,
+        triton=result.triton, date=result.date)

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from kernels import LaunchConfig, nearest_configs
 
 from .claims import ClaimBook, is_measurement
+from .neighbours import local_search, neighbours
 from .measure import Confirmation, Measurement
 from .problems import KernelSpec, Problem
 from .result import StudyResult
@@ -275,32 +276,8 @@ class StudyRun:
         return None
 
     def neighbours(self, config: LaunchConfig) -> list[LaunchConfig]:
-        """Valid configs one step from ``config``: one numeric knob to the next value up or
-        down, the tile and the warps together (same work per thread), or another policy."""
-        values = config.as_dict()
-
-        def step(name: str, direction: int) -> Any:
-            ordered = sorted(self.choices[name])
-            index = ordered.index(values[name]) + direction
-            return ordered[index] if 0 <= index < len(ordered) else None
-
-        moves: list[dict[str, Any]] = []
-        for direction in (-1, 1):
-            for name in ("block_rows", "block_w", "num_warps"):
-                moves.append({name: step(name, direction)})
-            for tile in ("block_rows", "block_w"):
-                moves.append({tile: step(tile, direction), "num_warps": step("num_warps", direction)})
-        moves += [{"eviction_policy": policy} for policy in self.choices["eviction_policy"]]
-        # Stages last: they rarely change the time (tuner.sampler.REFINEMENT_KNOB).
-        moves += [{"num_stages": step("num_stages", direction)} for direction in (-1, 1)]
-        found = []
-        for move in moves:
-            if None in move.values():
-                continue
-            key = _key({**values, **move})
-            if key in self.valid and key != config.key() and self.valid[key] not in found:
-                found.append(self.valid[key])
-        return found
+        """Valid configs one step from ``config`` (:func:`tuner.neighbours.neighbours`)."""
+        return neighbours(config, self.choices, self.valid)
 
     def seeds(self) -> list[LaunchConfig]:
         """The configs this study measures first (the heuristic, the table's nearest entries)."""
@@ -322,19 +299,10 @@ class StudyRun:
                 if config.key() not in self.measured][:SPECULATIVE_PER_TRIAL * self._trial_budget()]
 
     def _unmeasured_neighbours(self) -> list[LaunchConfig]:
-        """The local search's next configs, in order: the open neighbours of the best few
-        configs, best first; those that only change the stages after all the others."""
+        """The local search's next configs, in order (:func:`tuner.neighbours.local_search`)."""
         ranked = sorted((value, key) for key, value in self.measured.items() if value is not None)
         best = [self.valid[key] for _, key in ranked[:LOCAL_SEARCH_TOP]]
-        found: dict[LaunchConfig, None] = {}
-        for stages_only in (False, True):
-            for config in best:
-                for neighbour in self.neighbours(config):
-                    if (neighbour.num_stages != config.num_stages) == stages_only \
-                            and neighbour.key() not in self.measured \
-                            and neighbour.key() not in self.inflight:
-                        found.setdefault(neighbour)
-        return list(found)
+        return local_search(best, self.choices, self.valid, {*self.measured, *self.inflight})
 
     def _unmeasured_neighbour(self) -> LaunchConfig | None:
         return next(iter(self._unmeasured_neighbours()), None)
@@ -419,11 +387,3 @@ class StudyRun:
         best = f"best {self.best[0]:.4g} ms {self.best[1]}" if self.best else "no result yet"
         return (f"{self.problem.shape_text} {self.problem.dtype} on {self.device}: "
                 f"{self.n_measured}/{self._trial_budget()} measured, {best}")
-
-
-def _key(params: dict[str, Any]) -> str:
-    try:
-        return LaunchConfig(**params).key()
-    except ValueError:
-        return ""
-

@@ -1,0 +1,59 @@
+"""The neighbourhood of a config in a study's space, where its local search looks."""
+
+from __future__ import annotations
+
+from typing import Any, Collection, Mapping, Sequence
+
+from kernels import LaunchConfig
+
+
+def neighbours(config: LaunchConfig, choices: Mapping[str, Sequence],
+               valid: Mapping[str, LaunchConfig]) -> list[LaunchConfig]:
+    """The ``valid`` configs (by key) one step from ``config``: one numeric knob to the next of
+    its ``choices`` up or down, the tile and the warps together (same work per thread), another
+    policy, and last the stages (they rarely change the time: tuner.sampler.REFINEMENT_KNOB)."""
+    values = config.as_dict()
+
+    def step(name: str, direction: int) -> Any:
+        ordered = sorted(choices[name])
+        index = ordered.index(values[name]) + direction
+        return ordered[index] if 0 <= index < len(ordered) else None
+
+    moves: list[dict[str, Any]] = []
+    for direction in (-1, 1):
+        for name in ("block_rows", "block_w", "num_warps"):
+            moves.append({name: step(name, direction)})
+        for tile in ("block_rows", "block_w"):
+            moves.append({tile: step(tile, direction), "num_warps": step("num_warps", direction)})
+    moves += [{"eviction_policy": policy} for policy in choices["eviction_policy"]]
+    moves += [{"num_stages": step("num_stages", direction)} for direction in (-1, 1)]
+    found = []
+    for move in moves:
+        if None in move.values():
+            continue
+        key = _key({**values, **move})
+        if key in valid and key != config.key() and valid[key] not in found:
+            found.append(valid[key])
+    return found
+
+
+def local_search(best: Sequence[LaunchConfig], choices: Mapping[str, Sequence],
+                 valid: Mapping[str, LaunchConfig], taken: Collection[str]) -> list[LaunchConfig]:
+    """The configs a local search around ``best`` (best first) tries, in order: their
+    neighbours not ``taken`` (measured or in flight), those that only change the stages after
+    all the others."""
+    found: dict[LaunchConfig, None] = {}
+    for stages_only in (False, True):
+        for config in best:
+            for neighbour in neighbours(config, choices, valid):
+                if (neighbour.num_stages != config.num_stages) == stages_only \
+                        and neighbour.key() not in taken:
+                    found.setdefault(neighbour)
+    return list(found)
+
+
+def _key(params: dict[str, Any]) -> str:
+    try:
+        return LaunchConfig(**params).key()
+    except ValueError:
+        return ""

@@ -16,8 +16,8 @@ from optuna.trial import TrialState
 from kernels import LaunchConfig, nearest_configs
 
 from .claims import ClaimBook, is_measurement
-from .neighbours import local_search, neighbours
 from .measure import Confirmation, Measurement
+from .neighbours import local_search, neighbours
 from .problems import KernelSpec, Problem
 from .result import StudyResult
 from .sampler import CandidateTPE
@@ -26,7 +26,7 @@ from .storage import open_storage
 
 # Once this share of a study's trials is measured, the unmeasured neighbours of its best
 # configs are proposed before TPE's picks: TPE finds the right region, the neighbours the
-# best point in it (few configs in a landscape are within 2% of the best). Past half: TPE's
+# best point in it (few configs in a landscape are within 2% of the best). Until then TPE's
 # picks each try a new tiling (tuner.sampler), which finds isolated optima a local search
 # from the best few cannot reach.
 LOCAL_SEARCH_AFTER = 0.6
@@ -258,8 +258,9 @@ class StudyRun:
             return config
 
     def likely_next(self) -> list[LaunchConfig]:
-        """Configs the next asks will likely propose (the sampler's runner-ups of the last
-        one), neither measured nor running: worth compiling now."""
+        """Configs the next asks will likely propose (the local search's next ones once it is
+        near, the sampler's runner-ups of the last ask), neither measured nor running: worth
+        compiling now."""
         busy = set(self.inflight) | self.others
         likely = list(self.proposer.runner_ups)
         if self.n_measured + len(self.inflight) >= LOCAL_SEARCH_AFTER * self._trial_budget():

@@ -134,11 +134,17 @@ def test_proposals_try_every_tiling_at_one_stage_before_refining_one():
     tilings = {tiling(config) for config in configs}
     at_one_stage = [config for config in configs if config.num_stages == 1]
     assert len(tilings) < len(at_one_stage) < len(configs)
-    measured = search(CandidateTPE(configs, choices, seed=1), len(configs))
+    assert space.refine_last == ("num_stages",)
+    measured = search(CandidateTPE(configs, choices, seed=1, refine_last=space.refine_last),
+                      len(configs))
     order = [next(c for c in configs if c.key() == key) for key in measured]
     assert {tiling(config) for config in order[:len(tilings)]} == tilings
     assert all(config.num_stages == 1 for config in order[:len(at_one_stage)])
     assert all(config.num_stages > 1 for config in order[len(at_one_stage):])
+    # A space that does not say so (a kernel whose time may depend on its stages) gets no such
+    # preference: its first proposals already try other stage counts.
+    unpreferred = search(CandidateTPE(configs, choices, seed=1), len(at_one_stage))
+    assert any(key not in {config.key() for config in at_one_stage} for key in unpreferred)
 
 
 def test_default_compile_processes_share_a_host(monkeypatch):

@@ -182,6 +182,11 @@ BAD_SPACES = {
     "top level a list": ("- 1\n- 2\n", r"expected a mapping with keys"),
     "empty file": ("", r"expected a mapping with keys"),
     "invalid YAML": (GOOD_SPACE + "  num_warps: [1, 2\n", r"not valid YAML"),
+    "refine_last an unordered knob": (GOOD_SPACE + "refine_last: [eviction_policy]\n",
+                                      r"refine_last: expected a list of knobs among "
+                                      r"\['block_rows', 'block_w', 'num_warps', 'num_stages'\]"),
+    "refine_last not a list": (GOOD_SPACE + "refine_last: num_stages\n",
+                               r"refine_last: expected a list of knobs"),
 }
 
 

@@ -6,12 +6,15 @@ from typing import Any, Collection, Mapping, Sequence
 
 from kernels import LaunchConfig
 
+# The knobs whose values are ordered, each moved one step at a time.
+ORDERED_KNOBS = ("block_rows", "block_w", "num_warps", "num_stages")
+
 
 def neighbours(config: LaunchConfig, choices: Mapping[str, Sequence],
-               valid: Mapping[str, LaunchConfig]) -> list[LaunchConfig]:
+               valid: Mapping[str, LaunchConfig], last: Collection[str] = ()) -> list[LaunchConfig]:
     """The ``valid`` configs (by key) one step from ``config``: one numeric knob to the next of
     its ``choices`` up or down, the tile and the warps together (same work per thread), another
-    policy, and last the stages (they rarely change the time: tuner.sampler.REFINEMENT_KNOB)."""
+    policy, and last the steps of the knobs in ``last`` (a space's ``refine_last``)."""
     values = config.as_dict()
 
     def step(name: str, direction: int) -> Any:
@@ -21,12 +24,14 @@ def neighbours(config: LaunchConfig, choices: Mapping[str, Sequence],
 
     moves: list[dict[str, Any]] = []
     for direction in (-1, 1):
-        for name in ("block_rows", "block_w", "num_warps"):
-            moves.append({name: step(name, direction)})
+        for name in ORDERED_KNOBS:
+            if name not in last:
+                moves.append({name: step(name, direction)})
         for tile in ("block_rows", "block_w"):
             moves.append({tile: step(tile, direction), "num_warps": step("num_warps", direction)})
     moves += [{"eviction_policy": policy} for policy in choices["eviction_policy"]]
-    moves += [{"num_stages": step("num_stages", direction)} for direction in (-1, 1)]
+    moves += [{name: step(name, direction)} for name in ORDERED_KNOBS if name in last
+              for direction in (-1, 1)]
     found = []
     for move in moves:
         if None in move.values():
@@ -38,15 +43,18 @@ def neighbours(config: LaunchConfig, choices: Mapping[str, Sequence],
 
 
 def local_search(best: Sequence[LaunchConfig], choices: Mapping[str, Sequence],
-                 valid: Mapping[str, LaunchConfig], taken: Collection[str]) -> list[LaunchConfig]:
+                 valid: Mapping[str, LaunchConfig], taken: Collection[str],
+                 last: Collection[str] = ()) -> list[LaunchConfig]:
     """The configs a local search around ``best`` (best first) tries, in order: their
-    neighbours not ``taken`` (measured or in flight), those that only change the stages after
-    all the others."""
+    neighbours not ``taken`` (measured or in flight), those that only change knobs in ``last``
+    after all the others."""
     found: dict[LaunchConfig, None] = {}
-    for stages_only in (False, True):
+    for refining in (False, True):
         for config in best:
-            for neighbour in neighbours(config, choices, valid):
-                if (neighbour.num_stages != config.num_stages) == stages_only \
+            for neighbour in neighbours(config, choices, valid, last):
+                changed = {name for name in ORDERED_KNOBS
+                           if getattr(neighbour, name) != getattr(config, name)}
+                if (bool(changed) and changed <= set(last)) == refining \
                         and neighbour.key() not in taken:
                     found.setdefault(neighbour)
     return list(found)

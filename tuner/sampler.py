@@ -40,11 +40,6 @@ RUNNER_UPS = 3
 # other categories.
 BANDWIDTH_RANKS = 1.0
 OTHER_CATEGORY_WEIGHT = 0.2
-# A knob the estimator leaves at its smallest value while such configs are open: the chunked
-# loop's pipelining stages change a config's time by under 2% in nearly every recorded grid,
-# while their other values make up two thirds of a chunked space. The local search
-# (tuner.study) tries them around the best configs; the estimator once no other config is open.
-REFINEMENT_KNOB = "num_stages"
 
 
 def good_count(measured: int) -> int:
@@ -67,17 +62,20 @@ def tiling(config: LaunchConfig) -> tuple[int, int, int]:
 class CandidateTPE:
     """Proposes the valid config that TPE expects to improve most, from a fixed candidate list.
 
-    Proposals prefer, in turn, configs at the smallest REFINEMENT_KNOB value and configs whose
-    :func:`tiling` is neither measured nor in flight in any policy: before the policy of a
-    tiling is refined (by the estimator or the local search), the search covers more tilings,
-    among which the landscape has isolated optima.
+    Proposals prefer, in turn, configs at the smallest value of each ``refine_last`` knob (a
+    search space's setting: knobs that rarely change the time, such as the pipelining stages
+    of a memory-bound row kernel, which change it by under 2% in nearly every recorded grid
+    while making up two thirds of a chunked space) and configs whose :func:`tiling` is neither
+    measured nor in flight in any policy: before the policy of a tiling is refined (by the
+    estimator or the local search), the search covers more tilings, among which the
+    landscape has isolated optima.
 
     After each proposal, :attr:`runner_ups` holds the candidates that came closest (the next
     proposals' likeliest picks; while proposals are random, the next random picks).
     """
 
     def __init__(self, candidates: Sequence[LaunchConfig], choices: Mapping[str, Sequence],
-                 seed: int = 0) -> None:
+                 seed: int = 0, refine_last: Sequence[str] = ()) -> None:
         self.candidates = list(candidates)
         self.keys = [config.key() for config in self.candidates]  # built once: proposals are hot
         self.index = {key: position for position, key in enumerate(self.keys)}
@@ -93,8 +91,7 @@ class CandidateTPE:
                                   for config in self.candidates])
         self.other_policy_weight = OTHER_CATEGORY_WEIGHT / max(1, len(policies) - 1)
         self.tilings = [tiling(config) for config in self.candidates]
-        smallest = min(choices[REFINEMENT_KNOB])
-        self.refinements = [getattr(config, REFINEMENT_KNOB) > smallest
+        self.refinements = [any(getattr(config, knob) > min(choices[knob]) for knob in refine_last)
                             for config in self.candidates]
         self.runner_ups: list[LaunchConfig] = []
 

@@ -11,9 +11,13 @@ A space file (search_spaces/<kernel>.yaml)::
       eviction_policy: ["", evict_first]
     restrictions:                    # named predicates from RESTRICTIONS, with their argument
       max_tile_elements: 16384
+    refine_last: [num_stages]        # optional: knobs the search leaves at their smallest value
+                                     # until every other combination is tried once
 
 ``relative_to_width`` gives the powers of two from the row's next power of two down to that
-over ``max_chunks``, clamped to [min, max].
+over ``max_chunks``, clamped to [min, max]. ``refine_last`` suits knobs that rarely change a
+kernel's time (the pipelining stages of a memory-bound row kernel); a kernel whose time does
+depend on them should leave them out.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from kernels.defaults import conv_tail_shared_bytes
 from .errors import InputError
 
 PARAMETERS = ("block_rows", "block_w", "num_warps", "num_stages", "eviction_policy")
-_TOP_LEVEL = ("kernel", "parameters", "restrictions")
+_TOP_LEVEL = ("kernel", "parameters", "restrictions", "refine_last")
+# Knobs with ordered values, which refine_last may name.
+ORDERED_PARAMETERS = ("block_rows", "block_w", "num_warps", "num_stages")
 
 
 class SpaceError(InputError):
@@ -89,6 +95,7 @@ class SearchSpace:
     parameters: dict[str, Any]
     restrictions: dict[str, Any]
     path: str = "<memory>"
+    refine_last: tuple[str, ...] = ()  # knobs left at their smallest value while others are open
 
     def values(self, name: str, key: TableKey) -> list:
         """The values of one knob for a problem (block_w may depend on the width)."""
@@ -184,7 +191,12 @@ def parse_space(data: Any, path: str = "<memory>") -> SearchSpace:
         kind = RESTRICTIONS[name][0]
         if not isinstance(argument, kind) or (kind is int and isinstance(argument, bool)):
             raise SpaceError(f"{path}: restrictions.{name}: expected {kind.__name__}, got {argument!r}")
-    return SearchSpace(data["kernel"], checked, dict(restrictions), path)
+    refine_last = data.get("refine_last") or []
+    if not isinstance(refine_last, list) or not set(refine_last) <= set(ORDERED_PARAMETERS):
+        raise SpaceError(f"{path}: refine_last: expected a list of knobs among "
+                         f"{list(ORDERED_PARAMETERS)}, got {refine_last!r}")
+    return SearchSpace(data["kernel"], checked, dict(restrictions), path,
+                       tuple(dict.fromkeys(refine_last)))
 
 
 def check_keys(data: Any, accepted: Iterable[str], error: type[InputError], path: str) -> None:

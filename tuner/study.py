@@ -88,7 +88,9 @@ class StudyRun:
                                          load_if_exists=True)
         self.claims = ClaimBook(self.storage,
                                 self.storage.get_study_id_from_name(self.study.study_name))
-        self.proposer = CandidateTPE(list(self.valid.values()), self.choices, settings.seed)
+        self.refine_last = space.refine_last
+        self.proposer = CandidateTPE(list(self.valid.values()), self.choices, settings.seed,
+                                     self.refine_last)
         self.queued: collections.deque[LaunchConfig] = collections.deque()  # proposed first
         self.distributions = {name: optuna.distributions.CategoricalDistribution(self.choices[name])
                               for name in PARAMETERS}
@@ -278,7 +280,7 @@ class StudyRun:
 
     def neighbours(self, config: LaunchConfig) -> list[LaunchConfig]:
         """Valid configs one step from ``config`` (:func:`tuner.neighbours.neighbours`)."""
-        return neighbours(config, self.choices, self.valid)
+        return neighbours(config, self.choices, self.valid, self.refine_last)
 
     def seeds(self) -> list[LaunchConfig]:
         """The configs this study measures first (the heuristic, the table's nearest entries)."""
@@ -303,7 +305,8 @@ class StudyRun:
         """The local search's next configs, in order (:func:`tuner.neighbours.local_search`)."""
         ranked = sorted((value, key) for key, value in self.measured.items() if value is not None)
         best = [self.valid[key] for _, key in ranked[:LOCAL_SEARCH_TOP]]
-        return local_search(best, self.choices, self.valid, {*self.measured, *self.inflight})
+        return local_search(best, self.choices, self.valid, {*self.measured, *self.inflight},
+                            self.refine_last)
 
     def _unmeasured_neighbour(self) -> LaunchConfig | None:
         return next(iter(self._unmeasured_neighbours()), None)

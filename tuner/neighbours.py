@@ -6,8 +6,7 @@ from typing import Any, Collection, Mapping, Sequence
 
 from kernels import LaunchConfig
 
-# The knobs whose values are ordered, each moved one step at a time.
-ORDERED_KNOBS = ("block_rows", "block_w", "num_warps", "num_stages")
+from .space import ORDERED_PARAMETERS
 
 
 def neighbours(config: LaunchConfig, choices: Mapping[str, Sequence],
@@ -24,13 +23,13 @@ def neighbours(config: LaunchConfig, choices: Mapping[str, Sequence],
 
     moves: list[dict[str, Any]] = []
     for direction in (-1, 1):
-        for name in ORDERED_KNOBS:
+        for name in ORDERED_PARAMETERS:
             if name not in last:
                 moves.append({name: step(name, direction)})
         for tile in ("block_rows", "block_w"):
             moves.append({tile: step(tile, direction), "num_warps": step("num_warps", direction)})
     moves += [{"eviction_policy": policy} for policy in choices["eviction_policy"]]
-    moves += [{name: step(name, direction)} for name in ORDERED_KNOBS if name in last
+    moves += [{name: step(name, direction)} for name in ORDERED_PARAMETERS if name in last
               for direction in (-1, 1)]
     found = []
     for move in moves:
@@ -52,7 +51,7 @@ def local_search(best: Sequence[LaunchConfig], choices: Mapping[str, Sequence],
     for refining in (False, True):
         for config in best:
             for neighbour in neighbours(config, choices, valid, last):
-                changed = {name for name in ORDERED_KNOBS
+                changed = {name for name in ORDERED_PARAMETERS
                            if getattr(neighbour, name) != getattr(config, name)}
                 if (bool(changed) and changed <= set(last)) == refining \
                         and neighbour.key() not in taken:

@@ -40,7 +40,7 @@ from .errors import InputError
 
 PARAMETERS = ("block_rows", "block_w", "num_warps", "num_stages", "eviction_policy")
 _TOP_LEVEL = ("kernel", "parameters", "restrictions", "refine_last")
-# Knobs with ordered values, which refine_last may name.
+# Knobs with ordered values (moved a step at a time by the local search; refine_last may name them).
 ORDERED_PARAMETERS = ("block_rows", "block_w", "num_warps", "num_stages")
 
 

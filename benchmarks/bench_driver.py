@@ -9,7 +9,10 @@ With ``--sweep``, the whole driver (tuner.Driver, SQLite storage) runs a sweep o
 x 32 trials over simulated workers, threads that take ``--trial-ms`` a trial like a GPU: how
 busy it keeps 1, 2, 4, 8 of them, and where its own time goes.
 
-    python benchmarks/bench_driver.py --sweep [--workers 1,2,4,8] [--trial-ms 110]
+    python benchmarks/bench_driver.py --sweep [--workers 1,2,4,8] [--trial-ms 110] [--no-recorder]
+
+``--no-recorder`` keeps every storage write in the dispatch loop (no tuner.recorder process),
+as before the recorder, for comparison.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from common import print_table  # noqa: E402
 from heldout import SEED, heldout_shapes  # noqa: E402
 from tuner import (Confirmation, Driver, Measurement, Progress, Settings,  # noqa: E402
                    StudyRun, get_kernel, load_space)
+import tuner.driver  # noqa: E402
 from tuner.pools import Pool  # noqa: E402
 from tuner.storage import open_storage  # noqa: E402
 
@@ -125,12 +129,18 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--workers", default="1,2,4,8")
     parser.add_argument("--trial-ms", type=float, default=110.0)
+    parser.add_argument("--no-recorder", action="store_true",
+                        help="write the storage from the dispatch loop, whatever the workers")
     args = parser.parse_args()
+    if args.no_recorder:
+        tuner.driver.BACKGROUND_WRITES_FROM_WORKERS = 1 << 30
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.sweep:
         folder = tempfile.mkdtemp()
         rows = [sweep(int(count), args.trial_ms / 1e3, folder) for count in args.workers.split(",")]
-        print(f"optuna {optuna.__version__}; {args.trial_ms:g} ms a simulated trial; SQLite")
+        print(f"optuna {optuna.__version__}; {args.trial_ms:g} ms a simulated trial; SQLite, "
+              + ("no recorder" if args.no_recorder else "recorder from "
+                 f"{tuner.driver.BACKGROUND_WRITES_FROM_WORKERS} workers"))
         print_table(["workers", "trials", "wall s", "trials/s", "per worker", "busy",
                      "asking ms", "telling ms"], rows)
         return

@@ -102,15 +102,19 @@ _HEARTBEATS = _Heartbeats()
 class ClaimBook:
     """The claims one study run holds in one study of a storage."""
 
-    def __init__(self, storage: optuna.storages.BaseStorage, study_id: int) -> None:
+    def __init__(self, storage: optuna.storages.BaseStorage, study_id: int,
+                 owner: str | None = None) -> None:
+        """``owner`` names the driver the claims are made for (by default this process): a
+        driver's recorder process (tuner.recorder) claims in the name of its driver."""
         self.storage, self.study_id = storage, study_id
         # Only storages other processes can open need claims; InMemoryStorage is one process's.
         self.enabled = callable(getattr(storage, "record_heartbeat", None))
         self.heartbeats = self.enabled and bool(storage.get_heartbeat_interval())
-        self.token = uuid.uuid4().hex
-        self.owner = f"{HOST}/{os.getpid()}/{self.token}"
+        self.token = uuid.uuid4().hex if owner is None else owner.rpartition("/")[2]
+        self.owner = owner or f"{HOST}/{os.getpid()}/{self.token}"
         self.held: set[int] = set()
-        _LIVE_TOKENS.add(self.token)
+        if owner is None:
+            _LIVE_TOKENS.add(self.token)
 
     def close(self) -> None:
         """Forgets this book: claims still held count as left by a dead driver."""
@@ -150,13 +154,19 @@ class ClaimBook:
                 return None
         return trial_id
 
-    def finish(self, trial_id: int, frozen: FrozenTrial) -> None:
-        """Turns the claim into the measured trial ``frozen`` (attributes, then state)."""
+    def lost_keys(self) -> set[str]:
+        """Configs whose claims were found lost since the last call: none here, where
+        :meth:`claim` answers at once (see tuner.recorder for claims that answer later)."""
+        return set()
+
+    def finish(self, trial_id: int, frozen: FrozenTrial, attrs_written: bool = False) -> None:
+        """Turns the claim into the measured trial ``frozen`` (attributes, unless the claim was
+        made with them, then state)."""
         _HEARTBEATS.remove(self.storage, trial_id)
         self.held.discard(trial_id)
         try:
             for name, value in frozen.user_attrs.items():
-                if name != "config":  # the claim holds it (each write is a transaction)
+                if name != "config" and not attrs_written:  # each write is a transaction
                     self.storage.set_trial_user_attr(trial_id, name, value)
             self.storage.set_trial_state_values(
                 trial_id, frozen.state, None if frozen.value is None else [frozen.value])

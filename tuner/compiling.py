@@ -30,16 +30,19 @@ FEED_POLL_S = 0.05
 COMPILE_NICENESS = 10
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent_pid: int | None = None) -> None:
     """On Linux, has the kernel kill this process when its parent dies, even by SIGKILL, so
-    that no worker or compile process outlives the driver that started it."""
+    that no worker or compile process outlives the driver that started it. With
+    ``parent_pid``, a parent that died before this was set up ends this process now."""
     import ctypes
     import signal
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the pools' shutdown still ends them
-        pass
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def _start_compile_process() -> None:

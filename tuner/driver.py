@@ -16,14 +16,16 @@ from typing import Any, Callable, Collection, Mapping
 
 import optuna
 
-from kernels import LaunchConfig, merge_entries
+from kernels import merge_entries
 from kernels.defaults import DeviceProperties, register_device_properties
 
 from .errors import is_fatal
 from .jobs import ConfirmJob, Job, TrialJob
+from .lookahead import Lookahead
 from .measure import Confirmation, Measurement
 from .problems import Problem, get_kernel
 from .progress import Progress, format_phases
+from .recorder import Recorder, RecorderError
 from .space import SearchSpace, SpaceError, load_space
 from .result import StudyResult, entry_from_result
 from .study import Settings, Stage, StudyRun
@@ -38,10 +40,9 @@ STICKY_TRIALS = 8
 # the next trial takes the driver about as long as a fast trial (a worker holding one ran dry,
 # BENCHMARKS.md); the sampler's picks are no worse with them in flight (simulate_search.py).
 TRIALS_ASKED_AHEAD = 2
-# A study's likely configs a worker compiles speculatively, per compile process it has: with
-# fewer processes a worker (more GPUs on a host) they would hold up the compiles it waits for
-# (BENCHMARKS.md: on 2 GPUs of 32 cores, 32 a study beat 96; on one GPU, 96 beat 32).
-SPECULATIVE_PER_PROCESS = 3
+# From this many workers on, an SQL storage is written by a recorder process: one driver's
+# storage work (tens of ms a trial) would otherwise keep that many GPUs waiting (BENCHMARKS.md).
+BACKGROUND_WRITES_FROM_WORKERS = 2
 
 
 class Driver:
@@ -63,10 +64,12 @@ class Driver:
         # without waiting for the driver (busy telling and asking for other workers); the
         # workers' other compile processes compile the studies' configs speculatively.
         self.prefetch = min(TRIALS_ASKED_AHEAD, pool.compile_processes)
-        self._speculated: set[tuple[int, str]] = set()
+        self.lookahead = Lookahead(pool)
         # The problem each worker slot last measured: its inputs are ready there.
         self.held_problem: dict[int, Problem] = {}
         self.runs: list[StudyRun] = []
+        # Writes the run's trials to an SQL storage in a process of its own (tuner.recorder).
+        self.recorder: Recorder | None = None
         self._problems: list[Problem] = []  # run()'s, for the studies of workers joining later
         self._only_on: Mapping[Problem, Collection[str]] | None = None
         self._spaces: dict[str, SearchSpace] = {}
@@ -102,6 +105,8 @@ class Driver:
         self._problems, self._only_on = problems, only_on
         self._spaces = {problem.kernel: self._space_for(problem.kernel) for problem in problems}
         self.runs = []
+        if len(self.pool.workers) >= BACKGROUND_WRITES_FROM_WORKERS:
+            self.recorder = Recorder.for_storage(self.storage)
         self._admit(self.pool.workers)
         started = time.monotonic()
         deadline = None if self.settings.timeout is None else started + self.settings.timeout
@@ -109,11 +114,24 @@ class Driver:
             self._loop(deadline)
         except BaseException:
             self._abandon_inflight()
+            self._close_recorder(raise_errors=False)
             raise
         finally:
             self.wall_seconds = time.monotonic() - started
+        self._close_recorder(raise_errors=True)
         self.progress.update(self.runs, 0, len(self.pool.workers), force=True)
         return [run.result for run in self.runs if run.result is not None]
+
+    def _close_recorder(self, raise_errors: bool) -> None:
+        """Waits for the recorder to write the run's trials, then ends it."""
+        recorder, self.recorder = self.recorder, None
+        if recorder is None:
+            return
+        try:
+            recorder.close()
+        except RecorderError:
+            if raise_errors:
+                raise
 
     def _admit(self, workers: list[Any]) -> None:
         """Takes on workers (those the pool started with, then those that joined it later):
@@ -122,7 +140,8 @@ class Driver:
         self._learn_devices(workers)
         for device in sorted({worker.device for worker in workers} - devices):
             new = [StudyRun(get_kernel(problem.kernel), problem, device,
-                            self._spaces[problem.kernel], self.storage, self.settings)
+                            self._spaces[problem.kernel], self.storage, self.settings,
+                            self.recorder)
                    for problem in self._problems
                    if self._only_on is None or device in self._only_on.get(problem, ())]
             self.runs.extend(new)
@@ -213,7 +232,8 @@ class Driver:
                 job = self._ask(worker, now, deadline)
                 if job is None:
                     break
-                worker.prefetch([(job.run.problem, job.config)], self._speculative_for(job),
+                worker.prefetch([(job.run.problem, job.config)],
+                                self.lookahead.speculative(job, self.runs),
                                 [(job.run.problem, config) for config in job.run.likely_next()])
                 self._submit(job)
 
@@ -269,33 +289,6 @@ class Driver:
         if queue and queue[0] in self.inflight:
             self.inflight[queue[0]].started = time.monotonic()
         return job, running
-
-    def _speculative_for(self, job: TrialJob) -> list[tuple[Problem, LaunchConfig]]:
-        """Once per worker and study: the study's likely configs, to compile whenever the
-        worker's compile processes are free. The device's workers split them in shares, each
-        its own share first (peers measuring the study meanwhile compile theirs), then the
-        others' (compiled already, they are found in the cache at once; and a peer that never
-        takes the study never compiles its share). A worker's first list also holds every other
-        study's seeds, so that each study's first trial finds its config compiled."""
-        marker = (job.worker.slot, job.run.study.study_name)
-        if not self.pool.compile_processes or marker in self._speculated:
-            return []
-        first = not any(slot == job.worker.slot for slot, _ in self._speculated)
-        self._speculated.add(marker)
-        peers = sorted(worker.slot for worker in self.pool.workers if worker.device == job.run.device)
-        index = peers.index(job.worker.slot) if job.worker.slot in peers else 0
-        likely = job.run.likely_configs()[:SPECULATIVE_PER_PROCESS * self.pool.compile_processes]
-        shares = max(1, len(peers))
-        ordered = [(job.run.problem, config) for offset in range(shares)
-                   for config in likely[(index + offset) % shares::shares]]
-        if first:
-            # The first config of each other study (which would otherwise compile as the
-            # worker reaches it), after one round of this study's.
-            seeds = [(run.problem, config) for run in self.runs
-                     if run is not job.run and run.device == job.run.device and not run.done
-                     for config in run.seeds()]
-            ordered[self.pool.compile_processes:self.pool.compile_processes] = seeds
-        return ordered
 
     def _replace_worker(self, worker: Any) -> None:
         """A fresh worker takes the GPU; the jobs queued on the old one behind the one at fault

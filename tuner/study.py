@@ -19,6 +19,7 @@ from .claims import ClaimBook, is_measurement
 from .measure import Confirmation, Measurement
 from .neighbours import local_search, neighbours
 from .problems import KernelSpec, Problem
+from .recorder import RecordedClaims, Recorder
 from .result import StudyResult
 from .sampler import CandidateTPE
 from .space import PARAMETERS, SearchSpace
@@ -71,7 +72,8 @@ class StudyRun:
     """Drives one study: ask (a valid config not measured yet), tell, confirm."""
 
     def __init__(self, spec: KernelSpec, problem: Problem, device: str, space: SearchSpace,
-                 storage: optuna.storages.BaseStorage | str, settings: Settings) -> None:
+                 storage: optuna.storages.BaseStorage | str, settings: Settings,
+                 recorder: Recorder | None = None) -> None:
         self.spec, self.problem, self.device, self.settings = spec, problem, device, settings
         self.table_key = spec.table_key(problem)
         self.choices = space.choices(self.table_key)
@@ -86,8 +88,10 @@ class StudyRun:
         self.study = optuna.create_study(study_name=study_name(problem, device),
                                          storage=self.storage, direction="minimize",
                                          load_if_exists=True)
-        self.claims = ClaimBook(self.storage,
-                                self.storage.get_study_id_from_name(self.study.study_name))
+        self.claims: ClaimBook | RecordedClaims = ClaimBook(
+            self.storage, self.storage.get_study_id_from_name(self.study.study_name))
+        if recorder is not None and self.claims.enabled:  # its process writes the trials
+            self.claims = recorder.book(self.claims)
         self.refine_last = space.refine_last
         self.proposer = CandidateTPE(list(self.valid.values()), self.choices, settings.seed,
                                      self.refine_last)
@@ -105,7 +109,8 @@ class StudyRun:
         self.inflight: dict[str, LaunchConfig] = {}
         # Configs left out of the confirm stage after it failed with them untried (tuner.driver).
         self.unconfirmable: set[str] = set()
-        self.claimed: dict[str, int] = {}  # config key -> trial id of this run's claim
+        # config key -> this run's claim: its trial id (its recorder's token with a recorder)
+        self.claimed: dict[str, int] = {}
         self.others: set[str] = set()  # configs other live drivers claimed and are measuring
         self._loaded: set[int] = set()  # numbers of finished trials already learned from
         self._refreshed = 0.0
@@ -234,6 +239,7 @@ class StudyRun:
         """The next config to measure, or None when every valid config is measured or running."""
         if self.claims.enabled and time.monotonic() - self._refreshed >= REFRESH_S:
             self.refresh()
+        self.others |= self.claims.lost_keys() - set(self.measured)
         if self.n_measured >= LOCAL_SEARCH_AFTER * self._trial_budget():
             local = self._unmeasured_neighbour()
             if local is not None:

@@ -1,0 +1,162 @@
+"""The recorder (tuner.recorder): a driver's claims and measurements written by a process of its
+own, in order, with lost races dropped and reported; concurrent drivers still record each
+config once. SQLite; no Ray: measurements are fake."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tuner.claims import is_measurement
+from tuner.measure import Measurement
+from tuner.problems import get_kernel
+from tuner.recorder import Recorder, RecorderError
+from tuner.space import parse_space
+from tuner.storage import open_storage
+from tuner.study import Settings, StudyRun
+
+SPEC = get_kernel("add_layernorm")
+PROBLEM = SPEC.problem("128x64", "float32")
+SPACE = parse_space({"kernel": "add_layernorm", "restrictions": {}, "parameters": {
+    "block_rows": [2, 4, 8], "block_w": [64], "num_warps": [1, 2], "num_stages": [1],
+    "eviction_policy": ["", "evict_first"]}})  # 12 configs
+CONFIGS = sorted(config.key() for config in SPACE.candidates(SPEC.table_key(PROBLEM)))
+STUDY = "add_layernorm:interpreter:float32:128x64"
+
+
+@pytest.fixture
+def url(tmp_path):
+    return f"sqlite:///{tmp_path}/recorder.db"
+
+
+@pytest.fixture
+def recorder(url):
+    recorder = Recorder.for_storage(open_storage(url))
+    yield recorder
+    with contextlib.suppress(RecorderError):  # raised in the test already
+        recorder.close()
+
+
+def stored(url: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=STUDY, storage=url).trials
+
+
+def test_measurements_are_written_in_the_background_with_their_attributes(url, recorder):
+    run = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, url, Settings(trials=4), recorder)
+    told = {}
+    for index in range(4):
+        config = run.ask()
+        if index % 2:  # written separately, or together with its claim
+            recorder.flush()
+        told[config.key()] = 1.0 + index
+        run.tell(config, Measurement(config.key(), ms=1.0 + index, gbps=2.0), "gpu-7")
+    recorder.flush()
+    trials = stored(url)
+    assert len(trials) == 4 and all(is_measurement(trial) for trial in trials)
+    assert {trial.user_attrs["config"]: trial.value for trial in trials} == told
+    assert all(trial.state == TrialState.COMPLETE and trial.user_attrs["worker"] == "gpu-7"
+               and trial.user_attrs["gbps"] == 2.0 for trial in trials)
+    # A later run resumes from what the recorder wrote.
+    resumed = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, url, Settings(trials=4))
+    assert resumed.measured == told and resumed.search_finished(0.0, None)
+
+
+def test_a_lost_race_is_reported_and_its_measurement_dropped(url, recorder):
+    rival = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, url, Settings(trials=12))
+    taken = rival.ask()  # another driver's live claim, made first
+    run = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, url, Settings(trials=12), recorder)
+    run.proposer.propose = lambda measured, busy: taken  # proposes the rival's config
+    assert run.ask() == taken  # claimed optimistically: measured while the claim is written
+    run.tell(taken, Measurement(taken.key(), ms=9.0), "here")
+    recorder.flush()
+    assert taken.key() in run.claims.lost_keys()
+    rival.tell(taken, Measurement(taken.key(), ms=1.0), "rival")
+    measurements = [trial for trial in stored(url) if is_measurement(trial)]
+    assert [(trial.user_attrs["worker"], trial.value) for trial in measurements] == [("rival", 1.0)]
+    lost = [trial for trial in stored(url) if not is_measurement(trial)]
+    assert lost and all(trial.state == TrialState.FAIL and
+                        trial.user_attrs["released"].startswith("lost") for trial in lost)
+
+
+def test_abandoned_claims_are_released_or_never_written(url, recorder):
+    run = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, url, Settings(trials=12), recorder)
+    first = run.ask()
+    recorder.flush()  # written as a claim: released
+    second = run.ask()
+    run.abandon(first, "interrupted")
+    run.abandon(second, "interrupted")  # given up before it was written: nothing to write
+    recorder.flush()
+    [trial] = stored(url)
+    assert trial.user_attrs["config"] == first.key() and trial.state == TrialState.FAIL
+    assert trial.user_attrs["released"] == "interrupted"
+
+
+def test_a_failed_write_raises_in_the_driver(url, recorder):
+    run = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, url, Settings(trials=12), recorder)
+    run.claims.study_id = 10_000  # no such study: the recorder's write fails
+    run.ask()
+    with pytest.raises(RecorderError, match="writing to the storage failed"):
+        recorder.flush()
+    with pytest.raises(RecorderError):
+        run.ask()
+
+
+def drive(url: str, errors: list, seed: int) -> None:
+    """One driver with its own recorder: ask, 'measure', tell; wait while others finish."""
+    recorder = Recorder.for_storage(open_storage(url))
+    try:
+        rng = random.Random(seed)
+        run = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, url, Settings(trials=len(CONFIGS)),
+                       recorder)
+        while not run.search_finished(0.0, None):
+            config = run.ask()
+            if config is None:
+                time.sleep(0.02)
+                run.refresh()
+                continue
+            time.sleep(rng.uniform(0, 0.02))
+            run.tell(config, Measurement(config.key(), ms=rng.uniform(1, 2)), f"d{seed}")
+        recorder.flush()
+    except BaseException as error:  # reported by the main thread
+        errors.append(error)
+    finally:
+        recorder.close()
+
+
+def test_concurrent_drivers_with_recorders_record_each_config_once(url):
+    errors: list = []
+    threads = [threading.Thread(target=drive, args=(url, errors, seed)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert not errors, errors
+    measured = [trial.user_attrs["config"] for trial in stored(url) if is_measurement(trial)]
+    assert sorted(measured) == CONFIGS, "every config recorded exactly once"
+
+
+def test_the_recorder_dies_with_its_driver(url, tmp_path):
+    script = (f"import os; from tuner.recorder import Recorder; from tuner.storage import open_storage\n"
+              f"recorder = Recorder.for_storage(open_storage({url!r}))\n"
+              f"print(recorder._process.pid, flush=True); os._exit(0)\n")
+    pid = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             check=True, timeout=120).stdout.split()[-1])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().split(") ")[1].startswith("Z"):
+                    break  # ended, not yet reaped
+        except FileNotFoundError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the recorder outlived its driver")

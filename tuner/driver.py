@@ -105,7 +105,7 @@ class Driver:
         self._problems, self._only_on = problems, only_on
         self._spaces = {problem.kernel: self._space_for(problem.kernel) for problem in problems}
         self.runs = []
-        if len(self.pool.workers) >= BACKGROUND_WRITES_FROM_WORKERS:
+        if len(self.pool.workers) + self.pool.starting >= BACKGROUND_WRITES_FROM_WORKERS:
             self.recorder = Recorder.for_storage(self.storage)
         self._admit(self.pool.workers)
         started = time.monotonic()

@@ -1,6 +1,6 @@
 """The recorder (tuner.recorder): a driver's claims and measurements written by a process of its
 own, in order, with lost races dropped and reported; concurrent drivers still record each
-config once. SQLite; no Ray: measurements are fake."""
+config once. SQLite and PostgreSQL; no Ray: measurements are fake."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from tests.test_claims import postgres, url  # noqa: F401  (SQLite and PostgreSQL fixtures)
 from tuner.claims import is_measurement
 from tuner.driver import Driver
 from tuner.measure import Confirmation, Measurement
@@ -36,9 +37,6 @@ CONFIGS = sorted(config.key() for config in SPACE.candidates(SPEC.table_key(PROB
 STUDY = "add_layernorm:interpreter:float32:128x64"
 
 
-@pytest.fixture
-def url(tmp_path):
-    return f"sqlite:///{tmp_path}/recorder.db"
 
 
 @pytest.fixture

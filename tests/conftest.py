@@ -10,6 +10,12 @@ import tempfile
 # Keep the user's own tuned table out of the tests.
 os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="tuner-test-data-")
 
+import random
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
 import pytest
 
 
@@ -63,3 +69,44 @@ def launch_grids(monkeypatch):
         monkeypatch.setattr(module, name, Spy())
         return grids
     return spy
+
+
+# -- storages: SQLite, and a throwaway PostgreSQL server ------------------------------------
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL server, run as the ``postgres`` user (it refuses root)."""
+    if not shutil.which("initdb") or not shutil.which("runuser"):
+        pytest.skip("PostgreSQL is not installed")
+    folder = Path(tempfile.mkdtemp(prefix="tuner-pg-"))
+    shutil.chown(folder, "postgres")
+    port, data = free_port(), folder / "data"
+
+    def as_postgres(*args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True,
+                       capture_output=True, timeout=120)
+
+    as_postgres("initdb", "-A", "trust", "-U", "postgres", "-D", str(data))
+    as_postgres("pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
+                f"-p {port} -k {folder} -h 127.0.0.1", "start")
+    yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    as_postgres("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/claims.db"
+    database = f"t{random.getrandbits(32)}"  # a fresh database per test
+    server = request.getfixturevalue("postgres")
+    engine = __import__("sqlalchemy").create_engine(server, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {database}")
+    engine.dispose()
+    return server.rsplit("/", 1)[0] + f"/{database}"

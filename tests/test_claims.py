@@ -4,13 +4,10 @@ a claim whose heartbeat stopped expires after the grace period. No Ray: measurem
 from __future__ import annotations
 
 import random
-import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import optuna
 import pytest
@@ -27,46 +24,6 @@ SPACE = parse_space({"kernel": "add_layernorm", "restrictions": {}, "parameters"
     "block_rows": [2, 4, 8], "block_w": [64], "num_warps": [1, 2], "num_stages": [1],
     "eviction_policy": ["", "evict_first"]}})  # 12 configs
 CONFIGS = sorted(config.key() for config in SPACE.candidates(SPEC.table_key(PROBLEM)))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    """A throwaway PostgreSQL server, run as the ``postgres`` user (it refuses root)."""
-    if not shutil.which("initdb") or not shutil.which("runuser"):
-        pytest.skip("PostgreSQL is not installed")
-    folder = Path(tempfile.mkdtemp(prefix="tuner-pg-"))
-    shutil.chown(folder, "postgres")
-    port, data = free_port(), folder / "data"
-
-    def as_postgres(*args: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True,
-                       capture_output=True, timeout=120)
-
-    as_postgres("initdb", "-A", "trust", "-U", "postgres", "-D", str(data))
-    as_postgres("pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
-                f"-p {port} -k {folder} -h 127.0.0.1", "start")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-    as_postgres("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/claims.db"
-    database = f"t{random.getrandbits(32)}"  # a fresh database per test
-    server = request.getfixturevalue("postgres")
-    engine = __import__("sqlalchemy").create_engine(server, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.exec_driver_sql(f"CREATE DATABASE {database}")
-    engine.dispose()
-    return server.rsplit("/", 1)[0] + f"/{database}"
 
 
 def drive(url: str, errors: list, seed: int) -> None:

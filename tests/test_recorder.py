@@ -17,7 +17,6 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.test_claims import postgres, url  # noqa: F401  (SQLite and PostgreSQL fixtures)
 from tuner.claims import is_measurement
 from tuner.driver import Driver
 from tuner.measure import Confirmation, Measurement

@@ -1,5 +1,6 @@
-"""Claims on SQLite and PostgreSQL: concurrent study runs split the configs and measure each once;
-a claim whose heartbeat stopped expires after the grace period. No Ray: measurements are fake."""
+"""Claims on SQLite and PostgreSQL: concurrent study runs split the configs and record each once
+(writing in their loop, or through recorders); a claim whose heartbeat stopped expires after the
+grace period. No Ray: measurements are fake."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from tuner.claims import is_measurement
 from tuner.measure import Measurement
 from tuner.problems import get_kernel
+from tuner.recorder import Recorder
 from tuner.space import parse_space
+from tuner.storage import open_storage
 from tuner.study import Settings, StudyRun
 
 SPEC = get_kernel("add_layernorm")
@@ -26,11 +30,14 @@ SPACE = parse_space({"kernel": "add_layernorm", "restrictions": {}, "parameters"
 CONFIGS = sorted(config.key() for config in SPACE.candidates(SPEC.table_key(PROBLEM)))
 
 
-def drive(url: str, errors: list, seed: int) -> None:
-    """One driver's loop: ask, 'measure' for a few ms, tell; wait while others finish."""
+def drive(url: str, errors: list, seed: int, recorded: bool) -> None:
+    """One driver's loop: ask, 'measure' for a few ms, tell; wait while others finish. With
+    ``recorded``, its writes go through a recorder of its own (tuner.recorder)."""
+    recorder = Recorder.for_storage(open_storage(url)) if recorded else None
     try:
         rng = random.Random(seed)
-        run = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, url, Settings(trials=len(CONFIGS)))
+        run = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, url, Settings(trials=len(CONFIGS)),
+                       recorder)
         while not run.search_finished(0.0, None):
             config = run.ask()
             if config is None:
@@ -39,24 +46,34 @@ def drive(url: str, errors: list, seed: int) -> None:
                 continue
             time.sleep(rng.uniform(0, 0.02))
             run.tell(config, Measurement(config.key(), ms=rng.uniform(1, 2)), f"d{seed}")
-        assert run.n_measured == len(CONFIGS)
+        if recorder is None:
+            assert run.n_measured == len(CONFIGS)
+        else:  # a driver may also have measured configs whose race it lost: not recorded
+            recorder.flush()
     except BaseException as error:  # reported by the main thread
         errors.append(error)
+    finally:
+        if recorder is not None:
+            recorder.close()
 
 
-def test_concurrent_runs_measure_each_config_once(url):
+@pytest.mark.parametrize("recorded", [False, True], ids=["in-the-loop", "recorders"])
+def test_concurrent_runs_measure_each_config_once(url, recorded):
     errors: list = []
-    threads = [threading.Thread(target=drive, args=(url, errors, seed)) for seed in range(3)]
+    threads = [threading.Thread(target=drive, args=(url, errors, seed, recorded))
+               for seed in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=120)
+        thread.join(timeout=180)
     assert not errors, errors
     study = optuna.load_study(study_name="add_layernorm:interpreter:float32:128x64", storage=url)
-    measured = [t.user_attrs["config"] for t in study.trials if t.user_attrs.get("measured")]
-    assert sorted(measured) == CONFIGS, "every config measured exactly once"
-    assert len({t.user_attrs["worker"] for t in study.trials if t.user_attrs.get("measured")}) > 1
-    others = [t for t in study.trials if not t.user_attrs.get("measured")]
+    measured = [t for t in study.trials if is_measurement(t)]
+    assert sorted(t.user_attrs["config"] for t in measured) == CONFIGS, \
+        "every config recorded exactly once"
+    if not recorded:  # recorders claim while measuring: whose recorder started first may win all
+        assert len({t.user_attrs["worker"] for t in measured}) > 1
+    others = [t for t in study.trials if not is_measurement(t)]
     assert all(t.state == TrialState.FAIL and t.user_attrs["released"].startswith("lost")
                for t in others), "the only other trials are claims that lost a race"
 

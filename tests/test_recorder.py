@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import random
 import subprocess
 import sys
-import threading
 import time
 import zlib
 
@@ -17,25 +15,16 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from tests.test_claims import CONFIGS, PROBLEM, SPACE, SPEC  # the same 12-config study
 from tuner.claims import is_measurement
 from tuner.driver import Driver
 from tuner.measure import Confirmation, Measurement
 from tuner.pools import Pool
-from tuner.problems import get_kernel
 from tuner.recorder import Recorder, RecorderError
-from tuner.space import parse_space
 from tuner.storage import open_storage
 from tuner.study import Settings, StudyRun
 
-SPEC = get_kernel("add_layernorm")
-PROBLEM = SPEC.problem("128x64", "float32")
-SPACE = parse_space({"kernel": "add_layernorm", "restrictions": {}, "parameters": {
-    "block_rows": [2, 4, 8], "block_w": [64], "num_warps": [1, 2], "num_stages": [1],
-    "eviction_policy": ["", "evict_first"]}})  # 12 configs
-CONFIGS = sorted(config.key() for config in SPACE.candidates(SPEC.table_key(PROBLEM)))
 STUDY = "add_layernorm:interpreter:float32:128x64"
-
-
 
 
 @pytest.fixture
@@ -93,11 +82,12 @@ def test_abandoned_claims_are_released_or_never_written(url, recorder):
     recorder.flush()  # written as a claim: released
     second = run.ask()
     run.abandon(first, "interrupted")
-    run.abandon(second, "interrupted")  # given up before it was written: nothing to write
+    run.abandon(second, "interrupted")  # if given up before it was written: nothing to write
     recorder.flush()
-    [trial] = stored(url)
-    assert trial.user_attrs["config"] == first.key() and trial.state == TrialState.FAIL
-    assert trial.user_attrs["released"] == "interrupted"
+    trials = {trial.user_attrs["config"]: trial for trial in stored(url)}
+    assert first.key() in trials and set(trials) <= {first.key(), second.key()}
+    assert all(trial.state == TrialState.FAIL and trial.user_attrs["released"] == "interrupted"
+               for trial in trials.values())
 
 
 def test_a_failed_write_raises_in_the_driver(url, recorder):
@@ -108,40 +98,6 @@ def test_a_failed_write_raises_in_the_driver(url, recorder):
         recorder.flush()
     with pytest.raises(RecorderError):
         run.ask()
-
-
-def drive(url: str, errors: list, seed: int) -> None:
-    """One driver with its own recorder: ask, 'measure', tell; wait while others finish."""
-    recorder = Recorder.for_storage(open_storage(url))
-    try:
-        rng = random.Random(seed)
-        run = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, url, Settings(trials=len(CONFIGS)),
-                       recorder)
-        while not run.search_finished(0.0, None):
-            config = run.ask()
-            if config is None:
-                time.sleep(0.02)
-                run.refresh()
-                continue
-            time.sleep(rng.uniform(0, 0.02))
-            run.tell(config, Measurement(config.key(), ms=rng.uniform(1, 2)), f"d{seed}")
-        recorder.flush()
-    except BaseException as error:  # reported by the main thread
-        errors.append(error)
-    finally:
-        recorder.close()
-
-
-def test_concurrent_drivers_with_recorders_record_each_config_once(url):
-    errors: list = []
-    threads = [threading.Thread(target=drive, args=(url, errors, seed)) for seed in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=180)
-    assert not errors, errors
-    measured = [trial.user_attrs["config"] for trial in stored(url) if is_measurement(trial)]
-    assert sorted(measured) == CONFIGS, "every config recorded exactly once"
 
 
 def test_the_recorder_dies_with_its_driver(url, tmp_path):

@@ -100,7 +100,8 @@ def test_a_failed_write_raises_in_the_driver(url, recorder):
         run.ask()
 
 
-def test_the_recorder_dies_with_its_driver(url, tmp_path):
+def test_the_recorder_dies_with_its_driver(tmp_path):
+    url = f"sqlite:///{tmp_path}/orphan.db"
     script = (f"import os; from tuner.recorder import Recorder; from tuner.storage import open_storage\n"
               f"recorder = Recorder.for_storage(open_storage({url!r}))\n"
               f"print(recorder._process.pid, flush=True); os._exit(0)\n")

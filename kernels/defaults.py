@@ -1,40 +1,38 @@
 """Default launch configs derived from the GPU's properties and each kernel's arithmetic.
 
 The inputs are the device's SM count, threads and registers per SM, shared memory per block
-and DRAM bandwidth (from ``torch.cuda.get_device_properties``; fixed values under the Triton
-interpreter) and, per kernel, the bytes a row occupies, the lanes Triton allocates for it (a
-power of two) and the registers a lane costs. Narrow rows follow from that reasoning alone;
-the shape of a wide-row program (32 lanes a thread, 4096-lane or 16 KB tiles) was read off the
-exhaustive grids of two held-out sets on an H100 and is checked on other GPU models and shapes
-(BENCHMARKS.md). The reasoning:
+(from ``torch.cuda.get_device_properties``; fixed values under the Triton interpreter) and, per
+kernel, the bytes a row occupies, the lanes Triton allocates for it (a power of two), the bytes
+one load of a row can move (its alignment) and the registers a lane costs. The add+LayerNorm
+rule was developed on the exhaustive grids of six held-out sets on an H100 and checked, never
+fitted, on an H200 and for an RTX 4090 (BENCHMARKS.md). The reasoning:
 
-* Latency hiding (Little's law): to stream at full DRAM bandwidth an SM must keep about
-  ``bandwidth * latency / SMs`` bytes in flight; spread over the threads an SM can hold that
-  gives the bytes each thread must load per step, never under one 16-byte vector.
+* Loads in flight: Triton issues all of a thread's loads of a tile before their first use, so
+  a thread's lanes are the loads it has in flight. A thread takes 16 loads (as many elements
+  as 16 loads of its row's alignment bring: 16 for odd widths, 64 for 16-byte vectors of
+  float16), at most 64 bytes: 16 float32 lanes, or 32 lanes of 16-bit elements at two
+  registers each (80 registers, 25 warps an SM). Little's law with DRAM's idle latency asks
+  under 16 bytes a thread of every GPU here, below one of those loads, so bandwidth does not
+  set the figure: the loads a thread keeps in flight and the registers they cost do.
 * Loads vectorise fully only when every row starts 16-byte aligned (the kernels tell the
-  compiler the power of two dividing the width). Other rows load in smaller pieces, down to
-  one element at a time for odd widths, so a thread issues more, smaller loads and needs more
-  of them in flight.
-* Registers: a thread holds its lanes in float32 (the row and its centred copy); lanes per
-  thread times the registers of a lane, times the threads of a program, must fit an SM's
-  register file, and no thread may pass 255 registers.
-* Waves: programs are shrunk (fewer rows each) until there are enough to give every SM its
-  full complement of resident programs, so that small problems still use the whole GPU.
-* Masked lanes of a non-power-of-two row cost registers but move no bytes: threads are
-  counted from the row's useful bytes, lanes per thread from its power-of-two span.
-* Layout: Triton spreads a tile's threads along the row first, one vector (one element for
-  unaligned rows) each, before it stacks rows; a packed tile of narrow unaligned rows therefore
-  spreads every row over all its warps, and each warp past the first adds a shared-memory
-  exchange and a barrier to both of the row's reductions. Such programs are kept to a few
-  warps and hold more rows per thread instead.
-* Wide rows (512 lanes and more): a row's statistics cross warps through shared memory, so
-  threads hold many lanes each (32: many loads in flight, 80 registers) and programs stay at
-  4-8 warps; a program holds a few whole rows (4096 lanes, or 16 KB once rows are 8 KB), or
-  two rows walked in chunks of half that, where the second read of each chunk comes from L2
-  soon after the first; rows loaded in full 16-byte vectors stay whole up to 32 lanes on each
-  of the most threads the registers allow. With fewer rows than SMs a row gets wide chunks
-  (32 KB) and the threads of 32 lanes each, so that the little work there is spreads over
-  more threads.
+  compiler the power of two dividing the width); other rows load in smaller pieces, down to
+  one element at a time for odd widths.
+* Layout: Triton spreads a tile's threads along the row first before it stacks rows, and a row
+  that spans warps pays a shared-memory exchange and a barrier in each of its two reductions.
+  Rows of which one warp holds two or more (at 16 loads a thread) get a one-warp program
+  stacking as many rows as fill it, so every reduction stays in the warp; wider rows go two
+  to a program, so that each barrier serves two rows, on as many warps as their lanes ask.
+* Wide rows (4096 lanes and more, MIN_CHUNK_ELEMENTS): rows loaded in full 16-byte vectors
+  stay whole up to 16 lanes on each of the most threads a program may have (16384 lanes);
+  other rows are walked two at a time in chunks of 4096 lanes on four warps, 64 lanes a
+  thread (the search space's most): each chunk ends in cross-warp reductions, cheapest on few
+  warps, and its second read comes from L2 soon after the first.
+* Few rows: while the rows, two a program, do not fill the programs an SM holds at that size
+  (registers bound them), a row gets a program of its own and the work is spread over all
+  the threads: about 8 lanes a thread across an SM's threads, so a program's chunk is the
+  SM's threads times 8 over the programs each SM gets (at most 16 lanes on each of 1024
+  threads with fewer rows than SMs, where the registers allow it without spilling).
+* Waves: narrow programs give rows back until every SM has at least one.
 """
 
 from __future__ import annotations
@@ -50,8 +48,6 @@ from ._common import width_multiple
 from .config import LaunchConfig
 from .device import INTERPRETER_DEVICE, interpreter_enabled
 
-# DRAM latency under load, in nanoseconds: a property of GDDR/HBM memory systems generally.
-DRAM_LATENCY_NS = 600.0
 VECTOR_BYTES = 16            # the widest load one thread issues
 # Registers a lane costs in the LayerNorm kernels, and a thread's fixed cost; checked against
 # ptxas for sm_89 by tests/test_sm89.py. Aligned rows: the float32 value and its centred copy
@@ -62,19 +58,20 @@ REGISTERS_PER_UNALIGNED_LANE = 4
 REGISTERS_BASE = 16
 MAX_REGISTERS_PER_THREAD = 255
 MAX_THREADS_PER_PROGRAM = 1024
-# Rows of WIDE_ROW_LANES lanes and more (see "Wide rows" above): 32 lanes a thread in tiles of
-# 4096 lanes, 16 KB for rows of 8 KB or more; chunked rows in chunks of at least
-# MIN_CHUNK_ELEMENTS (search_spaces/add_layernorm.yaml's min_chunk_elements); fewer rows than
-# SMs get chunks of up to 32 KB.
-WIDE_ROW_LANES = 512
-WIDE_LANES_PER_THREAD = 32
-WIDE_TILE_ELEMENTS = 4096
-WIDE_TILE_BYTES = 16 << 10
+WARP_THREADS = 32
+# A thread's loads in flight and the bytes they may bring (see "Loads in flight" above).
+LOADS_PER_THREAD = 16
+MAX_BYTES_PER_THREAD = 64
+# Rows a program holds at least, unless rows are few (see "Layout").
+ROWS_PER_WIDE_PROGRAM = 2
+# Rows of MIN_CHUNK_ELEMENTS lanes and more (see "Wide rows"): chunks of that many lanes
+# (search_spaces/add_layernorm.yaml's min_chunk_elements), CHUNK_LANES_PER_THREAD lanes a
+# thread (its max_elements_per_thread); aligned rows whole up to ALIGNED_WHOLE_ROW_LANES.
 MIN_CHUNK_ELEMENTS = 4096
-FEW_ROWS_CHUNK_BYTES = 32 << 10
-# Warps one row of a packed tile may span (see "Layout" above): up to four, a row's reductions
-# cross warps in two shared-memory steps at most.
-MAX_WARPS_PER_ROW = 4
+CHUNK_LANES_PER_THREAD = 64
+ALIGNED_WHOLE_ROW_LANES = MAX_THREADS_PER_PROGRAM * LOADS_PER_THREAD
+# Lanes a thread across all of an SM's threads when rows are few (see "Few rows").
+FEW_ROWS_LANES_PER_THREAD = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,50 +167,26 @@ def registers_per_thread(lanes_per_thread: int, aligned: bool = True) -> int:
     return REGISTERS_BASE + per_lane * lanes_per_thread
 
 
-def max_program_threads(lanes_per_thread: int, props: DeviceProperties,
-                        aligned: bool = True) -> int:
-    """The most threads (a power of two) a program may have whose threads each hold
-    ``lanes_per_thread`` lanes without running out of registers."""
-    registers = min(registers_per_thread(lanes_per_thread, aligned), MAX_REGISTERS_PER_THREAD)
-    return max(32, min(MAX_THREADS_PER_PROGRAM, _floor_pow2(props.registers_per_sm / registers)))
+def elements_per_load(width: int, itemsize: int) -> int:
+    """Elements one load brings of rows of ``width`` elements: the power of two dividing the
+    width that the kernels pass to the compiler, up to a 16-byte vector."""
+    return max(1, min(width_multiple(width) * itemsize, VECTOR_BYTES) // itemsize)
 
 
-def bytes_per_thread(props: DeviceProperties) -> int:
-    """Bytes each thread should load per step to keep DRAM busy (a power of two, >= 16)."""
-    in_flight_per_sm = props.dram_gbps * DRAM_LATENCY_NS / props.sm_count  # GB/s * ns = bytes
-    per_thread = in_flight_per_sm / props.max_threads_per_sm
-    return max(VECTOR_BYTES, triton.next_power_of_2(math.ceil(per_thread)))
+def lanes_per_thread(width: int, itemsize: int) -> int:
+    """Lanes a thread holds: :data:`LOADS_PER_THREAD` loads, at most
+    :data:`MAX_BYTES_PER_THREAD` bytes (see "Loads in flight" in the module docstring)."""
+    return max(1, min(LOADS_PER_THREAD * elements_per_load(width, itemsize),
+                      MAX_BYTES_PER_THREAD // itemsize))
 
 
-def lanes_per_thread_target(width: int, itemsize: int, props: DeviceProperties) -> int:
-    """Elements a thread should load per step for rows of ``width`` elements."""
-    lanes = bytes_per_thread(props) // itemsize
-    if not rows_aligned(width, itemsize):
-        # Unaligned rows load element by element: twice the loads in flight make up for the
-        # smaller transactions (and keep the per-thread addressing cost amortised).
-        lanes *= 2
-    return max(1, lanes)
-
-
-def _resident_programs(threads: int, props: DeviceProperties, lanes_per_thread: int,
-                       aligned: bool) -> int:
+def resident_programs(threads: int, lanes: int, props: DeviceProperties,
+                      aligned: bool = True) -> int:
+    """Programs of ``threads`` threads holding ``lanes`` lanes each that an SM holds at once,
+    bound by its threads, its registers and its program slots."""
     by_threads = props.max_threads_per_sm // threads
-    by_registers = props.registers_per_sm // (threads * registers_per_thread(lanes_per_thread,
-                                                                             aligned))
+    by_registers = props.registers_per_sm // (threads * registers_per_thread(lanes, aligned))
     return max(1, min(by_threads, by_registers, props.max_programs_per_sm))
-
-
-def fullest_program_threads(most: int, lanes_per_thread: int, props: DeviceProperties,
-                            aligned: bool) -> int:
-    """The program size (a power of two from 32 to ``most`` threads) whose resident programs
-    fill the most of an SM's threads, the largest among equals. Registers, not threads, often
-    bound residency, and then only a program size that divides the SM's register budget well
-    uses all of it (e.g. one 512-thread program where six 128-thread ones would fit)."""
-    def resident_threads(threads: int) -> int:
-        return threads * _resident_programs(threads, props, lanes_per_thread, aligned)
-
-    sizes = [32 << shift for shift in range(max(1, most // 32).bit_length())]
-    return max(sizes, key=lambda threads: (resident_threads(threads), threads))
 
 
 def add_layernorm_default(rows: int, width: int, itemsize: int,
@@ -221,63 +194,50 @@ def add_layernorm_default(rows: int, width: int, itemsize: int,
     """The add+LayerNorm launch config for ``rows x width`` rows of ``itemsize``-byte elements
     on a GPU with ``props`` (see the module docstring for the reasoning)."""
     span = triton.next_power_of_2(width)
-    if span >= WIDE_ROW_LANES:
-        return _wide_rows_default(rows, width, itemsize, props)
-    lanes_target = lanes_per_thread_target(width, itemsize, props)
-    aligned = rows_aligned(width, itemsize)
-    block_w = span
-    # Threads from the useful bytes of a row; lanes per thread from its power-of-two span.
-    row_threads = triton.next_power_of_2(triton.cdiv(width, lanes_target))
-    # A quarter of an SM's threads per program: at least four programs resident per SM.
-    program_threads = max(32, min(_floor_pow2(props.max_threads_per_sm // 4),
-                                  max_program_threads(block_w // row_threads, props, aligned)))
-
-    # Narrow rows: every thread holds its lanes target, over as many rows as that takes, in
-    # programs that span at most MAX_WARPS_PER_ROW warps of a row and leave the fewest of an
-    # SM's threads unused; then rows are given back while the grid is too small for the GPU.
-    vector = VECTOR_BYTES // itemsize if aligned else 1
-    if block_w // vector > MAX_WARPS_PER_ROW * 32:
-        program_threads = min(program_threads, MAX_WARPS_PER_ROW * 32)
-    program_threads = fullest_program_threads(program_threads, lanes_target, props, aligned)
-    block_rows = max(1, lanes_target * program_threads // block_w)
-    while True:
-        threads = max(32, min(program_threads, block_rows * row_threads))
-        lanes = block_rows * block_w // threads
-        wanted = props.sm_count * _resident_programs(threads, props, lanes, aligned)
-        if block_rows == 1 or triton.cdiv(rows, block_rows) >= wanted:
-            break
-        block_rows //= 2
-    return LaunchConfig(block_rows=block_rows, block_w=block_w, num_warps=threads // 32)
+    lanes = lanes_per_thread(width, itemsize)
+    warp_lanes = WARP_THREADS * lanes
+    if ROWS_PER_WIDE_PROGRAM * span <= warp_lanes:
+        # Rows of which a warp holds two or more: a one-warp program, as many as fill it.
+        block_rows = max(1, warp_lanes // span)
+        while block_rows > 1 and triton.cdiv(rows, block_rows) < props.sm_count:
+            block_rows //= 2
+        return LaunchConfig(block_rows=block_rows, block_w=span, num_warps=1)
+    # Rows a wide program (two rows of MIN_CHUNK_ELEMENTS-lane chunks on the fewest warps)
+    # brings to an SM while it holds as many of those as its registers allow.
+    chunk_threads = ROWS_PER_WIDE_PROGRAM * MIN_CHUNK_ELEMENTS // CHUNK_LANES_PER_THREAD
+    rows_per_sm = ROWS_PER_WIDE_PROGRAM * resident_programs(chunk_threads,
+                                                            CHUNK_LANES_PER_THREAD, props)
+    if rows < rows_per_sm * props.sm_count:
+        return _few_rows_default(rows, span, rows_aligned(width, itemsize), props)
+    if span < MIN_CHUNK_ELEMENTS:
+        warps = max(1, ROWS_PER_WIDE_PROGRAM * span // warp_lanes)
+        return LaunchConfig(block_rows=ROWS_PER_WIDE_PROGRAM, block_w=span, num_warps=warps)
+    if rows_aligned(width, itemsize):
+        block_w = min(span, ALIGNED_WHOLE_ROW_LANES)
+        warps = max(1, min(MAX_THREADS_PER_PROGRAM, block_w // lanes) // WARP_THREADS)
+        return LaunchConfig(block_rows=1, block_w=block_w, num_warps=warps)
+    return LaunchConfig(block_rows=ROWS_PER_WIDE_PROGRAM, block_w=MIN_CHUNK_ELEMENTS,
+                        num_warps=chunk_threads // WARP_THREADS)
 
 
-def _wide_rows_default(rows: int, width: int, itemsize: int,
-                       props: DeviceProperties) -> LaunchConfig:
-    """Rows spanning :data:`WIDE_ROW_LANES` lanes or more: programs of
-    :data:`WIDE_TILE_ELEMENTS` lanes (16 KB once rows are 8 KB), 32 lanes a thread, whole rows
-    while they fit, else two rows walked in chunks of half that; fewer rows (and threads) a
-    program while the grid has under two programs an SM; and for fewer rows than SMs, a row a
-    program with as many threads as 32 lanes each give, within the SM's registers."""
-    span = triton.next_power_of_2(width)
-    aligned = rows_aligned(width, itemsize)
-    if rows < props.sm_count:
-        most_threads = max_program_threads(WIDE_LANES_PER_THREAD, props, aligned)
-        block_w = min(span, FEW_ROWS_CHUNK_BYTES // itemsize, most_threads * WIDE_LANES_PER_THREAD)
-        threads = max(32, block_w // WIDE_LANES_PER_THREAD)
-        return LaunchConfig(block_rows=1, block_w=block_w, num_warps=threads // 32)
-    tile = WIDE_TILE_ELEMENTS
-    if span * itemsize >= WIDE_TILE_BYTES // 2:
-        tile = max(tile, WIDE_TILE_BYTES // itemsize)
-    chunk = max(tile // 2, MIN_CHUNK_ELEMENTS)
-    # Aligned rows cost half the registers a lane: whole rows fit one pass up to 32 lanes on
-    # each thread of the largest program the registers allow.
-    whole_row = max_program_threads(WIDE_LANES_PER_THREAD, props) * WIDE_LANES_PER_THREAD
-    block_w = span if span < tile or span <= chunk or (aligned and span <= whole_row) else chunk
-    block_rows = max(1, tile // block_w)
-    while block_rows > 1 and triton.cdiv(rows, block_rows) < 2 * props.sm_count:
-        block_rows //= 2
-    threads = max(32, min(MAX_THREADS_PER_PROGRAM,
-                          block_rows * block_w // WIDE_LANES_PER_THREAD))
-    return LaunchConfig(block_rows=block_rows, block_w=block_w, num_warps=threads // 32)
+def _few_rows_default(rows: int, span: int, aligned: bool,
+                      props: DeviceProperties) -> LaunchConfig:
+    """Fewer rows than the SMs hold at two a program: a program a row, whose chunk is an SM's
+    threads times :data:`FEW_ROWS_LANES_PER_THREAD` lanes over the rows each SM gets (the
+    nearest power of two; at most one SM's worth), on a thread per that many lanes, halved
+    while the program's registers would pass an SM's."""
+    rows_per_sm = max(rows, props.sm_count) / props.sm_count
+    lanes_per_sm = props.max_threads_per_sm * FEW_ROWS_LANES_PER_THREAD / rows_per_sm
+    block_w = min(span, max(MIN_CHUNK_ELEMENTS, 1 << round(math.log2(lanes_per_sm))))
+
+    def threads(block_w: int) -> int:
+        return max(WARP_THREADS,
+                   min(MAX_THREADS_PER_PROGRAM, block_w // FEW_ROWS_LANES_PER_THREAD))
+
+    while block_w > MIN_CHUNK_ELEMENTS and threads(block_w) * registers_per_thread(
+            block_w // threads(block_w), aligned) > props.registers_per_sm:
+        block_w //= 2
+    return LaunchConfig(block_rows=1, block_w=block_w, num_warps=threads(block_w) // WARP_THREADS)
 
 
 def fit_to_device(config: LaunchConfig, props: DeviceProperties, *,

@@ -4,8 +4,9 @@ The inputs are the device's SM count, threads and registers per SM, shared memor
 (from ``torch.cuda.get_device_properties``; fixed values under the Triton interpreter) and, per
 kernel, the bytes a row occupies, the lanes Triton allocates for it (a power of two), the bytes
 one load of a row can move (its alignment) and the registers a lane costs. The add+LayerNorm
-rule was developed on the exhaustive grids of six held-out sets on an H100 and checked, never
-fitted, on an H200 and for an RTX 4090 (BENCHMARKS.md). The reasoning:
+rule was developed on the exhaustive grids of four held-out sets measured on an H100 and
+checked, never fitted, on an H200 grid, on a fresh set's grid, and for an RTX 4090 (compiled
+for sm_89 without spills; BENCHMARKS.md). The reasoning:
 
 * Loads in flight: Triton issues all of a thread's loads of a tile before their first use, so
   a thread's lanes are the loads it has in flight. A thread takes 16 loads (as many elements

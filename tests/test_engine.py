@@ -460,7 +460,7 @@ def _instant_pool(compile_processes: int, crash_confirm_on: str = ""):
     return InstantPool()
 
 
-def _run_driver(pool, problems, tmp_path, **settings):
+def _run_driver(pool, problems, tmp_path, space=None, **settings):
     import io
 
     import optuna
@@ -468,8 +468,21 @@ def _run_driver(pool, problems, tmp_path, **settings):
     from tuner import Driver, Progress, Settings
 
     return Driver(pool, optuna.storages.InMemoryStorage(), Settings(**settings),
-                  lambda device: tmp_path / "table.json",
+                  lambda device: tmp_path / "table.json", space=space,
                   progress=Progress(stream=io.StringIO())).run(problems)
+
+
+def outside_space(heuristic: str):
+    """A search space of the add_layernorm knobs whose block_rows choices leave ``heuristic``
+    out (the shipped space holds every default of today's rule)."""
+    from kernels import LaunchConfig
+    from tuner import parse_space
+
+    config = LaunchConfig.from_key(heuristic)
+    rows = [value for value in (1, 2, 4, 8) if value != config.block_rows]
+    return parse_space({"kernel": "add_layernorm", "restrictions": {}, "parameters": {
+        "block_rows": rows, "block_w": [config.block_w], "num_warps": [1, 2], "num_stages": [1],
+        "eviction_policy": ["", "evict_first"]}})
 
 
 def test_a_confirm_stage_that_crashes_on_an_untried_heuristic_is_rerun_without_it(tmp_path):
@@ -478,8 +491,10 @@ def test_a_confirm_stage_that_crashes_on_an_untried_heuristic_is_rerun_without_i
     re-run without it: the study keeps its winner, and says the heuristic failed."""
     problem = SPEC.problem("4194304x16", "bfloat16")
     heuristic = SPEC.heuristic(problem, "interpreter").key()
+    space = outside_space(heuristic)
     pool = _instant_pool(0, crash_confirm_on=heuristic)
-    [result] = _run_driver(pool, [problem], tmp_path, trials=3, confirm_top=2, confirm_rounds=1)
+    [result] = _run_driver(pool, [problem], tmp_path, space, trials=3, confirm_top=2,
+                           confirm_rounds=1)
     [crashed], [rerun] = pool.retired[0].confirmed, pool.workers[0].confirmed
     assert heuristic in crashed and heuristic not in rerun and len(pool.retired) == 1
     assert result.config.key() != heuristic and result.heuristic_ms is None

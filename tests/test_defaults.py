@@ -99,6 +99,22 @@ def test_layernorm_default_follows_loads_and_layout():
             assert few.block_rows == 1 and 32 * few.num_warps * rows >= props.sm_count * 32
 
 
+@pytest.mark.parametrize("props", [RTX4090, H100, INTERPRETER_PROPERTIES], ids=lambda p: p.name)
+def test_layernorm_default_is_a_config_of_the_shipped_space(props):
+    """The confirm stage re-times the default beside the search's best: inside the space, a
+    trial has measured it first, and the search can start from it."""
+    from tuner import get_kernel, load_space
+
+    spec = get_kernel("add_layernorm")
+    space = load_space(spec.space_file)
+    for width in (16, 25, 100, 194, 768, 1000, 4407, 8192, 15935, 65536):
+        for itemsize, dtype in ((4, "float32"), (2, "float16")):
+            for rows in (1, 130, 262144, 4194304):
+                key = spec.table_key(spec.problem(f"{rows}x{width}", dtype))
+                config = add_layernorm_default(rows, width, itemsize, props)
+                assert config in space.candidates(key), (rows, width, dtype, config.key())
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,width", [(37, 30), (9, 477), (3, 5000), (2, 11267)])
 def test_rtx4090_default_is_correct(dtype, rows, width):

@@ -1,11 +1,13 @@
 """The recorder (tuner.recorder): a driver's claims and measurements written by a process of its
-own, in order, with lost races dropped and reported; concurrent drivers still record each
-config once. SQLite and PostgreSQL; no Ray: measurements are fake."""
+own, in order, with lost races dropped and reported, flushed on Ctrl-C; through a driver. SQLite
+(tests/test_claims.py runs concurrent drivers with recorders on PostgreSQL too); no Ray:
+measurements are fake."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import io
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from optuna.trial import TrialState
 from tests.test_claims import CONFIGS, PROBLEM, SPACE, SPEC  # the same 12-config study
 from tuner.claims import is_measurement
 from tuner.driver import Driver
+from tuner.progress import Progress
 from tuner.measure import Confirmation, Measurement
 from tuner.pools import Pool
 from tuner.recorder import Recorder, RecorderError
@@ -25,6 +28,12 @@ from tuner.storage import open_storage
 from tuner.study import Settings, StudyRun
 
 STUDY = "add_layernorm:interpreter:float32:128x64"
+
+
+@pytest.fixture
+def url(tmp_path):
+    """SQLite (the claims' tests run concurrent recorders on PostgreSQL too)."""
+    return f"sqlite:///{tmp_path}/recorder.db"
 
 
 @pytest.fixture
@@ -174,3 +183,32 @@ def test_a_driver_of_two_workers_writes_through_its_recorder(url, tmp_path, monk
     assert len(measured) == 6 and len({trial.user_attrs["config"] for trial in measured}) == 6
     assert result.ms == min(fake_ms(trial.user_attrs["config"]) for trial in measured) \
         or result.config.key() not in CONFIGS  # the heuristic, outside this small space
+
+
+class InterruptingProgress(Progress):
+    """Presses Ctrl-C once ``after`` trials are measured."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__(stream=io.StringIO(), interval=0.0)
+        self.after = after
+
+    def update(self, runs, busy, workers, force=False):
+        super().update(runs, busy, workers, force)
+        if self.measured >= self.after:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_through_a_recorder_keeps_finished_trials_and_resume_completes(url, tmp_path):
+    settings = Settings(trials=8, confirm_top=2)
+    with pytest.raises(KeyboardInterrupt):
+        Driver(HalfStartedPool(), open_storage(url), settings, lambda device: tmp_path / "t.json",
+               space=SPACE, progress=InterruptingProgress(after=3)).run([PROBLEM])
+    finished = {trial.user_attrs["config"] for trial in stored(url) if is_measurement(trial)}
+    assert len(finished) >= 3  # flushed before the interrupt propagated
+    assert all(trial.state != TrialState.RUNNING for trial in stored(url))  # claims released
+    [result] = Driver(HalfStartedPool(), open_storage(url), settings,
+                      lambda device: tmp_path / "t.json", space=SPACE,
+                      progress=Progress(stream=io.StringIO())).run([PROBLEM])
+    configs = [trial.user_attrs["config"] for trial in stored(url) if is_measurement(trial)]
+    assert len(configs) == 8 and len(set(configs)) == 8 and finished <= set(configs)
+    assert result.trials == 8

@@ -105,7 +105,7 @@ class Driver:
         self._problems, self._only_on = problems, only_on
         self._spaces = {problem.kernel: self._space_for(problem.kernel) for problem in problems}
         self.runs = []
-        if len(self.pool.workers) + self.pool.starting >= BACKGROUND_WRITES_FROM_WORKERS:
+        if self._writes_in_background():
             self.recorder = Recorder.for_storage(self.storage)
         self._admit(self.pool.workers)
         started = time.monotonic()
@@ -121,6 +121,14 @@ class Driver:
         self._close_recorder(raise_errors=True)
         self.progress.update(self.runs, 0, len(self.pool.workers), force=True)
         return [run.result for run in self.runs if run.result is not None]
+
+    def _writes_in_background(self) -> bool:
+        """Whether the storage is written by a recorder: from BACKGROUND_WRITES_FROM_WORKERS
+        GPU workers on (those still starting count). Interpreter workers take hundreds of ms a
+        trial, which the driver's own writes never hold up."""
+        options = getattr(self.pool, "options", None)
+        workers = len(self.pool.workers) + self.pool.starting
+        return workers >= BACKGROUND_WRITES_FROM_WORKERS and not getattr(options, "interpret", False)
 
     def _close_recorder(self, raise_errors: bool) -> None:
         """Waits for the recorder to write the run's trials, then ends it."""

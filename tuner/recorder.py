@@ -35,6 +35,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .claims import ClaimBook
+from .storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, _rdb
 
 # Seconds a driver waits at the end of its run for the recorder to write what it was given.
 FLUSH_TIMEOUT_S = 120.0
@@ -45,7 +46,10 @@ class RecorderError(RuntimeError):
 
 
 def storage_url(storage: Any) -> str | None:
-    """The URL of an SQL storage (through Optuna's cache), None for others."""
+    """The URL of an SQL storage (a URL, which tuner.storage opens as one, or an RDBStorage,
+    through Optuna's cache or not), None for others."""
+    if isinstance(storage, str):
+        return storage
     backend = getattr(storage, "_backend", storage)
     return backend.url if isinstance(backend, optuna.storages.RDBStorage) else None
 
@@ -90,6 +94,8 @@ class Recorder:
         url = storage_url(storage)
         if url is None:
             return None
+        if isinstance(storage, str):  # opened by tuner.storage.open_storage, with its heartbeats
+            return cls(url, HEARTBEAT_INTERVAL_S, GRACE_PERIOD_S)
         backend = getattr(storage, "_backend", storage)
         return cls(url, backend.heartbeat_interval, backend.grace_period)
 
@@ -211,8 +217,6 @@ class RecordedClaims:
 def _serve(connection: multiprocessing.connection.Connection) -> None:
     """The recorder process: takes requests in order, writes them, answers lost claims,
     flushes and errors."""
-    from .storage import _rdb
-
     url, heartbeat_interval, grace_period = connection.recv()
     # Optuna's cache: a claim's look at its rivals reads only the trials changed since the last.
     storage = optuna.storages.get_storage(

@@ -9,7 +9,10 @@ about it, without touching the driver's internals.
 from __future__ import annotations
 
 import dataclasses
+import io
 from typing import Any, Callable
+
+from tuner.progress import Progress
 
 
 @dataclasses.dataclass
@@ -66,3 +69,17 @@ def compile_or_crash(problem: Any, config: Any, target: Any) -> float:
     if config.num_warps == 32:
         os._exit(1)
     return 0.0
+
+
+class InterruptingProgress(Progress):
+    """Raises KeyboardInterrupt (as Ctrl-C would) once ``after`` trials are measured, with
+    trials in flight unless ``busy_only`` is False (workers that answer at once)."""
+
+    def __init__(self, after: int, busy_only: bool = True) -> None:
+        super().__init__(stream=io.StringIO(), interval=0.0)
+        self.after, self.busy_only = after, busy_only
+
+    def update(self, runs, busy, workers, force=False):
+        super().update(runs, busy, workers, force)
+        if self.measured >= self.after and (busy or not self.busy_only):
+            raise KeyboardInterrupt

@@ -17,6 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from tests.faults import InterruptingProgress
 from tests.test_claims import CONFIGS, PROBLEM, SPACE, SPEC  # the same 12-config study
 from tuner.claims import is_measurement
 from tuner.driver import Driver
@@ -185,24 +186,11 @@ def test_a_driver_of_two_workers_writes_through_its_recorder(url, tmp_path, monk
         or result.config.key() not in CONFIGS  # the heuristic, outside this small space
 
 
-class InterruptingProgress(Progress):
-    """Presses Ctrl-C once ``after`` trials are measured."""
-
-    def __init__(self, after: int) -> None:
-        super().__init__(stream=io.StringIO(), interval=0.0)
-        self.after = after
-
-    def update(self, runs, busy, workers, force=False):
-        super().update(runs, busy, workers, force)
-        if self.measured >= self.after:
-            raise KeyboardInterrupt
-
-
 def test_ctrl_c_through_a_recorder_keeps_finished_trials_and_resume_completes(url, tmp_path):
     settings = Settings(trials=8, confirm_top=2)
     with pytest.raises(KeyboardInterrupt):
         Driver(HalfStartedPool(), open_storage(url), settings, lambda device: tmp_path / "t.json",
-               space=SPACE, progress=InterruptingProgress(after=3)).run([PROBLEM])
+               space=SPACE, progress=InterruptingProgress(after=3, busy_only=False)).run([PROBLEM])
     finished = {trial.user_attrs["config"] for trial in stored(url) if is_measurement(trial)}
     assert len(finished) >= 3  # flushed before the interrupt propagated
     assert all(trial.state != TrialState.RUNNING for trial in stored(url))  # claims released

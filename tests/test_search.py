@@ -23,7 +23,7 @@ from tuner.sampler import tiling
 from tuner.study import LOCAL_SEARCH_AFTER, Settings, Stage, StudyRun, study_name
 from tuner.workers import NoGPUError, PoolOptions, WorkerPool
 
-from tests.faults import inject
+from tests.faults import InterruptingProgress, inject
 
 SPEC = get_kernel("add_layernorm")
 PROBLEM = SPEC.problem("128x64", "float32")
@@ -574,19 +574,6 @@ def test_pool_capacity_counts_gpus_of_matching_alive_nodes(monkeypatch):
     assert WorkerPool(PoolOptions(interpret=True))._capacity() == 6
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 88})
     assert WorkerPool(PoolOptions(interpret=True))._capacity() == 88
-
-
-class InterruptingProgress(Progress):
-    """Raises KeyboardInterrupt (as Ctrl-C would) once ``after`` trials are measured."""
-
-    def __init__(self, after: int) -> None:
-        super().__init__(stream=io.StringIO(), interval=0.0)
-        self.after = after
-
-    def update(self, runs, busy, workers, force=False):
-        super().update(runs, busy, workers, force)
-        if self.measured >= self.after and busy:
-            raise KeyboardInterrupt
 
 
 def test_ctrl_c_keeps_finished_trials_and_resume_completes(ray_cluster, tmp_path):

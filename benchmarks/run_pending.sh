@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU runs behind BENCHMARKS.md, one device call each (each recorded at least once since; the
-# 2- and 4-GPU sweeps in the sixth session, the H100 and H200 tables in the fifth and eighth):
+# 2- and 4-GPU sweeps in the sixth session, the H100 tables earlier, the H200 table in the eighth):
 #   one GPU:   bash benchmarks/run_pending.sh model
 #   one GPU:   bash benchmarks/run_pending.sh training  (bench_training.py, about 4 minutes)
 #   one GPU:   bash benchmarks/run_pending.sh tables      (the reference sweeps -> $OUT/tables/)

@@ -238,7 +238,9 @@ def _serve(connection: multiprocessing.connection.Connection) -> None:
                 connection.send(("flushed", request[1]))
             elif kind == "claim":
                 _, study_id, owner, token, template, key = request
-                book = books.setdefault((study_id, owner), ClaimBook(storage, study_id, owner))
+                book = books.get((study_id, owner))
+                if book is None:  # once per study, not per claim
+                    book = books[(study_id, owner)] = ClaimBook(storage, study_id, owner)
                 if _take(backlog, "release", token) is not None:
                     continue  # given up before it was written: nothing to write
                 result = _take(backlog, "finish", token)

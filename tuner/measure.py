@@ -14,6 +14,7 @@ from kernels import LaunchConfig
 from .errors import is_fatal
 from .problems import KernelSpec, Problem
 from .timing import (
+    CPU_RUNS,
     clone_tensors,
     copies_needed,
     do_bench_ms,
@@ -72,7 +73,7 @@ def time_ms(fn, device: torch.device, quick: bool = False) -> float:
     :meth:`ProblemBench.time` instead, which keeps the host's launch gaps out of the timing."""
     if device.type == "cuda":
         return do_bench_ms(fn, quick)
-    return wall_time_ms(fn)
+    return wall_time_ms(fn, runs=CPU_RUNS)
 
 
 def copy_bandwidth_gbps(device: torch.device, n_bytes: int = 1 << 28) -> float:

@@ -39,6 +39,9 @@ CAREFUL = (3.0, 15)
 # tens of microseconds, and a thousand copies of a tiny problem, which L2 holds anyway, made
 # the capture most of a trial. Careful re-timings use every copy.
 QUICK_COPIES = 256
+# Runs of a config timed without a GPU (the interpreter): its wall clock says nothing about a
+# GPU and only gives the pipeline something to rank, so one run, and one confirm round.
+CPU_RUNS = 1
 
 
 def l2_bytes(device: torch.device) -> int:
@@ -183,7 +186,7 @@ def time_calls_ms(calls: Sequence[Callable[[], Any]], device: torch.device,
     :func:`do_bench_ms` of the first call (with a warning) when the calls cannot be captured;
     wall clock under the interpreter."""
     if device.type != "cuda":
-        return wall_time_ms(calls[0])
+        return wall_time_ms(calls[0], runs=CPU_RUNS)
     try:
         return graph_time_ms(calls, device, quick)
     except CaptureError as error:
@@ -197,14 +200,12 @@ def time_interleaved_ms(candidates: Mapping[str, Sequence[Callable[[], Any]]],
     interleaved over ``rounds`` rounds, so that drift in clocks or temperature affects every
     candidate alike. Each candidate is captured once (:class:`GraphTimer`) and replayed a share
     of a careful timing's replays per round; one whose calls cannot be captured is timed with
-    ``do_bench`` each round (with a warning); wall clock under the interpreter."""
+    ``do_bench`` each round (with a warning); under the interpreter, one wall-clock run each
+    (:data:`CPU_RUNS`), whatever ``rounds``."""
     rounds = max(1, rounds)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     if device.type != "cuda":
-        for _ in range(rounds):
-            for name, calls in candidates.items():
-                samples[name].append(wall_time_ms(calls[0]))
-        return {name: statistics.median(values) for name, values in samples.items()}
+        return {name: wall_time_ms(calls[0], runs=CPU_RUNS) for name, calls in candidates.items()}
     timers: dict[str, GraphTimer | None] = {}
     try:
         for name, calls in candidates.items():

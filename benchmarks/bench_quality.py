@@ -81,8 +81,10 @@ def main() -> None:
     print(f"exhaustive: {sum(valid.values())} configs in {truth_s:.0f} s", flush=True)
     picks: dict[int, dict] = {}
     seconds: dict[int, float] = {}
+    measured: dict[int, dict] = {}  # seed -> problem -> each trial's config key and ms
     for seed in (int(s) for s in args.seeds.split(",")):
         picks[seed], seconds[seed], driver = sweep(args.trials, seed)
+        measured[seed] = {run.problem: dict(run.measured) for run in driver.runs}
         print(f"seed {seed}: {sum(r.trials for r in picks[seed].values())} trials in "
               f"{seconds[seed]:.1f} s", flush=True)
 
@@ -104,7 +106,8 @@ def main() -> None:
                         "best_ms": medians[best_key], "heuristic_over_best": heuristic_ratio[problem],
                         "picks": {seed: picks[seed][problem].config.key() for seed in ratios},
                         "trials": {seed: picks[seed][problem].trials for seed in ratios},
-                        "ratio": ratios})
+                        "ratio": ratios,
+                        "measured": {seed: measured[seed].get(problem, {}) for seed in ratios}})
         rows.append([f"{problem.shape_text} {problem.dtype}", valid[problem], best_key,
                      f"{medians[best_key]:.4f}"] + [f"{ratios[seed]:.3f}" for seed in sorted(ratios)]
                     + [f"{heuristic_ratio[problem]:.2f}"])

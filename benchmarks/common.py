@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,7 +34,17 @@ def versions() -> dict:
         return {"device": "cpu", "torch": torch.__version__, "triton": triton.__version__}
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__,
-            "capability": ".".join(map(str, torch.cuda.get_device_capability()))}
+            "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+            "driver": _driver_version()}
+
+
+def _driver_version() -> str:
+    """The NVIDIA driver's version (machines of one GPU model differ in it), or "unknown"."""
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown"
 
 
 def out_dir() -> Path:

@@ -19,11 +19,11 @@ from simulate_search import simulate
 RESULTS = Path(__file__).parent / "results"
 
 
-def _run(job: tuple[str, str, int, int, int]) -> tuple[str, int, dict]:
-    path, shape, seed, trials, parallel = job
+def _run(job: tuple[str, str, int, int, int, float]) -> tuple[str, int, dict]:
+    path, shape, seed, trials, parallel, noise = job
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     grid = json.load(open(path))["shapes"][shape]
-    return Path(path).stem, parallel, simulate(grid, shape, seed, trials, parallel)
+    return Path(path).stem, parallel, simulate(grid, shape, seed, trials, parallel, noise)
 
 
 def main() -> None:
@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--parallel", default="2,4")
     parser.add_argument("--only", default="", help="comma-separated substrings of grid names")
     parser.add_argument("--exclude", default="", help="comma-separated substrings of grid names")
+    parser.add_argument("--noise", type=float, default=0.0,
+                        help="a trial timing's relative error (log-normal sigma)")
     parser.add_argument("--verbose", action="store_true", help="print every miss")
     args = parser.parse_args()
     paths = sorted(str(p) for p in RESULTS.glob("bench_exhaustive_*.json"))
@@ -41,7 +43,7 @@ def main() -> None:
         paths = [p for p in paths if any(s in p for s in args.only.split(","))]
     if args.exclude:
         paths = [p for p in paths if not any(s in p for s in args.exclude.split(","))]
-    jobs = [(path, shape, seed, args.trials, parallel)
+    jobs = [(path, shape, seed, args.trials, parallel, args.noise)
             for path in paths for shape in json.load(open(path))["shapes"]
             for seed in (int(s) for s in args.seeds.split(","))
             for parallel in (int(p) for p in args.parallel.split(","))]

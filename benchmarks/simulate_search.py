@@ -2,7 +2,8 @@
 
 Each study asks and tells exactly as the driver does, with ``--parallel`` trials in flight,
 but a trial's time is looked up in the grid (its quick timing, as a trial records it) instead of
-measured; the confirm stage takes the full timings of its candidates. Reports, per shape and
+measured (with ``--noise``, times a seeded log-normal error); the confirm stage takes the full
+timings of its candidates. Reports, per shape and
 seed, the winner's full time over the grid's best.
 
     python benchmarks/simulate_search.py benchmarks/results/bench_exhaustive_h200.json --trials 32
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 
 import optuna
@@ -20,7 +22,8 @@ from tuner import Settings, StudyRun, get_kernel, load_space
 from tuner.measure import Measurement
 
 
-def simulate(grid: dict, shape_name: str, seed: int, trials: int, parallel: int) -> dict:
+def simulate(grid: dict, shape_name: str, seed: int, trials: int, parallel: int,
+             noise: float = 0.0) -> dict:
     spec = get_kernel("add_layernorm")
     shape, dtype = shape_name.split()
     problem = spec.problem(shape, dtype)
@@ -39,6 +42,8 @@ def simulate(grid: dict, shape_name: str, seed: int, trials: int, parallel: int)
         config = inflight.pop(0)
         row = timings.get(config.key())
         ms = None if row is None else row.get("quick_ms") or row.get("ms")
+        if ms and noise:  # a trial's timing error, fixed per (seed, config): log-normal
+            ms *= random.Random(f"{seed} {config.key()}").lognormvariate(0.0, noise)
         run.tell(config, Measurement(config.key(), ms=ms,
                                             error=None if ms else "not in the grid"), "sim")
     candidates = run.confirm_candidates()
@@ -61,6 +66,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=32)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--parallel", type=int, default=4, help="trials in flight (GPUs x prefetch)")
+    parser.add_argument("--noise", type=float, default=0.0,
+                        help="a trial timing's relative error (log-normal sigma)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = json.load(open(args.grid))
@@ -68,7 +75,7 @@ def main() -> None:
     for name, grid in sorted(data["shapes"].items()):
         row = []
         for seed in (int(s) for s in args.seeds.split(",")):
-            result = simulate(grid, name, seed, args.trials, args.parallel)
+            result = simulate(grid, name, seed, args.trials, args.parallel, args.noise)
             ratios.append(result["ratio"])
             row.append(f"{result['ratio']:.3f} (hit@{result['found_within_2pct_at']})")
         print(f"{name:22s} {'  '.join(row)}")

@@ -4,12 +4,20 @@ compile-ahead processes of a worker and how many of them a host gets."""
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
+
+import pytest
 
 from kernels.targets import GPUTarget
 from tuner import get_kernel, load_space, sampler
 from tuner.compiling import CompileAhead
+from tuner.driver import (
+    SPREAD_INFLIGHT_PER_STUDY,
+    TRIALS_ASKED_AHEAD,
+    TRIALS_ASKED_AHEAD_WITH_MANY_STUDIES,
+)
 from tuner.sampler import RUNNER_UPS, STARTUP_TRIALS, CandidateTPE, tiling
 from tuner.tuning_worker import default_compile_processes
 
@@ -301,6 +309,23 @@ def test_a_worker_prepares_the_first_problem_while_it_starts():
     assert invalid._benches == {}
 
 
+def test_a_worker_keeps_the_inputs_of_its_last_few_problems():
+    """Trials of a few studies taking turns on a worker find their inputs and references ready;
+    beyond HELD_PROBLEMS the least recently used problem's are dropped."""
+    from tuner.tuning_worker import HELD_PROBLEMS, TuningWorker
+
+    worker = TuningWorker()
+    problems = [SPEC.problem(f"{8 * (index + 1)}x32", "float16") for index in range(HELD_PROBLEMS + 1)]
+    first = worker._bench(problems[0])
+    for problem in problems[1:HELD_PROBLEMS]:
+        worker._bench(problem)
+    assert worker._bench(problems[0]) is first  # used again: now the most recent
+    worker._bench(problems[HELD_PROBLEMS])  # one too many: the least recently used goes
+    assert list(worker._benches) == [*problems[2:HELD_PROBLEMS], problems[0], problems[HELD_PROBLEMS]]
+    measurement = worker.measure(problems[1], SPEC.heuristic(problems[1]))
+    assert measurement.error is None and problems[1] in worker._benches
+
+
 class _Lost(RuntimeError):
     """What a dead in-process worker's calls raise (a pool's ``lost_errors``)."""
 
@@ -513,3 +538,55 @@ def test_a_workers_first_compiles_include_every_studys_first_config(tmp_path):
                   for problem in problems if problem != first_study}
     assert heuristics <= {(problem, config.key()) for problem, config in speculative[:2 + 2]}
     assert all(problem == first_study for problem, _ in speculative[:2])
+
+
+class _DelayedWorker(_InstantWorker):
+    """An instant worker whose answers come a few milliseconds later, in order, so that the
+    driver queues trials behind the running one."""
+
+    def __init__(self, slot: int) -> None:
+        super().__init__(slot)
+        self.backlog: queue.Queue = queue.Queue()
+        threading.Thread(target=self._answer, daemon=True).start()
+
+    def call(self, method, *args):
+        import concurrent.futures
+
+        future = concurrent.futures.Future()
+        self.backlog.put((future, method, args))
+        return future
+
+    def _answer(self):
+        while True:
+            future, method, args = self.backlog.get()
+            time.sleep(0.002)
+            future.set_result(getattr(self, method)(*args))
+
+
+@pytest.mark.parametrize("shapes, depth", [(["4096x64"], 1 + TRIALS_ASKED_AHEAD),
+                                           (["4096x64", "512x1000", "64x3000", "8192x32",
+                                             "256x256", "100x700"],
+                                            1 + TRIALS_ASKED_AHEAD_WITH_MANY_STUDIES)])
+def test_a_worker_queues_deeper_when_studies_are_many(tmp_path, monkeypatch, shapes, depth):
+    """One study keeps two trials queued behind the running one; many studies keep more, each
+    beyond the first two of a study with fewer than SPREAD_INFLIGHT_PER_STUDY in flight, and
+    every study still measures each config once."""
+    from tuner import Driver
+
+    pool = _instant_pool(compile_processes=8)
+    pool.workers = [_DelayedWorker(0)]
+    depths, crowded = [], []
+    submit = Driver._submit
+
+    def spy(driver, job):
+        submit(driver, job)
+        queue = driver.queued[job.worker.slot]
+        depths.append(len(queue))
+        if len(queue) > 1 + TRIALS_ASKED_AHEAD:
+            crowded.append(len(job.run.inflight))
+    monkeypatch.setattr(Driver, "_submit", spy)
+    problems = [SPEC.problem(shape, "float32") for shape in shapes]
+    results = _run_driver(pool, problems, tmp_path, trials=12, confirm_top=1, confirm_rounds=1)
+    assert max(depths) == depth
+    assert all(count <= SPREAD_INFLIGHT_PER_STUDY for count in crowded)
+    assert len(results) == len(problems) and all(result.trials == 12 for result in results)

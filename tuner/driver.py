@@ -40,6 +40,13 @@ STICKY_TRIALS = 8
 # the next trial takes the driver about as long as a fast trial (a worker holding one ran dry,
 # BENCHMARKS.md); the sampler's picks are no worse with them in flight (simulate_search.py).
 TRIALS_ASKED_AHEAD = 2
+# With many studies a worker holds up to this many trials queued, of studies with fewer than
+# SPREAD_INFLIGHT_PER_STUDY trials in flight: a compile on a host compiling for several GPUs
+# takes 0.3-0.5 s, several trials' time, so a config asked two trials ahead was still
+# compiling when its turn came (BENCHMARKS.md). Bounding a study's trials in flight keeps its
+# sampler's picks as good as with two (simulate_all.py).
+TRIALS_ASKED_AHEAD_WITH_MANY_STUDIES = 6
+SPREAD_INFLIGHT_PER_STUDY = 2
 # From this many workers on, an SQL storage is written by a recorder process: one driver's
 # storage work (tens of ms a trial) would otherwise keep that many GPUs waiting (BENCHMARKS.md).
 BACKGROUND_WRITES_FROM_WORKERS = 2
@@ -64,6 +71,7 @@ class Driver:
         # without waiting for the driver (busy telling and asking for other workers); the
         # workers' other compile processes compile the studies' configs speculatively.
         self.prefetch = min(TRIALS_ASKED_AHEAD, pool.compile_processes)
+        self.spread_prefetch = min(TRIALS_ASKED_AHEAD_WITH_MANY_STUDIES, pool.compile_processes)
         self.lookahead = Lookahead(pool)
         # The problem each worker slot last measured: its inputs are ready there.
         self.held_problem: dict[int, Problem] = {}
@@ -236,27 +244,33 @@ class Driver:
         busy = {job.worker.slot: job.worker for job in self.inflight.values()}
         now = time.monotonic()
         for slot, worker in busy.items():
-            while len(self.queued.get(slot, ())) < 1 + self.prefetch:
-                job = self._ask(worker, now, deadline)
-                if job is None:
-                    break
-                worker.prefetch([(job.run.problem, job.config)],
-                                self.lookahead.speculative(job, self.runs),
-                                [(job.run.problem, config) for config in job.run.likely_next()])
-                self._submit(job)
+            for depth, max_inflight in ((self.prefetch, None),
+                                        (self.spread_prefetch, SPREAD_INFLIGHT_PER_STUDY)):
+                while len(self.queued.get(slot, ())) < 1 + depth:
+                    job = self._ask(worker, now, deadline, max_inflight)
+                    if job is None:
+                        break
+                    worker.prefetch([(job.run.problem, job.config)],
+                                    self.lookahead.speculative(job, self.runs),
+                                    [(job.run.problem, config) for config in job.run.likely_next()])
+                    self._submit(job)
 
-    def _ask(self, worker: Any, now: float, deadline: float | None) -> TrialJob | None:
-        """A new trial for the worker's GPU model: of the problem it holds while that study is
-        not far ahead of the others, else from the study with the fewest in flight."""
+    def _ask(self, worker: Any, now: float, deadline: float | None,
+             max_inflight: int | None = None) -> TrialJob | None:
+        """A new trial for the worker's GPU model (of a study with fewer than ``max_inflight``
+        trials in flight): of the problem it holds while that study is not far ahead of the
+        others, else from the study with the fewest in flight."""
         started = time.perf_counter()
         try:
-            return self._ask_any(worker, now, deadline)
+            return self._ask_any(worker, now, deadline, max_inflight)
         finally:
             self.phase_seconds["driver: asking"] += time.perf_counter() - started
 
-    def _ask_any(self, worker: Any, now: float, deadline: float | None) -> TrialJob | None:
+    def _ask_any(self, worker: Any, now: float, deadline: float | None,
+                 max_inflight: int | None = None) -> TrialJob | None:
         searching = [run for run in self.runs if run.device == worker.device
-                     and not run.search_finished(now, deadline)]
+                     and not run.search_finished(now, deadline)
+                     and (max_inflight is None or len(run.inflight) < max_inflight)]
         if not searching:
             return None
         # The worker's current problem first (another one costs it new inputs and a reference)

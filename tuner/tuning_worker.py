@@ -23,6 +23,13 @@ if TYPE_CHECKING:  # a local worker imports torch and the kernels once it has st
     from .problems import Problem
 
 
+# Problems whose inputs, references and timing copies a worker keeps (the least recently used
+# is dropped first) while its GPU has at least MIN_FREE_MEMORY_SHARE of its memory unallocated:
+# with many studies a worker's queued trials take turns between problems, and rebuilding a
+# problem's inputs and float64 reference at each turn cost a trial 12 ms (BENCHMARKS.md).
+HELD_PROBLEMS = 4
+MIN_FREE_MEMORY_SHARE = 0.5
+
 # Compile processes never touch a GPU, so a host compiles on all its cores: each worker gets
 # an equal share, less a core for itself (and one for the driver), at most this many.
 MAX_COMPILE_PROCESSES = 32
@@ -145,14 +152,39 @@ class TuningWorker:
         return self._copy_gbps
 
     def _bench(self, problem: Problem):
+        """The problem's inputs, reference and timing buffers: kept from an earlier trial, or
+        built now, dropping the least recently used problems' first (see HELD_PROBLEMS) and, if
+        the GPU runs out of memory building them, every other problem's."""
+        import torch
+
         from .measure import ProblemBench
         from .problems import get_kernel
 
-        if problem not in self._benches:
-            self._benches.clear()  # one problem's buffers at a time bounds GPU memory
-            self._benches[problem] = ProblemBench(get_kernel(problem.kernel), problem,
-                                                  self.device, self.seed)
-        return self._benches[problem]
+        bench = self._benches.pop(problem, None)
+        if bench is None:
+            while self._benches and (len(self._benches) >= HELD_PROBLEMS
+                                     or not self._memory_to_spare()):
+                self._benches.pop(next(iter(self._benches)))
+            try:
+                bench = ProblemBench(get_kernel(problem.kernel), problem, self.device, self.seed)
+            except torch.cuda.OutOfMemoryError:
+                if not self._benches:
+                    raise
+                self._benches.clear()
+                torch.cuda.empty_cache()
+                bench = ProblemBench(get_kernel(problem.kernel), problem, self.device, self.seed)
+        self._benches[problem] = bench  # the most recently used last
+        return bench
+
+    def _memory_to_spare(self) -> bool:
+        """Whether the GPU has MIN_FREE_MEMORY_SHARE of its memory unallocated (always on the
+        CPU)."""
+        import torch
+
+        if self.device.type != "cuda":
+            return True
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return torch.cuda.memory_allocated(self.device) <= (1 - MIN_FREE_MEMORY_SHARE) * total
 
     def measure(self, problem: Problem, config: LaunchConfig) -> Measurement:
         """Compile, check and time one config; failures come back in the result."""

@@ -285,13 +285,13 @@ def test_a_worker_keeps_its_problem_while_its_study_is_not_far_ahead():
     worker = type("Worker", (), {"slot": 0, "device": "GPU"})()
     held, other = Run("held", 0), Run("other", 0)
     driver = driver_module.Driver.__new__(driver_module.Driver)
-    driver.runs, driver.held_problem = [other, held], {0: "held"}
+    driver.runs, driver.held_problems = [other, held], {0: ["held"]}
     assert driver._ask_any(worker, 0.0, None).config == "held"
     held.n_measured = driver_module.STICKY_TRIALS - 1
     assert driver._ask_any(worker, 0.0, None).config == "held"
     held.n_measured = driver_module.STICKY_TRIALS
     assert driver._ask_any(worker, 0.0, None).config == "other"
-    driver.held_problem = {}
+    driver.held_problems = {}
     other.inflight = {"a config": None}
     assert driver._ask_any(worker, 0.0, None).config == "held"  # fewest in flight
 

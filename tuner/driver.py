@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
@@ -29,6 +30,7 @@ from .recorder import Recorder, RecorderError
 from .space import SearchSpace, SpaceError, load_space
 from .result import StudyResult, entry_from_result
 from .study import Settings, Stage, StudyRun
+from .tuning_worker import HELD_PROBLEMS
 
 # A trial whose worker died is re-run elsewhere this many times before it fails.
 MAX_ATTEMPTS = 2
@@ -50,6 +52,9 @@ SPREAD_INFLIGHT_PER_STUDY = 2
 # From this many workers on, an SQL storage is written by a recorder process: one driver's
 # storage work (tens of ms a trial) would otherwise keep that many GPUs waiting (BENCHMARKS.md).
 BACKGROUND_WRITES_FROM_WORKERS = 2
+# GPU workers per recorder process, each recorder writing its share of the studies: one writes
+# about 40 trials a second to SQLite, as fast as four GPU workers measure them (BENCHMARKS.md).
+WORKERS_PER_RECORDER = 2
 
 
 class Driver:
@@ -73,11 +78,13 @@ class Driver:
         self.prefetch = min(TRIALS_ASKED_AHEAD, pool.compile_processes)
         self.spread_prefetch = min(TRIALS_ASKED_AHEAD_WITH_MANY_STUDIES, pool.compile_processes)
         self.lookahead = Lookahead(pool)
-        # The problem each worker slot last measured: its inputs are ready there.
-        self.held_problem: dict[int, Problem] = {}
+        # The problems each worker slot measured last, the latest last: their inputs are ready
+        # there (tuner.tuning_worker.HELD_PROBLEMS).
+        self.held_problems: dict[int, list[Problem]] = {}
         self.runs: list[StudyRun] = []
-        # Writes the run's trials to an SQL storage in a process of its own (tuner.recorder).
-        self.recorder: Recorder | None = None
+        # Write the run's trials to an SQL storage, each study's in one of these processes
+        # (tuner.recorder).
+        self.recorders: list[Recorder] = []
         self._problems: list[Problem] = []  # run()'s, for the studies of workers joining later
         self._only_on: Mapping[Problem, Collection[str]] | None = None
         self._spaces: dict[str, SearchSpace] = {}
@@ -113,8 +120,9 @@ class Driver:
         self._problems, self._only_on = problems, only_on
         self._spaces = {problem.kernel: self._space_for(problem.kernel) for problem in problems}
         self.runs = []
-        if self._writes_in_background():
-            self.recorder = Recorder.for_storage(self.storage)
+        self.recorders = [recorder for recorder in (Recorder.for_storage(self.storage)
+                                                    for _ in range(self._recorders_wanted()))
+                          if recorder is not None]
         self._admit(self.pool.workers)
         started = time.monotonic()
         deadline = None if self.settings.timeout is None else started + self.settings.timeout
@@ -122,32 +130,37 @@ class Driver:
             self._loop(deadline)
         except BaseException:
             self._abandon_inflight()
-            self._close_recorder(raise_errors=False)
+            self._close_recorders(raise_errors=False)
             raise
         finally:
             self.wall_seconds = time.monotonic() - started
-        self._close_recorder(raise_errors=True)
+        self._close_recorders(raise_errors=True)
         self.progress.update(self.runs, 0, len(self.pool.workers), force=True)
         return [run.result for run in self.runs if run.result is not None]
 
-    def _writes_in_background(self) -> bool:
-        """Whether the storage is written by a recorder: from BACKGROUND_WRITES_FROM_WORKERS
-        GPU workers on (those still starting count). Interpreter workers take hundreds of ms a
-        trial, which the driver's own writes never hold up."""
+    def _recorders_wanted(self) -> int:
+        """Recorder processes for the storage's writes: none below BACKGROUND_WRITES_FROM_WORKERS
+        GPU workers (those still starting count), then one per WORKERS_PER_RECORDER.
+        Interpreter workers take hundreds of ms a trial, which the driver's own writes never
+        hold up."""
         options = getattr(self.pool, "options", None)
         workers = len(self.pool.workers) + self.pool.starting
-        return workers >= BACKGROUND_WRITES_FROM_WORKERS and not getattr(options, "interpret", False)
+        if workers < BACKGROUND_WRITES_FROM_WORKERS or getattr(options, "interpret", False):
+            return 0
+        return math.ceil(workers / WORKERS_PER_RECORDER)
 
-    def _close_recorder(self, raise_errors: bool) -> None:
-        """Waits for the recorder to write the run's trials, then ends it."""
-        recorder, self.recorder = self.recorder, None
-        if recorder is None:
-            return
-        try:
-            recorder.close()
-        except RecorderError:
-            if raise_errors:
-                raise
+    def _close_recorders(self, raise_errors: bool) -> None:
+        """Waits for the recorders to write the run's trials, then ends them (each writes its
+        backlog meanwhile, so they finish together)."""
+        recorders, self.recorders = self.recorders, []
+        errors = []
+        for recorder in recorders:
+            try:
+                recorder.close()
+            except RecorderError as error:
+                errors.append(error)
+        if errors and raise_errors:
+            raise errors[0]
 
     def _admit(self, workers: list[Any]) -> None:
         """Takes on workers (those the pool started with, then those that joined it later):
@@ -155,11 +168,13 @@ class Driver:
         devices = {run.device for run in self.runs}
         self._learn_devices(workers)
         for device in sorted({worker.device for worker in workers} - devices):
+            problems = [problem for problem in self._problems
+                        if self._only_on is None or device in self._only_on.get(problem, ())]
             new = [StudyRun(get_kernel(problem.kernel), problem, device,
                             self._spaces[problem.kernel], self.storage, self.settings,
-                            self.recorder)
-                   for problem in self._problems
-                   if self._only_on is None or device in self._only_on.get(problem, ())]
+                            self.recorders[(len(self.runs) + index) % len(self.recorders)]
+                            if self.recorders else None)
+                   for index, problem in enumerate(problems)]
             self.runs.extend(new)
             for run in new:
                 if run.result is not None:
@@ -273,12 +288,12 @@ class Driver:
                      and (max_inflight is None or len(run.inflight) < max_inflight)]
         if not searching:
             return None
-        # The worker's current problem first (another one costs it new inputs and a reference)
-        # while that study is less than STICKY_TRIALS ahead of the least advanced one.
-        holds = self.held_problem.get(worker.slot)
+        # The worker's problems first (another one costs it new inputs and a reference) while
+        # their studies are less than STICKY_TRIALS ahead of the least advanced one.
+        holds = self.held_problems.get(worker.slot, [])
         least = min(run.n_measured for run in searching)
         searching.sort(key=lambda run: (
-            not (run.problem == holds and run.n_measured < least + STICKY_TRIALS),
+            not (run.problem in holds and run.n_measured < least + STICKY_TRIALS),
             len(run.inflight), run.n_measured))
         for run in searching:
             config = run.ask()
@@ -288,7 +303,8 @@ class Driver:
 
     def _submit(self, job: Job) -> None:
         problem = job.run.problem
-        self.held_problem[job.worker.slot] = problem
+        held = [other for other in self.held_problems.get(job.worker.slot, []) if other != problem]
+        self.held_problems[job.worker.slot] = [*held, problem][-HELD_PROBLEMS:]
         job.started = time.monotonic()  # once queued behind another job: when that one ends
         if isinstance(job, ConfirmJob):
             future = job.worker.call("confirm", problem, job.run.confirm_candidates(),

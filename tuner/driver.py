@@ -26,7 +26,7 @@ from .lookahead import Lookahead
 from .measure import Confirmation, Measurement
 from .problems import Problem, get_kernel
 from .progress import Progress, format_phases
-from .recorder import Recorder, RecorderError
+from .recorder import Recorder, RecorderError, close_all
 from .space import SearchSpace, SpaceError, load_space
 from .result import StudyResult, entry_from_result
 from .study import Settings, Stage, StudyRun
@@ -150,17 +150,13 @@ class Driver:
         return math.ceil(workers / WORKERS_PER_RECORDER)
 
     def _close_recorders(self, raise_errors: bool) -> None:
-        """Waits for the recorders to write the run's trials, then ends them (each writes its
-        backlog meanwhile, so they finish together)."""
+        """Waits for the recorders to write the run's trials, then ends them."""
         recorders, self.recorders = self.recorders, []
-        errors = []
-        for recorder in recorders:
-            try:
-                recorder.close()
-            except RecorderError as error:
-                errors.append(error)
-        if errors and raise_errors:
-            raise errors[0]
+        try:
+            close_all(recorders)
+        except RecorderError:
+            if raise_errors:
+                raise
 
     def _admit(self, workers: list[Any]) -> None:
         """Takes on workers (those the pool started with, then those that joined it later):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
@@ -26,7 +25,7 @@ from .lookahead import Lookahead
 from .measure import Confirmation, Measurement
 from .problems import Problem, get_kernel
 from .progress import Progress, format_phases
-from .recorder import Recorder, RecorderError, close_all
+from .recorder import Recorder, RecorderError
 from .space import SearchSpace, SpaceError, load_space
 from .result import StudyResult, entry_from_result
 from .study import Settings, Stage, StudyRun
@@ -52,9 +51,6 @@ SPREAD_INFLIGHT_PER_STUDY = 2
 # From this many workers on, an SQL storage is written by a recorder process: one driver's
 # storage work (tens of ms a trial) would otherwise keep that many GPUs waiting (BENCHMARKS.md).
 BACKGROUND_WRITES_FROM_WORKERS = 2
-# GPU workers per recorder process, each recorder writing its share of the studies: one writes
-# about 40 trials a second to SQLite, as fast as four GPU workers measure them (BENCHMARKS.md).
-WORKERS_PER_RECORDER = 2
 
 
 class Driver:
@@ -82,9 +78,8 @@ class Driver:
         # there (tuner.tuning_worker.HELD_PROBLEMS).
         self.held_problems: dict[int, list[Problem]] = {}
         self.runs: list[StudyRun] = []
-        # Write the run's trials to an SQL storage, each study's in one of these processes
-        # (tuner.recorder).
-        self.recorders: list[Recorder] = []
+        # Writes the run's trials to an SQL storage in a process of its own (tuner.recorder).
+        self.recorder: Recorder | None = None
         self._problems: list[Problem] = []  # run()'s, for the studies of workers joining later
         self._only_on: Mapping[Problem, Collection[str]] | None = None
         self._spaces: dict[str, SearchSpace] = {}
@@ -120,9 +115,8 @@ class Driver:
         self._problems, self._only_on = problems, only_on
         self._spaces = {problem.kernel: self._space_for(problem.kernel) for problem in problems}
         self.runs = []
-        self.recorders = [recorder for recorder in (Recorder.for_storage(self.storage)
-                                                    for _ in range(self._recorders_wanted()))
-                          if recorder is not None]
+        if self._writes_in_background():
+            self.recorder = Recorder.for_storage(self.storage)
         self._admit(self.pool.workers)
         started = time.monotonic()
         deadline = None if self.settings.timeout is None else started + self.settings.timeout
@@ -130,30 +124,29 @@ class Driver:
             self._loop(deadline)
         except BaseException:
             self._abandon_inflight()
-            self._close_recorders(raise_errors=False)
+            self._close_recorder(raise_errors=False)
             raise
         finally:
             self.wall_seconds = time.monotonic() - started
-        self._close_recorders(raise_errors=True)
+        self._close_recorder(raise_errors=True)
         self.progress.update(self.runs, 0, len(self.pool.workers), force=True)
         return [run.result for run in self.runs if run.result is not None]
 
-    def _recorders_wanted(self) -> int:
-        """Recorder processes for the storage's writes: none below BACKGROUND_WRITES_FROM_WORKERS
-        GPU workers (those still starting count), then one per WORKERS_PER_RECORDER.
-        Interpreter workers take hundreds of ms a trial, which the driver's own writes never
-        hold up."""
+    def _writes_in_background(self) -> bool:
+        """Whether the storage is written by a recorder: from BACKGROUND_WRITES_FROM_WORKERS
+        GPU workers on (those still starting count). Interpreter workers take hundreds of ms a
+        trial, which the driver's own writes never hold up."""
         options = getattr(self.pool, "options", None)
         workers = len(self.pool.workers) + self.pool.starting
-        if workers < BACKGROUND_WRITES_FROM_WORKERS or getattr(options, "interpret", False):
-            return 0
-        return math.ceil(workers / WORKERS_PER_RECORDER)
+        return workers >= BACKGROUND_WRITES_FROM_WORKERS and not getattr(options, "interpret", False)
 
-    def _close_recorders(self, raise_errors: bool) -> None:
-        """Waits for the recorders to write the run's trials, then ends them."""
-        recorders, self.recorders = self.recorders, []
+    def _close_recorder(self, raise_errors: bool) -> None:
+        """Waits for the recorder to write the run's trials, then ends it."""
+        recorder, self.recorder = self.recorder, None
+        if recorder is None:
+            return
         try:
-            close_all(recorders)
+            recorder.close()
         except RecorderError:
             if raise_errors:
                 raise
@@ -164,13 +157,11 @@ class Driver:
         devices = {run.device for run in self.runs}
         self._learn_devices(workers)
         for device in sorted({worker.device for worker in workers} - devices):
-            problems = [problem for problem in self._problems
-                        if self._only_on is None or device in self._only_on.get(problem, ())]
             new = [StudyRun(get_kernel(problem.kernel), problem, device,
                             self._spaces[problem.kernel], self.storage, self.settings,
-                            self.recorders[(len(self.runs) + index) % len(self.recorders)]
-                            if self.recorders else None)
-                   for index, problem in enumerate(problems)]
+                            self.recorder)
+                   for problem in self._problems
+                   if self._only_on is None or device in self._only_on.get(problem, ())]
             self.runs.extend(new)
             for run in new:
                 if run.result is not None:

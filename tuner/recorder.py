@@ -139,7 +139,16 @@ class Recorder:
 
     def close(self) -> None:
         """Writes what is left, then ends the process."""
-        close_all([self])
+        try:
+            if self._process.poll() is None:
+                self.flush()
+        finally:
+            self.send("stop")
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
 
     def _send_requests(self) -> None:
         while True:
@@ -170,28 +179,6 @@ class Recorder:
                 elif reply[0] == "flushed":
                     self._flushed = reply[1]
                 self._changed.notify_all()
-
-
-def close_all(recorders: list[Recorder]) -> None:
-    """Has each recorder write what is left, then ends them, together (a recorder process takes
-    a fraction of a second to exit); raises the first RecorderError after ending them all."""
-    errors = []
-    for recorder in recorders:
-        try:
-            if recorder._process.poll() is None:
-                recorder.flush()
-        except RecorderError as error:
-            errors.append(error)
-    for recorder in recorders:
-        recorder.send("stop")
-    for recorder in recorders:
-        try:
-            recorder._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            recorder._process.kill()
-            recorder._process.wait()
-    if errors:
-        raise errors[0]
 
 
 class RecordedClaims:

@@ -95,7 +95,7 @@ class SimulatedWorker:
 
 
 class SimulatedPool(Pool):
-    compile_processes = 1
+    compile_processes = 8  # a GPU worker's: trials are queued six deep with many studies
     lost_errors = ()
 
     def __init__(self, workers: int, trial_s: float) -> None:

@@ -69,24 +69,6 @@ def test_measurements_are_written_in_the_background_with_their_attributes(url, r
     assert resumed.measured == told and resumed.search_finished(0.0, None)
 
 
-def test_a_claim_without_its_result_is_written_after_a_short_wait(url, recorder):
-    """A claim waits up to CLAIM_WAIT_S for its measurement (to be written with it), then goes
-    in alone, so that other drivers see it while it is measured."""
-    from tuner.recorder import CLAIM_WAIT_S
-
-    run = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, url, Settings(trials=12), recorder)
-    config = run.ask()
-    deadline = time.monotonic() + CLAIM_WAIT_S + 30
-    while not stored(url) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    [claim] = stored(url)
-    assert claim.state == TrialState.RUNNING and claim.user_attrs["config"] == config.key()
-    run.tell(config, Measurement(config.key(), ms=2.0), "gpu-7")
-    recorder.flush()
-    [trial] = stored(url)
-    assert is_measurement(trial) and trial.value == 2.0 and trial.user_attrs["worker"] == "gpu-7"
-
-
 def test_a_lost_race_is_reported_and_its_measurement_dropped(url, recorder):
     rival = StudyRun(SPEC, PROBLEM, "interpreter", SPACE, url, Settings(trials=12))
     taken = rival.ask()  # another driver's live claim, made first

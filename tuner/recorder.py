@@ -12,8 +12,8 @@ so concurrent drivers still split a study's configs (tuner.claims), and a lost c
 measurement is dropped, not stored twice. What changes: a claim is made while its config is
 already being measured, so a driver learns that it lost a race (another driver claimed the
 config first) after the fact (:meth:`RecordedClaims.lost_keys`), and that config has been
-measured twice, once recorded. A claim waits up to CLAIM_WAIT_S for its measurement, to be
-written with it in one transaction. Writes not flushed when the driver is killed are lost with
+measured twice, once recorded. A recorder that falls behind writes a claim and its
+measurement in one transaction. Writes not flushed when the driver is killed are lost with
 it, like its trials in flight: their configs are measured again on resume.
 """
 
@@ -39,11 +39,6 @@ from .storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, _rdb
 
 # Seconds a driver waits at the end of its run for the recorder to write what it was given.
 FLUSH_TIMEOUT_S = 120.0
-# Seconds a claim waits in the recorder for its result, so that both go in one transaction
-# (three writes a trial instead of eight): with trials queued several deep on four GPUs, the
-# recorder writing each claim apart fell behind the sweep (BENCHMARKS.md). Other drivers see
-# a claim that much later; a flush writes every waiting claim at once.
-CLAIM_WAIT_S = 1.0
 
 
 class RecorderError(RuntimeError):
@@ -220,92 +215,61 @@ class RecordedClaims:
 
 
 def _serve(connection: multiprocessing.connection.Connection) -> None:
-    """The recorder process: writes requests in order, a claim with its result where it can,
-    answers lost claims, flushes and errors."""
+    """The recorder process: takes requests in order, writes them, answers lost claims,
+    flushes and errors."""
     url, heartbeat_interval, grace_period = connection.recv()
     # Optuna's cache: a claim's look at its rivals reads only the trials changed since the last.
     storage = optuna.storages.get_storage(
         _rdb(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period))
     books: dict[tuple[int, str], ClaimBook] = {}
     claims: dict[int, tuple[ClaimBook, int | None]] = {}  # token -> (book, trial id; None: lost)
-    backlog: collections.deque = collections.deque()  # (arrival time, request)
+    backlog: collections.deque = collections.deque()
     while True:
-        while connection.poll(0) or not backlog:
-            backlog.append((time.monotonic(), connection.recv()))
-        index = _next_ready(backlog, claims)
-        if index is None:  # only claims waiting for their results
-            connection.poll(max(0.0, backlog[0][0] + CLAIM_WAIT_S - time.monotonic()))
-            continue
-        _, request = backlog[index]
-        del backlog[index]
+        # Everything waiting: a claim whose result waits too is written with it.
+        while not backlog or connection.poll(0):
+            backlog.append(connection.recv())
+        request = backlog.popleft()
+        kind = request[0]
         try:
-            if request[0] == "stop":
+            if kind == "stop":
                 connection.send(("stopped",))
                 return
-            _write(request, storage, books, claims, backlog, connection)
+            if kind == "flush":
+                connection.send(("flushed", request[1]))
+            elif kind == "claim":
+                _, study_id, owner, token, template, key = request
+                book = books.get((study_id, owner))
+                if book is None:  # once per study, not per claim
+                    book = books[(study_id, owner)] = ClaimBook(storage, study_id, owner)
+                if _take(backlog, "release", token) is not None:
+                    continue  # given up before it was written: nothing to write
+                result = _take(backlog, "finish", token)
+                if result is not None:  # written in the claim, then only its state
+                    template = optuna.trial.create_trial(
+                        params=result.params, distributions=result.distributions,
+                        user_attrs=dict(result.user_attrs), state=TrialState.RUNNING)
+                trial_id = book.claim(template, key)
+                claims[token] = (book, trial_id)
+                if trial_id is None:
+                    connection.send(("lost", token))
+                elif result is not None:
+                    book.finish(trial_id, result, attrs_written=True)
+            elif kind == "finish":
+                book, trial_id = claims.pop(request[1], (None, None))
+                if trial_id is not None:  # a lost claim's measurement is another's to write
+                    book.finish(trial_id, request[2])
+            elif kind == "release":
+                book, trial_id = claims.pop(request[1], (None, None))
+                if trial_id is not None:
+                    book.release(trial_id, request[2])
         except Exception as error:  # the driver raises it; later requests are still tried
             connection.send(("error", f"{type(error).__name__}: {error}"))
-
-
-def _next_ready(backlog: collections.deque, claims: dict) -> int | None:
-    """The position of the first request that can be written now: a claim once its result (or
-    release) is in, once it has waited CLAIM_WAIT_S, or once a flush waits behind it; a
-    result or release of a claim written already; a flush or stop once nothing before it is
-    left. None while only claims wait."""
-    now = time.monotonic()
-    closing = any(request[0] in ("flush", "stop") for _, request in backlog)
-    settled = {request[1] for _, request in backlog if request[0] in ("finish", "release")}
-    waiting = {request[3] for _, request in backlog if request[0] == "claim"}
-    for index, (arrived, request) in enumerate(backlog):
-        kind = request[0]
-        if kind == "claim":
-            if closing or request[3] in settled or now - arrived >= CLAIM_WAIT_S:
-                return index
-        elif kind in ("flush", "stop"):
-            return index if index == 0 else None
-        elif request[1] in claims or request[1] not in waiting:
-            return index  # its claim is written (or unknown: nothing to write)
-    return None
-
-
-def _write(request: tuple, storage: Any, books: dict, claims: dict, backlog: collections.deque,
-           connection: multiprocessing.connection.Connection) -> None:
-    """Writes one request (a claim with its result when that is in the backlog)."""
-    kind = request[0]
-    if kind == "flush":
-        connection.send(("flushed", request[1]))
-    elif kind == "claim":
-        _, study_id, owner, token, template, key = request
-        book = books.get((study_id, owner))
-        if book is None:  # once per study, not per claim
-            book = books[(study_id, owner)] = ClaimBook(storage, study_id, owner)
-        if _take(backlog, "release", token) is not None:
-            return  # given up before it was written: nothing to write
-        result = _take(backlog, "finish", token)
-        if result is not None:  # written in the claim, then only its state
-            template = optuna.trial.create_trial(
-                params=result.params, distributions=result.distributions,
-                user_attrs=dict(result.user_attrs), state=TrialState.RUNNING)
-        trial_id = book.claim(template, key)
-        claims[token] = (book, trial_id)
-        if trial_id is None:
-            connection.send(("lost", token))
-        elif result is not None:
-            book.finish(trial_id, result, attrs_written=True)
-    elif kind == "finish":
-        book, trial_id = claims.pop(request[1], (None, None))
-        if trial_id is not None:  # a lost claim's measurement is another's to write
-            book.finish(trial_id, request[2])
-    elif kind == "release":
-        book, trial_id = claims.pop(request[1], (None, None))
-        if trial_id is not None:
-            book.release(trial_id, request[2])
 
 
 def _take(backlog: collections.deque, kind: str, token: int) -> Any:
     """Removes the ``kind`` request ("finish" or "release") of claim ``token`` from the
     backlog; its argument (the measurement, the reason), or None if it is not there."""
-    for index, (_, request) in enumerate(backlog):
+    for index, request in enumerate(backlog):
         if request[0] == kind and request[1] == token:
             del backlog[index]
             return request[2]

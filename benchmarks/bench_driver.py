@@ -22,6 +22,7 @@ import concurrent.futures
 import io
 import os
 import random
+import resource
 import tempfile
 import time
 import zlib
@@ -112,15 +113,19 @@ def sweep(workers: int, trial_s: float, folder: str) -> list:
     driver = Driver(SimulatedPool(workers, trial_s), storage, Settings(trials=32),
                     lambda device: f"{folder}/table{workers}.json",
                     progress=Progress(stream=io.StringIO()))
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     driver.run(problems)
     wall = time.perf_counter() - started
+    ended = resource.getrusage(resource.RUSAGE_CHILDREN)  # the recorder's, once it has exited
+    recorder_s = ended.ru_utime + ended.ru_stime - children.ru_utime - children.ru_stime
     trials = driver.progress.measured
     busy = sorted(driver.busy_fractions().values())
     phases = {name: 1e3 * seconds / trials for name, seconds in driver.phase_seconds.items()}
     return [workers, trials, f"{wall:.1f}", f"{wall - driver.wall_seconds:.1f}", f"{trials / wall:.1f}",
             f"{trials / wall / workers:.1f}", f"{100 * busy[0]:.0f}-{100 * busy[-1]:.0f}%",
-            f"{phases.get('driver: asking', 0):.1f}", f"{phases.get('driver: telling', 0):.1f}"]
+            f"{phases.get('driver: asking', 0):.1f}", f"{phases.get('driver: telling', 0):.1f}",
+            f"{1e3 * recorder_s / trials:.1f}"]
 
 
 def main() -> None:
@@ -142,7 +147,7 @@ def main() -> None:
               + ("no recorder" if args.no_recorder else "recorder from "
                  f"{tuner.driver.BACKGROUND_WRITES_FROM_WORKERS} workers"))
         print_table(["workers", "trials", "wall s", "after the loop s", "trials/s", "per worker", "busy",
-                     "asking ms", "telling ms"], rows)
+                     "asking ms", "telling ms", "recorder CPU ms"], rows)
         return
     folder = tempfile.mkdtemp()
     rows = []

@@ -10,11 +10,12 @@ import tempfile
 # Keep the user's own tuned table out of the tests.
 os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="tuner-test-data-")
 
+import glob
+import pwd
 import random
 import shutil
 import socket
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -78,25 +79,53 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _server_binaries() -> str | None:
+    """The folder holding initdb and pg_ctl: on PATH, else Debian's versioned folders."""
+    found = shutil.which("initdb")
+    if found and shutil.which("pg_ctl"):
+        return os.path.dirname(found)
+    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if os.path.exists(os.path.join(folder, "initdb")):
+            return folder
+    return None
+
+
 @pytest.fixture(scope="module")
 def postgres():
-    """A throwaway PostgreSQL server, run as the ``postgres`` user (it refuses root)."""
-    if not shutil.which("initdb") or not shutil.which("runuser"):
-        pytest.skip("PostgreSQL is not installed")
-    folder = Path(tempfile.mkdtemp(prefix="tuner-pg-"))
-    shutil.chown(folder, "postgres")
-    port, data = free_port(), folder / "data"
+    """A throwaway PostgreSQL server on 127.0.0.1 (run as the user ``postgres`` when the tests
+    run as root, which it refuses); its URL for SQLAlchemy. Skips when it cannot be had."""
+    pytest.importorskip("psycopg", reason="psycopg (3) is not installed: the [postgres] extra")
+    binaries = _server_binaries()
+    if binaries is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in "
+                    "/usr/lib/postgresql/*/bin")
+    as_user: list[str] = []
+    root = tempfile.mkdtemp(prefix="tuner-pg-")
+    if os.geteuid() == 0:
+        try:
+            account = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no user 'postgres' to run PostgreSQL as")
+        os.chown(root, account.pw_uid, account.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = os.path.join(root, "data"), free_port()
 
-    def as_postgres(*args: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True,
-                       capture_output=True, timeout=120)
+    def run(*command: str) -> None:
+        done = subprocess.run(as_user + [os.path.join(binaries, command[0]), *command[1:]],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            log_path = os.path.join(root, "log")
+            log = open(log_path).read() if os.path.exists(log_path) else ""
+            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr}{log}")
 
-    as_postgres("initdb", "-A", "trust", "-U", "postgres", "-D", str(data))
-    as_postgres("pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
-                f"-p {port} -k {folder} -h 127.0.0.1", "start")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-    as_postgres("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
-    shutil.rmtree(folder, ignore_errors=True)
+    run("initdb", "-D", data, "-U", "tuner", "--auth=trust", "--no-sync", "-E", "UTF8")
+    run("pg_ctl", "-D", data, "-l", os.path.join(root, "log"), "-w", "-t", "60", "-o",
+        f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=50", "start")
+    try:
+        yield f"postgresql+psycopg://tuner@127.0.0.1:{port}/postgres"
+    finally:
+        run("pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

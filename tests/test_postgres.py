@@ -4,15 +4,9 @@ one storage, both finishing with studies, table and report that agree."""
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import pwd
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 
 import optuna
@@ -27,58 +21,10 @@ SHAPES = ("32x16", "16x32")
 TRIALS = 3
 
 
-def _server_binaries() -> str | None:
-    """The folder holding initdb and pg_ctl: on PATH, else Debian's versioned folders."""
-    found = shutil.which("initdb")
-    if found and shutil.which("pg_ctl"):
-        return os.path.dirname(found)
-    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        if os.path.exists(os.path.join(folder, "initdb")):
-            return folder
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def postgres_url():
-    """A throw-away PostgreSQL server on 127.0.0.1; skips when it cannot be had."""
-    pytest.importorskip("psycopg", reason="psycopg (3) is not installed: the [postgres] extra")
-    binaries = _server_binaries()
-    if binaries is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in "
-                    "/usr/lib/postgresql/*/bin")
-    # PostgreSQL refuses to run as root: as root, run it as the user postgres.
-    as_user: list[str] = []
-    root = tempfile.mkdtemp(prefix="tuner-pg-")
-    if os.geteuid() == 0:
-        try:
-            account = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no user 'postgres' to run PostgreSQL as")
-        os.chown(root, account.pw_uid, account.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = os.path.join(root, "data"), _free_port()
-
-    def run(*command: str) -> None:
-        done = subprocess.run(as_user + [os.path.join(binaries, command[0]), *command[1:]],
-                              capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            log = open(os.path.join(root, "log")).read() if os.path.exists(os.path.join(root, "log")) else ""
-            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr}{log}")
-
-    run("initdb", "-D", data, "-U", "tuner", "--auth=trust", "--no-sync", "-E", "UTF8")
-    run("pg_ctl", "-D", data, "-l", os.path.join(root, "log"), "-w", "-t", "60", "-o",
-        f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=50", "start")
-    try:
-        yield f"postgresql://tuner@127.0.0.1:{port}/postgres"
-    finally:
-        run("pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+def postgres_url(postgres):
+    """The test server's URL as a user writes it (the driver is found by tuner.storage)."""
+    return postgres.replace("postgresql+psycopg://", "postgresql://")
 
 
 def test_drivers_opening_a_fresh_database_together_all_succeed(postgres_url):

@@ -13,7 +13,8 @@ import pytest
 from kernels.targets import GPUTarget
 from tuner import get_kernel, load_space, sampler
 from tuner.compiling import CompileAhead
-from tuner.driver import (
+from tuner import lookahead
+from tuner.lookahead import (
     SPREAD_INFLIGHT_PER_STUDY,
     TRIALS_ASKED_AHEAD,
     TRIALS_ASKED_AHEAD_WITH_MANY_STUDIES,
@@ -287,9 +288,9 @@ def test_a_worker_keeps_its_problem_while_its_study_is_not_far_ahead():
     driver = driver_module.Driver.__new__(driver_module.Driver)
     driver.runs, driver.held_problems = [other, held], {0: ["held"]}
     assert driver._ask_any(worker, 0.0, None).config == "held"
-    held.n_measured = driver_module.STICKY_TRIALS - 1
+    held.n_measured = lookahead.STICKY_TRIALS - 1
     assert driver._ask_any(worker, 0.0, None).config == "held"
-    held.n_measured = driver_module.STICKY_TRIALS
+    held.n_measured = lookahead.STICKY_TRIALS
     assert driver._ask_any(worker, 0.0, None).config == "other"
     driver.held_problems = {}
     other.inflight = {"a config": None}

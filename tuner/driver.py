@@ -21,7 +21,13 @@ from kernels.defaults import DeviceProperties, register_device_properties
 
 from .errors import is_fatal
 from .jobs import ConfirmJob, Job, TrialJob
-from .lookahead import Lookahead
+from .lookahead import (
+    SPREAD_INFLIGHT_PER_STUDY,
+    TRIALS_ASKED_AHEAD,
+    TRIALS_ASKED_AHEAD_WITH_MANY_STUDIES,
+    Lookahead,
+    studies_to_ask,
+)
 from .measure import Confirmation, Measurement
 from .problems import Problem, get_kernel
 from .progress import Progress, format_phases
@@ -33,21 +39,6 @@ from .tuning_worker import HELD_PROBLEMS
 
 # A trial whose worker died is re-run elsewhere this many times before it fails.
 MAX_ATTEMPTS = 2
-# A worker stays on its problem while that study is fewer than this many trials ahead of the
-# least advanced study of the GPU model: studies advance together, and a worker builds a
-# problem's inputs once per this many trials, not every trial.
-STICKY_TRIALS = 8
-# Trials a worker holds queued behind the one it runs. Two, because telling a result and asking
-# the next trial takes the driver about as long as a fast trial (a worker holding one ran dry,
-# BENCHMARKS.md); the sampler's picks are no worse with them in flight (simulate_search.py).
-TRIALS_ASKED_AHEAD = 2
-# With many studies a worker holds up to this many trials queued, of studies with fewer than
-# SPREAD_INFLIGHT_PER_STUDY trials in flight: a compile on a host compiling for several GPUs
-# takes 0.3-0.5 s, several trials' time, so a config asked two trials ahead was still
-# compiling when its turn came (BENCHMARKS.md). Bounding a study's trials in flight keeps its
-# sampler's picks as good as with two (simulate_all.py).
-TRIALS_ASKED_AHEAD_WITH_MANY_STUDIES = 6
-SPREAD_INFLIGHT_PER_STUDY = 2
 # From this many workers on, an SQL storage is written by a recorder process: one driver's
 # storage work (tens of ms a trial) would otherwise keep that many GPUs waiting (BENCHMARKS.md).
 BACKGROUND_WRITES_FROM_WORKERS = 2
@@ -270,19 +261,8 @@ class Driver:
 
     def _ask_any(self, worker: Any, now: float, deadline: float | None,
                  max_inflight: int | None = None) -> TrialJob | None:
-        searching = [run for run in self.runs if run.device == worker.device
-                     and not run.search_finished(now, deadline)
-                     and (max_inflight is None or len(run.inflight) < max_inflight)]
-        if not searching:
-            return None
-        # The worker's problems first (another one costs it new inputs and a reference) while
-        # their studies are less than STICKY_TRIALS ahead of the least advanced one.
-        holds = self.held_problems.get(worker.slot, [])
-        least = min(run.n_measured for run in searching)
-        searching.sort(key=lambda run: (
-            not (run.problem in holds and run.n_measured < least + STICKY_TRIALS),
-            len(run.inflight), run.n_measured))
-        for run in searching:
+        for run in studies_to_ask(self.runs, worker.device, self.held_problems.get(worker.slot, []),
+                                  now, deadline, max_inflight):
             config = run.ask()
             if config is not None:
                 return TrialJob(run, worker, now, config)

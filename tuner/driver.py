@@ -250,9 +250,8 @@ class Driver:
 
     def _ask(self, worker: Any, now: float, deadline: float | None,
              max_inflight: int | None = None) -> TrialJob | None:
-        """A new trial for the worker's GPU model (of a study with fewer than ``max_inflight``
-        trials in flight): of the problem it holds while that study is not far ahead of the
-        others, else from the study with the fewest in flight."""
+        """A new trial for the worker's GPU model, from the first study of
+        :func:`tuner.lookahead.studies_to_ask` that proposes one."""
         started = time.perf_counter()
         try:
             return self._ask_any(worker, now, deadline, max_inflight)

@@ -78,7 +78,6 @@ class Recorder:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._send_requests, daemon=True, name="tuner-recorder-send").start()
         self._tokens = itertools.count()
-        self._keys: dict[int, tuple[int, str]] = {}  # token -> (study id, config key)
         self._lost: dict[int, set[str]] = collections.defaultdict(set)  # study id -> keys
         self._flushes = itertools.count()
         self._flushed = -1
@@ -106,11 +105,8 @@ class Recorder:
     def send(self, *request: Any) -> None:
         self._outbox.put(request)
 
-    def new_token(self, study_id: int, key: str) -> int:
-        token = next(self._tokens)
-        with self._changed:
-            self._keys[token] = (study_id, key)
-        return token
+    def new_token(self) -> int:
+        return next(self._tokens)
 
     def lost_keys(self, study_id: int) -> set[str]:
         """Configs of the study whose claims lost a race, learnt since the last call; raises
@@ -171,9 +167,8 @@ class Recorder:
             with self._changed:
                 if reply[0] == "stopped":
                     return
-                if reply[0] == "lost":
-                    study_id, key = self._keys.pop(reply[1])
-                    self._lost[study_id].add(key)
+                if reply[0] == "lost":  # ("lost", study id, config key)
+                    self._lost[reply[1]].add(reply[2])
                 elif reply[0] == "error":
                     self._error = self._error or reply[1]
                 elif reply[0] == "flushed":
@@ -191,7 +186,7 @@ class RecordedClaims:
         self.enabled, self.owner, self.study_id = claims.enabled, claims.owner, claims.study_id
 
     def claim(self, template: FrozenTrial, key: str) -> int:
-        token = self.recorder.new_token(self.study_id, key)
+        token = self.recorder.new_token()
         self.recorder.send("claim", self.study_id, self.owner, token, template, key)
         return token
 
@@ -251,7 +246,7 @@ def _serve(connection: multiprocessing.connection.Connection) -> None:
                 trial_id = book.claim(template, key)
                 claims[token] = (book, trial_id)
                 if trial_id is None:
-                    connection.send(("lost", token))
+                    connection.send(("lost", study_id, key))
                 elif result is not None:
                     book.finish(trial_id, result, attrs_written=True)
             elif kind == "finish":

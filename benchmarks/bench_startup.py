@@ -4,6 +4,7 @@ alone (importing the CLI, starting Ray).
 
     python benchmarks/bench_startup.py --gpus 1,4 --trials 48
     python benchmarks/bench_startup.py --gpus 4 --serve      # also against a warm `tuner serve` pool
+    python benchmarks/bench_startup.py --gpus 2 --trials 5 --interpret   # on the CPU
 
 Each search runs with `--verbose`, whose start-up breakdown is kept in the results.
 Results: $OUT/bench_startup.json.
@@ -50,6 +51,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--serve", action="store_true", help="also time searches against a warm pool")
     parser.add_argument("--no-verbose", action="store_true", help="for versions without --verbose")
+    parser.add_argument("--interpret", action="store_true",
+                        help="searches on the CPU through the Triton interpreter (--gpus: workers)")
     args = parser.parse_args()
     python = sys.executable
     runs = []
@@ -64,7 +67,8 @@ def main() -> None:
             env, scratch = fresh_env()
             command = [python, "-m", "tuner", "search", "--shape", args.shape, "--trials",
                        str(args.trials), "--workers", str(gpus), "--storage",
-                       f"sqlite:///{scratch}/tuner.db", "--table", f"{scratch}/table.json", *verbose]
+                       f"sqlite:///{scratch}/tuner.db", "--table", f"{scratch}/table.json", *verbose,
+                       *(["--interpret"] if args.interpret else [])]
             runs.append({"what": f"search, {gpus} GPU(s), cold", "gpus": gpus, **timed(command, env)})
     if args.serve:
         gpus = max(int(n) for n in args.gpus.split(","))
